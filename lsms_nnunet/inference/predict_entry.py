@@ -1,0 +1,35 @@
+"""`LSMSv2_predict`: `nnUNetv2_predict` (same flags) plus where the expressions come from.
+
+  -e FILE            expressions file kept elsewhere than the input folder
+  --text "..."       one ad-hoc expression asked of every image (ids `<case>-text`)
+  --text_encoder X   where the model's text encoder lives on this machine (checked against the checkpoint)
+"""
+import argparse
+import os
+import sys
+
+from lsms_nnunet.inference.predictor import EXPRESSIONS_ENV, TEXT_ENCODER_ENV, TEXT_ENV
+
+
+def predict_entry() -> None:
+    import lsms_nnunet_ext_hook  # noqa: F401  (registers the trainer folder in nnUNet_extTrainer)
+    from nnunetv2.inference.predict_from_raw_data import predict_entry_point
+
+    parser = argparse.ArgumentParser(add_help=False)
+    source = parser.add_mutually_exclusive_group()
+    source.add_argument("-e", dest="expressions")
+    source.add_argument("--text")
+    parser.add_argument("--text_encoder", "--text-encoder")
+    args, nnunet_args = parser.parse_known_args()
+    if args.expressions:
+        os.environ[EXPRESSIONS_ENV] = os.path.abspath(args.expressions)
+    if args.text is not None:
+        if not args.text.strip():
+            raise SystemExit("--text is empty. Fix: give the expression, e.g. --text \"the largest cyst\".")
+        os.environ[TEXT_ENV] = args.text
+    if args.text_encoder:
+        os.environ[TEXT_ENCODER_ENV] = args.text_encoder
+    if "-tr" not in nnunet_args:
+        nnunet_args += ["-tr", "LSMSTrainer"]
+    sys.argv = [sys.argv[0], *nnunet_args]
+    predict_entry_point()

@@ -1,0 +1,286 @@
+"""Referring inference on nnU-Net's predictor: one mask per expression, expressions of an image batched.
+
+`LSMSPredictor` subclasses `nnUNetPredictor` and keeps its whole pipeline (reading, preprocessing workers, sliding
+window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue_prediction`):
+- the expressions come from the companion `expressions.json` in the input folder (or `LSMS_EXPRESSIONS` /
+  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written;
+- each image is preprocessed once; all of its expressions are bound to the network as prompts, so every sliding-window
+  patch runs once for all of them, batched;
+- the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
+  (`<expression id><file ending>`), plus `expressions_index.json`.
+A plain-task model without a companion file binds its label prompts and the stock nnU-Net export writes an ordinary
+label map (and `--save_probabilities` npz) per case.
+
+The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`; `model_card_for_builder` (called from
+`LSMSTrainer.build_network_architecture`) turns it into an `LSMSPredictor`.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
+from tqdm import tqdm
+
+from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from text_conditioning.cache import TextEmbeddingCache
+from text_conditioning.encoders import EncoderIdentity, TextEncoder, encoder_identity
+from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
+
+from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError
+from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, PLAIN
+
+EXPRESSIONS_ENV = "LSMS_EXPRESSIONS"
+TEXT_ENV = "LSMS_TEXT"
+TEXT_ENCODER_ENV = "LSMS_TEXT_ENCODER"
+TEXT_CACHE_ENV = "LSMS_TEXT_CACHE"
+EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
+INDEX_FILE = "expressions_index.json"
+
+
+# ------------------------------------------------------------------------------------------------ text
+def user_text_cache_folder(identity: EncoderIdentity) -> Path:
+    root = os.environ.get(TEXT_CACHE_ENV) or Path.home() / ".cache" / "lsms_nnunet" / "text"
+    return Path(root) / identity.slug
+
+
+def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
+                encoder_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings of `texts` with the model's own encoder; only texts never seen before are encoded."""
+    cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
+    unique = list(dict.fromkeys(texts))
+    if cache.missing(unique):
+        source = encoder_source or os.environ.get(TEXT_ENCODER_ENV) or identity.name
+        requested = encoder_identity(source, identity.max_tokens)
+        if not requested.same_model(identity):
+            raise TextEncoderMismatchError(
+                f"The model was trained with text encoder '{identity.name}' (sha256 {identity.sha256[:12]}..., dim "
+                f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
+                f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
+                f"{TEXT_ENCODER_ENV}).")
+        cache.update(unique, TextEncoder(source, max_tokens=identity.max_tokens))
+    encoded = cache.load(list(texts))
+    return torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
+
+
+def bind_label_prompts(network: PromptableLSMSNet, cache_folder: Path | None = None,
+                       identity: EncoderIdentity | None = None) -> None:
+    """Plain task: bind every label's prompt so `network(x)` returns nnU-Net (K+1)-class logits."""
+    card = network.model_card
+    identity = identity or EncoderIdentity.from_dict(card["text_encoder"])
+    texts = [text for _, _, text in card["label_prompts"]]
+    network.bind_prompts(*embed_texts(_maybe_constant(card, texts), identity, cache_folder))
+
+
+def _maybe_constant(card: Mapping, texts: Sequence[str]) -> list[str]:
+    return [card["constant_text"]] * len(texts) if card.get("constant_text") else list(texts)
+
+
+# ------------------------------------------------------------------------------------------------ export
+def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties: dict, configuration_manager,
+                            plans_manager, reader_writer, expression_ids: Sequence[str], output_folder: str | Path,
+                            file_ending: str) -> list[str]:
+    """Resample `[1 + E, ...]` prompt logits to the original geometry; write one binary mask per expression.
+
+    Follows nnU-Net 2.8.1 `convert_predicted_logits_to_segmentation_with_correct_shape` (resample, revert crop,
+    revert transpose), but thresholds each channel independently: expressions may overlap.
+    """
+    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
+    shape = properties["shape_after_cropping_and_before_resampling"]
+    current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
+        else [spacing_transposed[0], *configuration_manager.spacing]
+    logits = configuration_manager.resampling_fn_probabilities(prompt_logits[1:], shape, current_spacing,
+                                                               spacing_transposed)
+    masks = np.asarray(logits > 0 if isinstance(logits, np.ndarray) else (logits > 0).cpu().numpy(), dtype=np.uint8)
+    written = []
+    for expression_id, mask in zip(expression_ids, masks):
+        full = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=np.uint8), mask,
+                                      properties["bbox_used_for_cropping"])
+        full = np.asarray(full).transpose(plans_manager.transpose_backward)
+        target = Path(output_folder) / f"{expression_id}{file_ending}"
+        partial = target.with_name(f".partial-{expression_id}{file_ending}")
+        reader_writer.write_seg(full, str(partial), properties)
+        os.replace(partial, target)
+        written.append(str(target))
+    return written
+
+
+def write_index(output_folder: Path, entries: list[dict]) -> None:
+    target = output_folder / INDEX_FILE
+    previous = json.loads(target.read_text(encoding="utf-8"))["expressions"] if target.is_file() else []
+    merged = {e["id"]: e for e in previous} | {e["id"]: e for e in entries}
+    tmp = target.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"format": "lsms-predictions", "version": 1, "expressions": list(merged.values())},
+                              indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, target)
+
+
+# ------------------------------------------------------------------------------------------------ predictor
+class LSMSPredictor(nnUNetPredictor):
+    """nnUNetPredictor that answers referring expressions (see module docstring)."""
+
+    expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
+
+    @property
+    def model_card(self) -> dict:
+        return self.network.model_card
+
+    def predict_prompt_logits(self, data: torch.Tensor, texts: Sequence[str],
+                              cache_folder: Path | None = None) -> torch.Tensor:
+        """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts."""
+        identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
+        tokens, mask = embed_texts(_maybe_constant(self.model_card, texts), identity, cache_folder)
+        chunks = []
+        for start in range(0, len(texts), self.expression_batch_size):
+            chunk = slice(start, start + self.expression_batch_size)
+            self.network.bind_prompts(tokens[chunk], mask[chunk])
+            self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in
+                                                                   range(len(tokens[chunk]))}}, None)
+            logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \
+                else self.predict_sliding_window_return_logits(data).cpu()
+            chunks.append(logits[1:])
+        return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
+
+    # -- stock entry: predict_from_files(...) -------------------------------------------------------------------
+    def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                           save_probabilities: bool = False, overwrite: bool = True,
+                           num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
+                           folder_with_segs_from_prev_stage: str | None = None, num_parts: int = 1, part_id: int = 0):
+        self._expressions = self._requested_expressions(list_of_lists_or_source_folder)
+        if self._expressions is None:
+            if self.model_card["mode"] != PLAIN:
+                source = list_of_lists_or_source_folder
+                raise ExpressionsError(
+                    f"This is a referring model: it needs expressions. None found: no {EXPRESSIONS_FILE} in {source}. "
+                    f"Fix: put a companion {EXPRESSIONS_FILE} next to the images, or use LSMSv2_predict -e FILE / "
+                    f"--text \"...\".")
+            bind_label_prompts(self.network)
+        elif save_probabilities:
+            raise ValueError("--save_probabilities is for plain-task label maps; referring predictions are binary "
+                             "masks per expression. Fix: drop --save_probabilities.")
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def _requested_expressions(self, source) -> list[Expression] | None:
+        """The expressions asked for, validated against the images present; None when nothing was asked."""
+        if not isinstance(source, str):
+            return None
+        ending = self.dataset_json["file_ending"]
+        cases = sorted({name[: -len(ending) - 5] for name in os.listdir(source) if name.endswith(ending)})
+        if os.environ.get(TEXT_ENV):
+            text = os.environ[TEXT_ENV]
+            return [Expression(f"{case}-text", case, text, None) for case in cases]
+        file = os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
+        if not os.path.isfile(file):
+            if os.environ.get(EXPRESSIONS_ENV):
+                raise ExpressionsError(f"{file} is missing. Fix: point -e at an existing expressions file.")
+            return None
+        expressions = load_expressions(file, require_targets=False)
+        absent = sorted({e.case for e in expressions} - set(cases))
+        if absent:
+            raise ExpressionsError(f"{file}: expressions name cases with no image in {source}: {absent[:10]} "
+                                   f"({len(absent)} in all). Fix: add <case>_0000{ending} for them or remove those "
+                                   f"expressions.")
+        return expressions
+
+    def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                                       folder_with_segs_from_prev_stage=None, overwrite=True, part_id=0, num_parts=1,
+                                       save_probabilities=False):
+        if self._expressions is None:
+            return super()._manage_input_and_output_lists(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+                folder_with_segs_from_prev_stage, overwrite, part_id, num_parts, save_probabilities)
+        inputs, outputs, previous = super()._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, True, part_id, num_parts, save_probabilities)
+        ending = self.dataset_json["file_ending"]
+        keep = []
+        for index, truncated in enumerate(outputs):
+            case_expressions = [e for e in self._expressions if e.case == os.path.basename(truncated)]
+            done = all(os.path.isfile(os.path.join(os.path.dirname(truncated), e.id + ending))
+                       for e in case_expressions)
+            if case_expressions and (overwrite or not done):
+                keep.append(index)
+        print(f"{len(keep)} images have expressions to answer"
+              f"{'' if overwrite else ' (not yet predicted: --continue_prediction)'}")
+        return [inputs[i] for i in keep], [outputs[i] for i in keep], [previous[i] for i in keep]
+
+    def predict_from_data_iterator(self, data_iterator, save_probabilities: bool = False,
+                                   num_processes_segmentation_export: int = 3):
+        if getattr(self, "_expressions", None) is None:
+            return super().predict_from_data_iterator(data_iterator, save_probabilities,
+                                                      num_processes_segmentation_export)
+        reader_writer = self.plans_manager.image_reader_writer_class()
+        ending = self.dataset_json["file_ending"]
+        written = []
+        for item in data_iterator:
+            data = item["data"]
+            if isinstance(data, str):
+                path, data = data, torch.from_numpy(np.load(data))
+                os.remove(path)
+            output_folder, case = os.path.split(item["ofile"])
+            expressions = [e for e in self._expressions if e.case == case]
+            print(f"\nPredicting {case}: {len(expressions)} expressions")
+            logits = self.predict_prompt_logits(data, [e.text for e in expressions])
+            export_expression_masks(logits.numpy(), item["data_properties"], self.configuration_manager,
+                                    self.plans_manager, reader_writer, [e.id for e in expressions], output_folder,
+                                    ending)
+            entries = [{"id": e.id, "case": e.case, "text": e.text, "file": e.id + ending} for e in expressions]
+            write_index(Path(output_folder), entries)
+            written.extend(entries)
+        return written
+
+
+def model_card_for_builder(caller_locals: Mapping) -> dict:
+    """The model card for `LSMSTrainer.build_network_architecture`, found from whoever is calling it.
+
+    - an LSMSTrainer building its network: the trainer's card;
+    - nnU-Net's predictor restoring a checkpoint (stock `nnUNetv2_predict`): the card stored in the checkpoint's
+      weights; the predictor is switched to `LSMSPredictor` so the stock command answers expressions.
+    """
+    from lsms_nnunet.training.lsms_trainer import LSMSTrainer
+
+    caller = caller_locals.get("self")
+    if isinstance(caller, LSMSTrainer):
+        return caller.model_card
+    if isinstance(caller, nnUNetPredictor) and caller_locals.get("parameters"):
+        if not isinstance(caller, LSMSPredictor):
+            caller.__class__ = LSMSPredictor
+        return caller_locals["parameters"][0]["_extra_state"]
+    raise RuntimeError("An LSMS network needs its model card: build it through LSMSTrainer or restore it from an LSMS "
+                       "checkpoint with nnU-Net's predictor (nnUNetv2_predict / LSMSv2_predict).")
+
+
+def validate_referring_fold(trainer, validation_cases: Sequence[str]) -> dict:
+    """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
+    from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+
+    predictor = LSMSPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                              perform_everything_on_device=True, device=trainer.device, allow_tqdm=False)
+    predictor.manual_initialization(trainer._unwrapped_network(), trainer.plans_manager, trainer.configuration_manager,
+                                    None, trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    output_folder = Path(trainer.output_folder) / "validation"
+    output_folder.mkdir(parents=True, exist_ok=True)
+    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(validation_cases))
+    reader_writer = trainer.plans_manager.image_reader_writer_class()
+    ending = trainer.dataset_json["file_ending"]
+    expressions = [e for e in trainer.prompt_set.expressions if e.case in set(validation_cases)]
+    for case in tqdm(list(validation_cases), desc="Validating expressions"):
+        case_expressions = [e for e in expressions if e.case == case]
+        data, _, _, properties = dataset.load_case(case)
+        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
+                                                 [e.text for e in case_expressions], trainer.text_cache_folder)
+        export_expression_masks(logits.numpy(), properties, trainer.configuration_manager, trainer.plans_manager,
+                                reader_writer, [e.id for e in case_expressions], output_folder, ending)
+    gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
+    return evaluate_referring_folder(gt_folder, output_folder, expressions, file_ending=ending,
+                                     output_file=output_folder / "summary.json")

@@ -1,0 +1,105 @@
+"""LSMSNet as nnU-Net calls it: `network(x)` with the text bound beforehand, and a model card in its state dict.
+
+nnU-Net's trainer and predictor only ever call `self.network(x)`. Binding the text on the module keeps all of their
+code paths (training step, deep supervision, sliding window, mirroring, fold averaging) unchanged:
+
+- `bind_batch_text(tokens, mask)`: one text per sample (training and online validation); outputs 2-class logits,
+  and the contrastive features of the last forward are kept in `last_aux` for the loss.
+- `bind_prompts(tokens, mask)`: E prompts for every input sample (inference); each patch is run once per prompt *in
+  one batch* and the output is `[B, 1 + E, ...]`: channel 0 is a zero background logit, channel e the
+  target-vs-background logit of prompt e. For a plain task (prompts = labels) that is an ordinary nnU-Net
+  (K+1)-class logit map; for referring inference each channel thresholded at 0 is one expression's mask.
+
+The model card (task mode, text-encoder identity, network settings, label prompts) travels in the state dict as
+PyTorch "extra state", so every nnU-Net checkpoint carries it without changing nnU-Net's checkpoint code, and
+loading weights from a model with a different text encoder fails loudly.
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import torch
+
+from lsms_nnunet.network.config import LSMSConfig
+from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
+
+MODEL_CARD_FORMAT = "lsms-model-card"
+
+
+class TextEncoderMismatchError(RuntimeError):
+    """Weights were trained with other text embeddings than the ones this model is being fed."""
+
+
+class PromptableLSMSNet(LSMSNet):
+    """LSMSNet whose text is bound before nnU-Net calls `forward(x)`."""
+
+    model_card: dict
+
+    def bind_batch_text(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        self._bound = ("batch", tokens, mask)
+
+    def bind_prompts(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        self._bound = ("prompts", tokens, mask)
+
+    def forward(self, x: torch.Tensor, text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
+                return_aux: bool = False):
+        if text_tokens is not None:
+            return super().forward(x, text_tokens, text_mask, return_aux=return_aux)
+        kind, tokens, mask = getattr(self, "_bound", (None, None, None))
+        if kind is None:
+            raise RuntimeError("No text bound: call bind_batch_text or bind_prompts before network(x).")
+        tokens, mask = tokens.to(x.device), mask.to(x.device)
+        if kind == "batch":
+            if self.training and self.config.contrastive:
+                output, self.last_aux = super().forward(x, tokens, mask, return_aux=True)
+                return output
+            return super().forward(x, tokens, mask)
+        return self._forward_prompts(x, tokens, mask)
+
+    def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        batch, prompts = x.shape[0], tokens.shape[0]
+        repeated_x = x.repeat_interleave(prompts, dim=0)
+        repeated_tokens = tokens.repeat(batch, 1, 1)
+        repeated_mask = mask.repeat(batch, 1)
+        logits = super().forward(repeated_x, repeated_tokens, repeated_mask)
+        if isinstance(logits, (list, tuple)):
+            logits = logits[0]
+        target_vs_background = (logits[:, 1] - logits[:, 0]).reshape(batch, prompts, *logits.shape[2:])
+        background = torch.zeros_like(target_vs_background[:, :1])
+        return torch.cat((background, target_vs_background), dim=1)
+
+    # PyTorch extra state: saved in state_dict()['_extra_state'], checked on load_state_dict().
+    def get_extra_state(self) -> dict:
+        return self.model_card
+
+    def set_extra_state(self, state: Any) -> None:
+        check_same_text_encoder(state, self.model_card)
+        self.model_card = dict(state)
+
+
+def check_same_text_encoder(loaded_card: Mapping, expected_card: Mapping) -> None:
+    loaded, expected = loaded_card["text_encoder"], expected_card["text_encoder"]
+    if (loaded["sha256"], loaded["dim"]) != (expected["sha256"], expected["dim"]):
+        raise TextEncoderMismatchError(
+            f"These weights were trained with text encoder '{loaded['name']}' (sha256 {loaded['sha256'][:12]}..., "
+            f"dim {loaded['dim']}), but the model is being set up for '{expected['name']}' "
+            f"(sha256 {expected['sha256'][:12]}..., dim {expected['dim']}). Fix: use the encoder the model was "
+            f"trained with (its folder via --text_encoder), or retrain.")
+
+
+def make_model_card(mode: str, network_config: LSMSConfig, text_encoder: Mapping,
+                    label_prompts: list | None = None, constant_text: str | None = None) -> dict:
+    return {"format": MODEL_CARD_FORMAT, "version": 1, "mode": mode, "network": network_config.to_dict(),
+            "text_encoder": dict(text_encoder), "label_prompts": label_prompts or [], "constant_text": constant_text}
+
+
+def build_promptable_network(configuration_manager, num_input_channels: int, model_card: Mapping,
+                             deep_supervision: bool) -> PromptableLSMSNet:
+    """The planned nnU-Net encoder + LSMS parts, configured by the model card."""
+    network = build_lsms_network(configuration_manager.network_arch_class_name,
+                                 configuration_manager.network_arch_init_kwargs,
+                                 configuration_manager.network_arch_init_kwargs_req_import,
+                                 num_input_channels, 2, deep_supervision,
+                                 LSMSConfig.from_dict(model_card["network"]), network_class=PromptableLSMSNet)
+    network.model_card = dict(model_card)
+    return network

@@ -1,0 +1,86 @@
+"""The text-encoding step added to nnU-Net preprocessing: `LSMSv2_encode_text` and `LSMSv2_plan_and_preprocess`.
+
+Expressions (or label prompts) are validated against the raw dataset, encoded once with the frozen text encoder and
+cached at dataset level (`nnUNet_preprocessed/DatasetXXX/lsms_text/<encoder>/`, never inside a configuration folder,
+where nnU-Net expects one file type only). Re-running encodes only new texts.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from text_conditioning.cache import TextEmbeddingCache
+from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
+
+from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, save_prompt_set
+
+TEXT_FOLDER = "lsms_text"
+DEFAULT_MAX_TOKENS = 32
+
+
+def dataset_folders(dataset_name_or_id: str | int) -> tuple[str, Path, Path]:
+    """(dataset name, raw folder, dataset-level text folder in nnUNet_preprocessed)."""
+    from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
+
+    name = maybe_convert_to_dataset_name(dataset_name_or_id)
+    return name, Path(nnUNet_raw) / name, Path(nnUNet_preprocessed) / name / TEXT_FOLDER
+
+
+def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None = None,
+                        max_tokens: int = DEFAULT_MAX_TOKENS) -> PromptSet:
+    """Validate the dataset's prompts, then encode every text missing from the cache."""
+    name, raw_folder, text_folder = dataset_folders(dataset_name_or_id)
+    prompt_set = load_prompt_set(raw_folder)
+    identity = encoder_identity(text_encoder, max_tokens)
+    cache = TextEmbeddingCache(text_folder / identity.slug, identity)
+    texts = prompt_set.all_texts()
+    missing = cache.missing(texts)
+    if missing:
+        print(f"{name}: encoding {len(missing)} of {len(texts)} texts with {identity.name}")
+        cache.update(missing, TextEncoder(text_encoder, max_tokens=max_tokens))
+    else:
+        print(f"{name}: all {len(texts)} texts already encoded with {identity.name}")
+    cache.prune(texts)
+    save_prompt_set(prompt_set, identity.to_dict(), text_folder)
+    kind = f"{len(prompt_set.expressions)} expressions" if prompt_set.expressions else \
+        f"{len(prompt_set.label_prompts)} label prompts (plain task)"
+    print(f"{name}: {kind} ready in {text_folder}")
+    return prompt_set
+
+
+def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--text_encoder", "--text-encoder", default=None,
+                        help=f"Hugging Face model name or local folder (default: the embedded {DEFAULT_TEXT_ENCODER}, "
+                             f"offline). A hub name is downloaded only because you named it.")
+    parser.add_argument("--max_tokens", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
+                        help=f"Tokens kept per expression (default {DEFAULT_MAX_TOKENS}).")
+
+
+def encode_text_entry() -> None:
+    parser = argparse.ArgumentParser(description="Validate and encode a dataset's expressions (or label prompts).")
+    parser.add_argument("-d", nargs="+", required=True, help="Dataset name(s) or id(s).")
+    _add_text_arguments(parser)
+    args = parser.parse_args()
+    for dataset in args.d:
+        encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
+
+
+def plan_and_preprocess_entry() -> None:
+    """`nnUNetv2_plan_and_preprocess` (same flags) followed by the text-encoding step.
+
+    Prompts are validated first so a broken expressions file fails in seconds, not after preprocessing.
+    """
+    from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as nnunet_entry
+
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-d", nargs="+", required=True)
+    _add_text_arguments(parser)
+    args, nnunet_args = parser.parse_known_args()
+    for dataset in args.d:
+        load_prompt_set(dataset_folders(dataset)[1])
+    sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args]
+    nnunet_entry()
+    for dataset in args.d:
+        encode_dataset_text(dataset, args.text_encoder, args.max_tokens)

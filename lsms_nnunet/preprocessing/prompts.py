@@ -1,0 +1,186 @@
+"""What a dataset asks the network to segment: referring expressions, or one prompt per label for plain tasks.
+
+Both task kinds are reduced to the same thing — per case, a list of `Prompt`s (texts + target region ids) — so the
+loader, trainer and predictor have one code path. The prompt set is validated against the raw dataset once, at
+encoding time, and stored next to the embedding cache in `nnUNet_preprocessed/DatasetXXX/lsms_text/prompts.json`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+from tqdm import tqdm
+
+from text_conditioning.expressions import (Expression, ExpressionsError, expression_to_dict, load_expressions,
+                                           validate_against_cases)
+
+PROMPTS_FILE = "prompts.json"
+PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
+EXPRESSIONS_FILE = "expressions.json"
+REFERRING, PLAIN = "referring", "plain"
+_GENERIC_WORDS = {"label", "labels", "class", "region", "structure", "object", "foreground", "segment", "mask", "roi"}
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """One thing the network can be asked for: alternative phrasings and the region ids they refer to."""
+    texts: tuple[str, ...]
+    targets: tuple[int, ...]
+    expression_id: str | None = None
+
+
+@dataclass(frozen=True)
+class PromptSet:
+    """The prompts of a dataset. Referring: expressions per case. Plain: the same label prompts for every case."""
+    mode: str
+    expressions: tuple[Expression, ...] = ()
+    label_prompts: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (label name, label value, phrasings)
+
+    def prompts_for_case(self, case: str) -> list[Prompt]:
+        if self.mode == REFERRING:
+            return [Prompt((e.text,), tuple(e.targets or ()), e.id) for e in self.expressions if e.case == case]
+        return [Prompt(texts, (value,)) for _, value, texts in self.label_prompts]
+
+    def cases(self) -> set[str]:
+        return {e.case for e in self.expressions}
+
+    def all_texts(self) -> list[str]:
+        if self.mode == REFERRING:
+            texts = [e.text for e in self.expressions]
+        else:
+            texts = [t for _, _, phrasings in self.label_prompts for t in phrasings]
+        return list(dict.fromkeys(texts))
+
+    def canonical_label_prompts(self) -> list[tuple[str, int, str]]:
+        """The first phrasing of every label, in label order: what inference asks for on a plain task."""
+        return [(name, value, texts[0]) for name, value, texts in self.label_prompts]
+
+    def to_dict(self) -> dict:
+        if self.mode == REFERRING:
+            return {"mode": REFERRING, "expressions": [expression_to_dict(e) for e in self.expressions]}
+        return {"mode": PLAIN, "labels": [{"name": n, "value": v, "prompts": list(t)} for n, v, t in self.label_prompts]}
+
+    @classmethod
+    def from_dict(cls, content: Mapping) -> "PromptSet":
+        if content["mode"] == REFERRING:
+            expressions = tuple(Expression(e["id"], e["case"], e["text"], tuple(e["targets"]))
+                                for e in content["expressions"])
+            return cls(REFERRING, expressions=expressions)
+        labels = tuple((l["name"], int(l["value"]), tuple(l["prompts"])) for l in content["labels"])
+        return cls(PLAIN, label_prompts=labels)
+
+
+def readable_label_name(name: str) -> str | None:
+    """'liver_tumour' -> 'liver tumour', 'LeftKidney' -> 'left kidney'; None when nothing readable is left."""
+    spaced = re.sub(r"(?<=[a-z])(?=[A-Z])", " ", name)
+    words = [w.lower() for w in re.split(r"[\s_\-.]+", spaced) if w]
+    meaningful = [w for w in words if re.fullmatch(r"[a-z]{3,}", w) and w not in _GENERIC_WORDS]
+    return " ".join(words) if meaningful else None
+
+
+def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[str, int, tuple[str, ...]], ...]:
+    """Prompts for an ordinary nnU-Net dataset: the optional prompt table, else every label's readable name."""
+    labels = {name: value for name, value in dataset_json["labels"].items() if name != "ignore"}
+    foreground = {name: value for name, value in labels.items() if value != 0}
+    if any(isinstance(v, (list, tuple)) for v in foreground.values()):
+        raise ValueError(f"{raw_folder / 'dataset.json'}: region-based labels (lists of ids) are not supported by "
+                         f"LSMSTrainer yet. Fix: train the plain label version of this dataset.")
+    table_file = raw_folder / PROMPT_TABLE_FILE
+    table: dict[str, list[str]] = {}
+    if table_file.is_file():
+        content = _read_json(table_file)
+        if content.get("format") != "lsms-prompts" or not isinstance(content.get("labels"), dict):
+            raise ValueError(f"{table_file}: not a prompt table. Fix: write {{\"format\": \"lsms-prompts\", "
+                             f"\"version\": 1, \"labels\": {{\"<label name>\": [\"phrasing\", ...]}}}}.")
+        table = content["labels"]
+        unknown = sorted(set(table) - set(foreground))
+        if unknown:
+            raise ValueError(f"{table_file}: labels {unknown} are not foreground labels of dataset.json "
+                             f"({sorted(foreground)}). Fix: use the label names of dataset.json.")
+        for name, phrasings in table.items():
+            if (not isinstance(phrasings, list) or not phrasings
+                    or not all(isinstance(p, str) and p.strip() for p in phrasings)):
+                raise ValueError(f"{table_file}: label '{name}' needs a non-empty list of non-empty phrasings.")
+    prompts = []
+    for name, value in sorted(foreground.items(), key=lambda kv: kv[1]):
+        if name in table:
+            phrasings = tuple(p.strip() for p in table[name])
+        else:
+            readable = readable_label_name(name)
+            if readable is None:
+                raise ValueError(f"{raw_folder / 'dataset.json'}: label '{name}' (value {value}) has no usable name "
+                                 f"to turn into a text prompt. Fix: rename it in dataset.json or add a prompt table "
+                                 f"{table_file} with {{\"format\": \"lsms-prompts\", \"version\": 1, \"labels\": "
+                                 f"{{\"{name}\": [\"a description of it\"]}}}}.")
+            phrasings = (readable,)
+        prompts.append((name, int(value), phrasings))
+    return tuple(prompts)
+
+
+def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str]) -> dict[str, set[int]]:
+    """Region ids present in each case's label map in nnUNet_raw (what expression targets may name)."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+
+    ending = dataset_json["file_ending"]
+    files = [raw_folder / "labelsTr" / f"{case}{ending}" for case in cases]
+    reader = determine_reader_writer_from_dataset_json(dict(dataset_json), str(files[0]), verbose=False)()
+    regions = {}
+    for case, file in tqdm(list(zip(cases, files)), desc="Reading region maps", disable=len(files) < 20):
+        seg, _ = reader.read_seg(str(file))
+        regions[case] = {int(v) for v in np.unique(seg) if v > 0}
+    return regions
+
+
+def load_prompt_set(raw_folder: Path) -> PromptSet:
+    """Read and fully validate the dataset's prompts before any long work starts."""
+    raw_folder = Path(raw_folder)
+    dataset_json = _read_json(raw_folder / "dataset.json")
+    expressions_file = raw_folder / EXPRESSIONS_FILE
+    if not expressions_file.is_file():
+        return PromptSet(PLAIN, label_prompts=plain_label_prompts(raw_folder, dataset_json))
+    expressions = load_expressions(expressions_file, require_targets=True)
+    label_cases = sorted(p.name[: -len(dataset_json["file_ending"])] for p in (raw_folder / "labelsTr").iterdir()
+                         if p.name.endswith(dataset_json["file_ending"]))
+    referenced = sorted({e.case for e in expressions})
+    known = set(label_cases)
+    regions = case_region_ids(raw_folder, dataset_json, [c for c in referenced if c in known])
+    regions.update({c: set() for c in label_cases if c not in regions})
+    validate_against_cases(expressions, regions, expressions_file)
+    return PromptSet(REFERRING, expressions=tuple(expressions))
+
+
+def save_prompt_set(prompt_set: PromptSet, encoder_identity: Mapping, text_folder: Path) -> Path:
+    """Record the validated prompts and the encoder used for them (atomic write)."""
+    text_folder.mkdir(parents=True, exist_ok=True)
+    target = text_folder / PROMPTS_FILE
+    content = {"format": "lsms-prompt-set", "version": 1, "encoder": dict(encoder_identity), **prompt_set.to_dict()}
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(content, indent=1, ensure_ascii=False), encoding="utf-8")
+    os.replace(tmp, target)
+    return target
+
+
+def read_prompt_set(text_folder: Path) -> tuple[PromptSet, dict]:
+    """The prompts and encoder identity written by `LSMSv2_encode_text`; a clear error when the step was skipped."""
+    file = Path(text_folder) / PROMPTS_FILE
+    if not file.is_file():
+        dataset = Path(text_folder).parent.name
+        raise FileNotFoundError(f"{file} is missing: the text-encoding step has not been run for {dataset}. "
+                                f"Fix: run `LSMSv2_encode_text -d {dataset}` after nnUNetv2_plan_and_preprocess "
+                                f"(or use LSMSv2_plan_and_preprocess, which does both).")
+    content = _read_json(file)
+    return PromptSet.from_dict(content), content["encoder"]
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path} is missing.") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ExpressionsError(f"{path}: not valid UTF-8 JSON ({error}). Fix: repair or regenerate the file.") from None

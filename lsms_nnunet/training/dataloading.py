@@ -1,0 +1,98 @@
+"""Training batches of (case, prompt) pairs for nnU-Net's data loader.
+
+nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `load_case` draws one prompt of the
+case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
+(referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path. The loader subclass
+then adds the text tensors of the drawn prompts to the batch.
+"""
+from __future__ import annotations
+
+import random
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+
+from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
+
+from lsms_nnunet.preprocessing.prompts import Prompt
+
+
+class ReferredSegmentation:
+    """A lazy view of an nnU-Net segmentation in which only the referred region ids are foreground.
+
+    Slicing (what nnU-Net's `crop_and_pad_nd` does) reads just the crop, so big volumes are never fully loaded.
+    Negative values (nnU-Net's outside-of-mask marker) are kept.
+    """
+
+    def __init__(self, segmentation, targets: Sequence[int]):
+        self.segmentation = segmentation
+        self.targets = np.asarray(sorted(targets), dtype=np.int16)
+        self.shape = segmentation.shape
+        self.ndim = len(segmentation.shape)
+        self.dtype = np.dtype(np.int16)
+
+    def __getitem__(self, item) -> np.ndarray:
+        crop = np.asarray(self.segmentation[item])
+        binary = np.isin(crop, self.targets).astype(np.int16)
+        binary[crop < 0] = -1
+        return binary
+
+
+class PromptSamplingDataset:
+    """Wraps an nnU-Net dataset; every `load_case` draws one prompt of the case and records it."""
+
+    def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float):
+        self.dataset = dataset
+        self.identifiers = dataset.identifiers
+        self.prompts_by_case = prompts_by_case
+        self.present_label_bias = present_label_bias
+        self.drawn: list[tuple[Prompt, str]] = []
+
+    def _draw(self, case: str, class_locations: Mapping) -> Prompt:
+        prompts = self.prompts_by_case[case]
+        present = [p for p in prompts if any(len(class_locations.get(t, ())) for t in p.targets)]
+        if present and random.random() < self.present_label_bias:
+            return random.choice(present)
+        return random.choice(prompts)
+
+    def load_case(self, identifier: str):
+        data, seg, seg_prev, properties = self.dataset.load_case(identifier)
+        prompt = self._draw(identifier, properties["class_locations"])
+        self.drawn.append((prompt, random.choice(prompt.texts)))
+        locations = [properties["class_locations"][t] for t in prompt.targets
+                     if len(properties["class_locations"].get(t, ()))]
+        referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
+        properties = {**properties, "class_locations": {1: referred}}
+        return data, ReferredSegmentation(seg, prompt.targets), seg_prev, properties
+
+
+class TextEmbeddingBank:
+    """Pre-computed token embeddings, held in memory and shared by the loader workers (small: texts x L x D)."""
+
+    def __init__(self, embeddings: Mapping[str, tuple[np.ndarray, np.ndarray, np.ndarray]]):
+        self.embeddings = dict(embeddings)
+
+    def batch(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tokens = torch.from_numpy(np.stack([self.embeddings[t][0] for t in texts]).astype(np.float32))
+        mask = torch.from_numpy(np.stack([self.embeddings[t][1] for t in texts]).astype(bool))
+        return tokens, mask
+
+
+class LSMSDataLoader(nnUNetDataLoader):
+    """nnU-Net's loader over a prompt-sampling dataset; batches carry `text_tokens`, `text_mask`, `text_keys`."""
+
+    def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
+                 prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
+                 present_label_bias: float = 0.0, **kwargs):
+        super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias), batch_size, patch_size,
+                         final_patch_size, label_manager, **kwargs)
+        self.text_bank = text_bank
+
+    def generate_train_batch(self) -> dict:
+        self._data.drawn.clear()
+        batch = super().generate_train_batch()
+        texts = [text for _, text in self._data.drawn]
+        batch["text_tokens"], batch["text_mask"] = self.text_bank.batch(texts)
+        batch["text_keys"] = texts
+        return batch

@@ -1,0 +1,206 @@
+"""LSMSTrainer: nnU-Net's trainer with text-conditioned LSMS, for referring and plain lesion tasks.
+
+Everything nnU-Net does (splits, augmentation, poly LR, deep supervision, checkpoints, `--c`, `--val`) is inherited.
+What changes, each in the narrowest hook:
+- `__init__`: reads the encoded prompts; a referring task becomes binary ({background, target}).
+- `build_network_architecture`: the LSMS network, configured by a model card (also the hook that makes the stock
+  `nnUNetv2_predict` text-aware).
+- `get_dataloaders`: nnU-Net's loaders over (case, prompt) pairs.
+- `train_step` / `validation_step`: bind the batch's text, then nnU-Net's own step; the loss adds the contrastive term.
+- `perform_actual_validation`: per (case, expression) masks and RLS metrics for referring tasks; nnU-Net's own
+  validation (label maps, summary.json) for plain tasks.
+"""
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
+from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+from batchgenerators.dataloading.nondet_multi_threaded_augmenter import NonDetMultiThreadedAugmenter
+from batchgenerators.dataloading.single_threaded_augmenter import SingleThreadedAugmenter
+
+from text_conditioning.cache import TextEmbeddingCache
+from text_conditioning.encoders import EncoderIdentity
+
+from lsms_nnunet.network.config import LSMSConfig
+from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
+from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
+from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
+from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
+from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
+
+BINARY_LABELS = {"background": 0, "target": 1}
+
+
+class SegmentationPlusContrastiveLoss(nn.Module):
+    """nnU-Net's deep-supervised Dice+CE plus lambda * the vision-language contrastive term of the last forward."""
+
+    def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None, weight: float,
+                 network: PromptableLSMSNet):
+        super().__init__()
+        self.segmentation_loss = segmentation_loss
+        self.contrastive = contrastive
+        self.weight = weight
+        self.network = [network]  # a list so the network is not registered as a sub-module of the loss
+        self.text_keys: list[str] | None = None
+
+    def forward(self, output, target) -> torch.Tensor:
+        loss = self.segmentation_loss(output, target)
+        network = self.network[0]
+        if self.contrastive is None or not network.training or getattr(network, "last_aux", None) is None:
+            return loss
+        aux, network.last_aux = network.last_aux, None
+        full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
+        return loss + self.weight * self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"],
+                                                     full_resolution_target, aux["logit_scale"], self.text_keys)
+
+
+class LSMSTrainer(nnUNetTrainer):
+    """Referring (expressions.json) or plain (one prompt per label) LSMS training with nnU-Net's machinery."""
+
+    #: LSMSConfig fields that a variant changes (ablations in `variants.py`).
+    lsms_config_overrides: dict = {}
+    #: Replace every text by one constant text (the "is the text used?" control of the benchmark).
+    use_constant_text: bool = False
+    #: Plain tasks: probability of drawing a label present in the sampled case (others teach "not here").
+    present_label_bias: float = 0.75
+
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        from nnunetv2.paths import nnUNet_preprocessed
+
+        text_folder = Path(nnUNet_preprocessed) / plans["dataset_name"] / TEXT_FOLDER
+        self.prompt_set, encoder = read_prompt_set(text_folder)
+        self.text_encoder_identity = EncoderIdentity.from_dict(encoder)
+        self.text_cache_folder = text_folder / self.text_encoder_identity.slug
+        if self.prompt_set.mode == REFERRING:
+            dataset_json = {**dataset_json, "labels": dict(BINARY_LABELS)}
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        self.model_card = self._make_model_card()
+
+    def _make_model_card(self) -> dict:
+        identity = self.text_encoder_identity
+        config = LSMSConfig(text_dim=identity.dim, max_tokens=identity.max_tokens, **self.lsms_config_overrides)
+        label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
+            if self.prompt_set.mode == PLAIN else None
+        constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
+        return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text)
+
+    def _do_i_compile(self) -> bool:
+        # The text is bound on the module between calls; keep eager mode so no stale compiled graph sees old text.
+        return False
+
+    @staticmethod
+    def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
+                                   num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
+        from lsms_nnunet.inference.predictor import model_card_for_builder
+
+        model_card = model_card_for_builder(sys._getframe(1).f_locals)
+        return build_promptable_network(configuration_manager, num_input_channels, model_card,
+                                        enable_deep_supervision)
+
+    def _unwrapped_network(self) -> PromptableLSMSNet:
+        network = self.network.module if self.is_ddp else self.network
+        return getattr(network, "_orig_mod", network)
+
+    def _build_loss(self) -> nn.Module:
+        network = self._unwrapped_network()
+        config = network.config
+        contrastive = VisionLanguageContrastiveLoss(config) if config.contrastive else None
+        return SegmentationPlusContrastiveLoss(super()._build_loss(), contrastive, config.contrastive_weight, network)
+
+    # ---------------------------------------------------------------- data
+    def _text_bank(self) -> TextEmbeddingBank:
+        cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
+        texts = self.prompt_set.all_texts()
+        encoded = cache.load(texts)
+        return TextEmbeddingBank({t: (encoded.tokens[i], encoded.mask[i], encoded.pooled[i])
+                                  for i, t in enumerate(texts)})
+
+    def get_dataloaders(self):
+        """nnU-Net's loaders (same transforms, patch sizes, oversampling) over (case, prompt) pairs."""
+        patch_size = self.configuration_manager.patch_size
+        deep_supervision_scales = self._get_deep_supervision_scales()
+        rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
+            self.configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        binary = LabelManager(BINARY_LABELS, regions_class_order=None)
+        tr_transforms = self.get_training_transforms(
+            patch_size, rotation_for_DA, deep_supervision_scales, mirror_axes, do_dummy_2d_data_aug,
+            use_mask_for_norm=self.configuration_manager.use_mask_for_norm, is_cascaded=False,
+            foreground_labels=binary.foreground_labels, regions=None, ignore_label=None)
+        val_transforms = self.get_validation_transforms(deep_supervision_scales, is_cascaded=False,
+                                                        foreground_labels=binary.foreground_labels, regions=None,
+                                                        ignore_label=None)
+        dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        text_bank = self._text_bank()
+        prompts_by_case = self._prompts_by_case(dataset_tr.identifiers + dataset_val.identifiers)
+        bias = self.present_label_bias if self.prompt_set.mode == PLAIN else 0.0
+        common = dict(prompts_by_case=prompts_by_case, text_bank=text_bank, present_label_bias=bias,
+                      oversample_foreground_percent=self.oversample_foreground_percent,
+                      probabilistic_oversampling=self.probabilistic_oversampling)
+        dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,
+                               transforms=tr_transforms, **common)
+        dl_val = LSMSDataLoader(dataset_val, self.batch_size, patch_size, patch_size, binary,
+                                transforms=val_transforms, **common)
+        processes = get_allowed_n_proc_DA()
+        if processes == 0:
+            mt_gen_train, mt_gen_val = SingleThreadedAugmenter(dl_tr, None), SingleThreadedAugmenter(dl_val, None)
+        else:
+            pin = self.device.type == "cuda"
+            mt_gen_train = NonDetMultiThreadedAugmenter(dl_tr, None, processes, max(6, processes // 2), None, pin,
+                                                        wait_time=0.002)
+            mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4),
+                                                      None, pin, wait_time=0.002)
+        next(mt_gen_train), next(mt_gen_val)
+        return mt_gen_train, mt_gen_val
+
+    def _prompts_by_case(self, identifiers: list[str]) -> dict:
+        prompts = {case: self.prompt_set.prompts_for_case(case) for case in identifiers}
+        without = sorted(case for case, p in prompts.items() if not p)
+        if without:
+            raise RuntimeError(f"Cases {without[:10]} (of {len(without)}) have no expression in "
+                               f"{self.text_cache_folder.parent / 'prompts.json'}; LSMS cannot train on them. Fix: "
+                               f"add expressions for them to expressions.json (targets [] for 'nothing referred') "
+                               f"and rerun LSMSv2_encode_text.")
+        if self.model_card["constant_text"] is not None:
+            constant = (self.model_card["constant_text"],)
+            prompts = {case: [type(p)(constant, p.targets, p.expression_id) for p in ps] for case, ps in prompts.items()}
+        return prompts
+
+    # ---------------------------------------------------------------- steps
+    def _bind_batch_text(self, batch: dict) -> None:
+        self._unwrapped_network().bind_batch_text(batch["text_tokens"].to(self.device, non_blocking=True),
+                                                  batch["text_mask"].to(self.device, non_blocking=True))
+        self.loss.text_keys = batch["text_keys"]
+
+    def train_step(self, batch: dict) -> dict:
+        self._bind_batch_text(batch)
+        return super().train_step(batch)
+
+    def validation_step(self, batch: dict) -> dict:
+        self._bind_batch_text(batch)
+        return super().validation_step(batch)
+
+    # ---------------------------------------------------------------- final validation
+    def perform_actual_validation(self, save_probabilities: bool = False) -> None:
+        from lsms_nnunet.inference.predictor import validate_referring_fold
+
+        network = self._unwrapped_network()
+        if self.prompt_set.mode == PLAIN:
+            from lsms_nnunet.inference.predictor import bind_label_prompts
+
+            bind_label_prompts(network, self.text_cache_folder, self.text_encoder_identity)
+            return super().perform_actual_validation(save_probabilities)
+        self.set_deep_supervision_enabled(False)
+        self.network.eval()
+        _, val_keys = self.do_split()
+        summary = validate_referring_fold(self, val_keys)
+        self.print_to_log_file("Validation complete", also_print_to_console=True)
+        self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
+                               f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
+        self.set_deep_supervision_enabled(True)
