@@ -58,10 +58,7 @@ class PromptableLSMSNet(LSMSNet):
 
     def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, prompts = x.shape[0], tokens.shape[0]
-        repeated_x = x.repeat_interleave(prompts, dim=0)
-        repeated_tokens = tokens.repeat(batch, 1, 1)
-        repeated_mask = mask.repeat(batch, 1)
-        logits = super().forward(repeated_x, repeated_tokens, repeated_mask)
+        logits = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1))
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
         target_vs_background = (logits[:, 1] - logits[:, 0]).reshape(batch, prompts, *logits.shape[2:])

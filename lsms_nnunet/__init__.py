@@ -1,0 +1,1 @@
+"""LSMS for nnU-Net: referring lesion segmentation as an nnU-Net v2 plugin."""

@@ -1,0 +1,1 @@
+"""Referring-segmentation evaluation: per-expression metrics, LSMSv2_evaluate and LSMSv2_visualize."""

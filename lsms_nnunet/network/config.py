@@ -1,0 +1,103 @@
+"""Settings of the LSMS network and its contrastive loss, stored with plans and checkpoints as plain JSON."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+DECODERS = ("fsd", "unet")
+
+# Each ablation switches off exactly one LSMS component, so its effect is measured against "full" with one flag.
+ABLATIONS: dict[str, dict] = {
+    "full": {},
+    "no_visual": {"visual_branch": False},
+    "no_language": {"language_branch": False},
+    "unet_decoder": {"decoder": "unet"},
+    "no_contrastive": {"contrastive": False},
+}
+
+
+@dataclass(frozen=True)
+class LSMSConfig:
+    """What LSMS adds on top of the planned nnU-Net architecture.
+
+    svla_stages: encoder stage indices followed by an SVLA block. None means every stage except the first: the
+    first stage runs at full resolution, where voxel-to-word attention costs the most memory (voxels x tokens x
+    heads) and the features are still edges and intensities that a sentence cannot ground; the coarser stages carry
+    the semantics that the expression refers to (LAVT likewise starts its pixel-word attention at stride 4).
+    """
+
+    text_dim: int = 384
+    max_tokens: int = 32
+    attention_dim: int = 64
+    num_heads: int = 4
+    svla_stages: tuple[int, ...] | None = None
+    visual_branch: bool = True
+    language_branch: bool = True
+    decoder: str = "fsd"
+    fsd_channels_per_scale: int = 16
+    contrastive: bool = True
+    contrastive_dim: int = 64
+    contrastive_weight: float = 0.1
+    strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
+
+    def __post_init__(self) -> None:
+        for name in ("text_dim", "max_tokens", "attention_dim", "num_heads", "fsd_channels_per_scale",
+                     "contrastive_dim"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("visual_branch", "language_branch", "contrastive"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"LSMSConfig.{name} must be true or false, got {getattr(self, name)!r}.")
+        if self.attention_dim % self.num_heads:
+            raise ValueError(f"LSMSConfig.attention_dim ({self.attention_dim}) must be divisible by num_heads "
+                             f"({self.num_heads}); pick an attention_dim that is a multiple of num_heads.")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"LSMSConfig.decoder must be one of {DECODERS}, got {self.decoder!r}.")
+        if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
+            raise ValueError(f"LSMSConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}.")
+        if not self.strip_kernel_sizes or any(not isinstance(k, int) or k < 1 or k % 2 == 0
+                                              for k in self.strip_kernel_sizes):
+            raise ValueError(f"LSMSConfig.strip_kernel_sizes must be odd positive integers (so a strip is centred "
+                             f"on its voxel), got {self.strip_kernel_sizes!r}.")
+        if self.svla_stages is not None and (
+                any(not isinstance(s, int) or s < 0 for s in self.svla_stages)
+                or len(set(self.svla_stages)) != len(self.svla_stages)):
+            raise ValueError(f"LSMSConfig.svla_stages must be None or distinct encoder stage indices >= 0, "
+                             f"got {self.svla_stages!r}.")
+
+    def svla_stage_indices(self, n_stages: int) -> tuple[int, ...]:
+        """The encoder stages that get an SVLA block in an encoder of n_stages; none when both branches are off."""
+        if not (self.visual_branch or self.language_branch):
+            return ()
+        stages = tuple(range(1, n_stages)) if self.svla_stages is None else tuple(sorted(self.svla_stages))
+        if any(s >= n_stages for s in stages):
+            raise ValueError(f"LSMSConfig.svla_stages {self.svla_stages} names a stage beyond this encoder's "
+                             f"{n_stages} stages (valid: 0..{n_stages - 1}); fix svla_stages or use None.")
+        return stages
+
+    def with_ablation(self, name: str) -> LSMSConfig:
+        """This configuration with one of ABLATIONS applied."""
+        if name not in ABLATIONS:
+            raise ValueError(f"Unknown LSMS ablation {name!r}; choose one of {sorted(ABLATIONS)}.")
+        return dataclasses.replace(self, **ABLATIONS[name])
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-safe dictionary (tuples become lists)."""
+        return {field.name: _json_safe(getattr(self, field.name)) for field in dataclasses.fields(self)}
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any]) -> LSMSConfig:
+        """Inverse of to_dict; missing keys take their defaults, unknown keys are an error (likely a typo)."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"Unknown LSMS setting(s) {unknown}; valid keys are {sorted(known)}. Remove or rename "
+                             f"them in the plans/checkpoint 'lsms' entry.")
+        converted = {key: tuple(value) if isinstance(value, list) else value for key, value in values.items()}
+        return cls(**converted)
+
+
+def _json_safe(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,87 @@
+"""Vision-language contrastive loss: pull the referred voxels towards their sentence, push the rest away.
+
+Added (weighted by LSMSConfig.contrastive_weight) to nnU-Net's Dice+CE. Two terms, after CRIS and CLIP:
+text-to-voxel contrast inside each image and region-to-sentence InfoNCE across the batch.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lsms_nnunet.network.config import LSMSConfig
+
+
+class VisionLanguageContrastiveLoss(nn.Module):
+    """Weighted sum of a class-balanced text-to-voxel BCE and a region-to-sentence InfoNCE; always finite.
+
+    Every voxel takes part in the text-to-voxel term: its cost is one dot product per voxel, less than producing
+    the embedding it reads, so subsampling would save no memory (the gradient w.r.t. the embedding is dense anyway)
+    and would only add noise. Computed in float32 so mixed-precision training does not overflow the logits.
+    """
+
+    def __init__(self, config: LSMSConfig):
+        super().__init__()
+        if not config.contrastive:
+            raise ValueError("LSMSConfig.contrastive is False, so the network has no projection heads; do not "
+                             "build the contrastive loss for this configuration.")
+        self.weight = config.contrastive_weight
+
+    def forward(self, voxel_embedding: torch.Tensor, sentence_embedding: torch.Tensor, target: torch.Tensor,
+                logit_scale: torch.Tensor, text_keys: Sequence[str] | None = None) -> torch.Tensor:
+        """voxel_embedding [B, D, *spatial] and sentence_embedding [B, D] (both L2-normalised), target [B, 1,
+        *spatial] (> 0 = referred voxel), logit_scale a scalar, text_keys one key per sample (samples with equal
+        keys say the same thing, so they are not negatives for each other)."""
+        batch, dim = voxel_embedding.shape[:2]
+        if sentence_embedding.shape != (batch, dim):
+            raise ValueError(f"sentence_embedding must be [{batch}, {dim}] to match voxel_embedding "
+                             f"{list(voxel_embedding.shape)}, got {list(sentence_embedding.shape)}.")
+        if target.shape != (batch, 1, *voxel_embedding.shape[2:]):
+            raise ValueError(f"target must be [{batch}, 1, {', '.join(map(str, voxel_embedding.shape[2:]))}] "
+                             f"(the highest-resolution target), got {list(target.shape)}.")
+        if text_keys is not None and len(text_keys) != batch:
+            raise ValueError(f"text_keys needs one key per sample ({batch}), got {len(text_keys)}.")
+        voxels = voxel_embedding.float().flatten(2)
+        sentences = sentence_embedding.float()
+        referred = (target > 0).flatten(1)
+        scale = logit_scale.float()
+        voxel_logits = scale * torch.einsum("bdn,bd->bn", voxels, sentences)
+        text_to_voxel = _class_balanced_bce(voxel_logits, referred)
+        region_to_sentence = _region_to_sentence_infonce(voxels, sentences, referred, scale, text_keys)
+        if region_to_sentence is None:
+            return self.weight * text_to_voxel
+        return self.weight * (text_to_voxel + region_to_sentence)
+
+
+def _class_balanced_bce(logits: torch.Tensor, referred: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over referred voxels and over the other voxels, averaged, so tiny lesions weigh as much as
+    background; an image with no referred voxel contributes its negative term only."""
+    bce = F.binary_cross_entropy_with_logits(logits, referred.float(), reduction="none")
+    positives = referred.sum(dim=1)
+    negatives = (~referred).sum(dim=1)
+    positive_loss = (bce * referred).sum(dim=1) / positives.clamp(min=1)
+    negative_loss = (bce * ~referred).sum(dim=1) / negatives.clamp(min=1)
+    present_terms = (positives > 0).float() + (negatives > 0).float()
+    return ((positive_loss + negative_loss) / present_terms.clamp(min=1)).mean()
+
+
+def _region_to_sentence_infonce(voxels: torch.Tensor, sentences: torch.Tensor, referred: torch.Tensor,
+                                scale: torch.Tensor, text_keys: Sequence[str] | None) -> torch.Tensor | None:
+    """Each non-empty referred region picks its own sentence among the batch's sentences; None when fewer than
+    two samples have a referred region (no contrast to learn from)."""
+    has_region = referred.any(dim=1)
+    rows = has_region.nonzero().squeeze(1)
+    if rows.numel() < 2:
+        return None
+    region_mask = referred[rows].unsqueeze(1).float()
+    regions = (voxels[rows] * region_mask).sum(dim=2) / region_mask.sum(dim=2)
+    logits = scale * F.normalize(regions, dim=1) @ sentences.T
+    if text_keys is not None:
+        row_keys = [text_keys[i] for i in rows.tolist()]
+        same_text = torch.tensor([[row_key == key for key in text_keys] for row_key in row_keys],
+                                 device=logits.device)
+        own_sentence = F.one_hot(rows, num_classes=sentences.shape[0]).bool()
+        logits = logits.masked_fill(same_text & ~own_sentence, float("-inf"))
+    return F.cross_entropy(logits, rows)

@@ -1,0 +1,47 @@
+"""Shared fixtures: nnU-Net folders in a temporary directory, fast single-process settings, no network."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+FAST_NNUNET_ENV = {
+    "nnUNet_def_n_proc": "1",   # nnU-Net's default worker pools cost tens of seconds on 2 cores
+    "nnUNet_compile": "0",
+    "HF_HUB_OFFLINE": "1",      # prove that nothing needs the internet
+    "TRANSFORMERS_OFFLINE": "1",
+    "OMP_NUM_THREADS": "2",
+}
+
+
+@pytest.fixture(scope="session")
+def nnunet_dirs(tmp_path_factory) -> dict:
+    """nnUNet_raw / _preprocessed / _results and a text cache, set in os.environ for in-process calls too."""
+    root = tmp_path_factory.mktemp("nnunet")
+    env = {name: str(root / name) for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results")}
+    env["LSMS_TEXT_CACHE"] = str(root / "text_cache")
+    for folder in env.values():
+        Path(folder).mkdir()
+    env.update(FAST_NNUNET_ENV)
+    os.environ.update(env)
+    return env
+
+
+def run_command(args: list, env: dict, timeout: int = 900, **extra_env) -> subprocess.CompletedProcess:
+    """Run an installed console script the way a user would; fail with its output if it fails."""
+    executable = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
+    result = subprocess.run([executable, *map(str, args[1:])], env={**os.environ, **env, **extra_env},
+                            capture_output=True, text=True, timeout=timeout)
+    if result.returncode != 0:
+        raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
+                             f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
+    return result
+
+
+@pytest.fixture(scope="session")
+def run(nnunet_dirs):
+    def _run(*args, timeout: int = 900, **extra_env):
+        return run_command(list(args), nnunet_dirs, timeout=timeout, **extra_env)
+    return _run

@@ -1,0 +1,57 @@
+"""(case, prompt) sampling on top of nnU-Net's loader: referred-region oversampling, lazy binarisation, text tensors."""
+import numpy as np
+import torch
+
+from nnunetv2.utilities.label_handling.label_handling import LabelManager
+
+from lsms_nnunet.preprocessing.prompts import Prompt
+from lsms_nnunet.training.dataloading import LSMSDataLoader, ReferredSegmentation, TextEmbeddingBank
+
+
+class _FakeDataset:
+    """The part of nnU-Net's dataset API the loader uses: identifiers and load_case."""
+
+    def __init__(self, seg: np.ndarray):
+        self.identifiers = ["case"]
+        self.seg = seg
+
+    def load_case(self, identifier):
+        locations = {r: np.argwhere(self.seg == r) for r in (1, 2)}
+        data = np.random.rand(1, *self.seg.shape[1:]).astype(np.float32)
+        return data, self.seg, None, {"class_locations": locations}
+
+
+def _region_map() -> np.ndarray:
+    seg = np.zeros((1, 1, 64, 64), dtype=np.int16)
+    seg[0, 0, 2:6, 2:6] = 1        # region 1 top-left
+    seg[0, 0, 56:60, 56:60] = 2    # region 2 bottom-right
+    seg[0, 0, 0, :] = -1           # nnU-Net's outside-of-mask marker
+    return seg
+
+
+def test_referred_segmentation_binarises_only_the_crop():
+    view = ReferredSegmentation(_region_map(), [2])
+    crop = view[(slice(None), slice(None), slice(0, 64), slice(50, 64))]
+    assert crop.shape == (1, 1, 64, 14)
+    assert crop.sum() == 16 - 14  # the 4x4 region 2 minus the -1 row (14 columns of -1)
+    assert (crop[0, 0, 0] == -1).all()
+    assert (view[:][0, 0, 2:6, 2:6] == 0).all()  # region 1 is not referred
+
+
+def test_loader_oversamples_the_referred_region_and_carries_text():
+    texts = ["the lesion at the bottom right", "the lesion at the top left"]
+    prompts = {"case": [Prompt((texts[0],), (2,), "case-e0")]}
+    bank = TextEmbeddingBank({t: (np.full((4, 8), i, np.float32), np.array([1, 1, 0, 0], bool), np.zeros(8))
+                              for i, t in enumerate(texts)})
+    loader = LSMSDataLoader(_FakeDataset(_region_map()), 4, (16, 16), (16, 16),
+                            LabelManager({"background": 0, "target": 1}, None), prompts_by_case=prompts,
+                            text_bank=bank, oversample_foreground_percent=1.0)
+    batch = loader.generate_train_batch()
+    assert batch["data"].shape == (4, 1, 16, 16)
+    assert batch["target"].shape == (4, 1, 16, 16)
+    assert batch["text_keys"] == [texts[0]] * 4
+    assert torch.equal(batch["text_tokens"], torch.zeros(4, 4, 8))
+    assert batch["text_mask"].dtype == torch.bool
+    # every sample is forced onto the referred region (id 2), which is binarised to 1; region 1 never shows up
+    assert all((batch["target"][i] == 1).any() for i in range(4))
+    assert set(torch.unique(batch["target"]).tolist()) <= {-1, 0, 1}

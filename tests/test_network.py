@@ -1,0 +1,401 @@
+"""LSMS network and contrastive loss, built from architecture blocks in the exact nnU-Net plans format."""
+import dataclasses
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.residual import BasicBlockD
+from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
+from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
+from nnunetv2.training.loss.deep_supervision import DeepSupervisionWrapper
+from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
+from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
+from torch import nn
+
+from lsms_nnunet.network import (ABLATIONS, DepthwiseStripConv, FullScaleDecoder, LSMSConfig, LSMSNet,
+                                 VisionLanguageContrastiveLoss, build_lsms_network)
+
+TINY = LSMSConfig(text_dim=16, max_tokens=6, attention_dim=8, num_heads=2, contrastive_dim=8,
+                  fsd_channels_per_scale=4)
+NUM_TOKENS = 6
+
+
+def plans_architecture(dim: int, residual: bool, conv_bias: bool = True) -> dict:
+    """A plans 'architecture' block as nnU-Net writes it: 2D 32x32 isotropic, or 3D 16^3 with anisotropic strides."""
+    if dim == 2:
+        n_stages, features = 4, [4, 8, 16, 32]
+        kernels = [[3, 3]] * 4
+        strides = [[1, 1], [2, 2], [2, 2], [2, 2]]
+    else:
+        n_stages, features = 3, [4, 8, 16]
+        kernels = [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+        strides = [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    arch_kwargs = {"n_stages": n_stages, "features_per_stage": features,
+                   "conv_op": f"torch.nn.modules.conv.Conv{dim}d", "kernel_sizes": kernels, "strides": strides}
+    if residual:
+        arch_kwargs["n_blocks_per_stage"] = [1, 2, 2, 2][:n_stages]
+    else:
+        arch_kwargs["n_conv_per_stage"] = [2] * n_stages
+    arch_kwargs.update({
+        "n_conv_per_stage_decoder": [1] * (n_stages - 1), "conv_bias": conv_bias,
+        "norm_op": f"torch.nn.modules.instancenorm.InstanceNorm{dim}d",
+        "norm_op_kwargs": {"eps": 1e-05, "affine": True}, "dropout_op": None, "dropout_op_kwargs": None,
+        "nonlin": "torch.nn.LeakyReLU", "nonlin_kwargs": {"inplace": True},
+    })
+    name = "ResidualEncoderUNet" if residual else "PlainConvUNet"
+    return {"network_class_name": f"dynamic_network_architectures.architectures.unet.{name}",
+            "arch_kwargs": arch_kwargs, "_kw_requires_import": ["conv_op", "norm_op", "dropout_op", "nonlin"]}
+
+
+def patch_shape(dim: int) -> tuple[int, ...]:
+    return (32, 32) if dim == 2 else (16, 16, 16)
+
+
+def build(architecture: dict, deep_supervision: bool = True, config: LSMSConfig = TINY) -> LSMSNet:
+    return build_lsms_network(architecture["network_class_name"], architecture["arch_kwargs"],
+                              architecture["_kw_requires_import"], 1, 2, deep_supervision, config)
+
+
+def random_text(batch: int, seed: int, real_tokens: tuple[int, ...] = ()) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    tokens = torch.randn(batch, NUM_TOKENS, TINY.text_dim, generator=generator)
+    mask = torch.zeros(batch, NUM_TOKENS, dtype=torch.bool)
+    for row in range(batch):
+        mask[row, :real_tokens[row] if real_tokens else NUM_TOKENS] = True
+    return tokens, mask
+
+
+def image(dim: int, batch: int = 2, seed: int = 0) -> torch.Tensor:
+    return torch.randn(batch, 1, *patch_shape(dim), generator=torch.Generator().manual_seed(seed))
+
+
+ARCHITECTURES = [pytest.param(2, False, id="2d-plain"), pytest.param(2, True, id="2d-resenc"),
+                 pytest.param(3, False, id="3d-plain-anisotropic"), pytest.param(3, True, id="3d-resenc-anisotropic")]
+
+
+# --- configuration ---------------------------------------------------------------------------------------------
+
+def test_config_round_trips_through_json():
+    config = LSMSConfig(svla_stages=(1, 3), decoder="unet", contrastive_weight=0.5, strip_kernel_sizes=(3, 9))
+    restored = LSMSConfig.from_dict(json.loads(json.dumps(config.to_dict())))
+    assert restored == config
+    assert LSMSConfig.from_dict({}) == LSMSConfig()
+
+
+def test_config_rejects_unknown_keys_and_bad_values():
+    with pytest.raises(ValueError, match="svla_stage"):
+        LSMSConfig.from_dict({"svla_stage": [1]})
+    with pytest.raises(ValueError, match="divisible"):
+        LSMSConfig(attention_dim=10, num_heads=4)
+    with pytest.raises(ValueError, match="odd"):
+        LSMSConfig(strip_kernel_sizes=(7, 10))
+    with pytest.raises(ValueError, match="decoder"):
+        LSMSConfig(decoder="unet3+")
+    with pytest.raises(ValueError, match="contrastive"):
+        LSMSConfig.from_dict({"contrastive": "yes"})
+
+
+def test_ablations_switch_exactly_their_flag():
+    expected_changes = {"full": {}, "no_visual": {"visual_branch": False}, "no_language": {"language_branch": False},
+                        "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False}}
+    assert set(ABLATIONS) == set(expected_changes)
+    for name, changes in expected_changes.items():
+        ablated = TINY.with_ablation(name).to_dict()
+        assert {key: value for key, value in ablated.items() if TINY.to_dict()[key] != value} == changes
+    with pytest.raises(ValueError, match="no_svla"):
+        TINY.with_ablation("no_svla")
+
+
+def test_svla_stages_default_to_all_but_the_first():
+    assert LSMSConfig().svla_stage_indices(5) == (1, 2, 3, 4)
+    assert LSMSConfig(svla_stages=(2, 0)).svla_stage_indices(5) == (0, 2)
+    assert LSMSConfig(visual_branch=False, language_branch=False).svla_stage_indices(5) == ()
+    with pytest.raises(ValueError, match="beyond"):
+        LSMSConfig(svla_stages=(5,)).svla_stage_indices(5)
+
+
+# --- network outputs -------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("decoder", ["fsd", "unet"])
+@pytest.mark.parametrize("dim, residual", ARCHITECTURES)
+def test_outputs_have_nnunet_deep_supervision_shapes(dim, residual, decoder):
+    architecture = plans_architecture(dim, residual)
+    stock = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                   architecture["_kw_requires_import"], 1, 2, deep_supervision=True)
+    x = image(dim)
+    expected = [tuple(o.shape) for o in stock(x)]
+    assert len(expected) == architecture["arch_kwargs"]["n_stages"] - 1
+
+    network = build(architecture, config=dataclasses.replace(TINY, decoder=decoder))
+    assert isinstance(network.decoder, FullScaleDecoder if decoder == "fsd" else UNetDecoder)
+    logits, aux = network(x, *random_text(2, 0), return_aux=True)
+    assert [tuple(o.shape) for o in logits] == expected
+    assert aux["voxel_embedding"].shape == (2, TINY.contrastive_dim, *patch_shape(dim))
+    assert aux["sentence_embedding"].shape == (2, TINY.contrastive_dim)
+    assert torch.allclose(aux["voxel_embedding"].norm(dim=1), torch.ones(1), atol=1e-5)
+    assert torch.allclose(aux["sentence_embedding"].norm(dim=1), torch.ones(1), atol=1e-5)
+    assert aux["logit_scale"].ndim == 0 and 1 <= aux["logit_scale"].item() <= 100
+
+
+@pytest.mark.parametrize("decoder", ["fsd", "unet"])
+def test_deep_supervision_can_be_toggled_like_nnunet(decoder):
+    network = build(plans_architecture(2, False), deep_supervision=True,
+                    config=dataclasses.replace(TINY, decoder=decoder))
+    x, text = image(2), random_text(2, 0)
+    assert isinstance(network(x, *text), list)
+    network.decoder.deep_supervision = False  # what nnUNetTrainer.set_deep_supervision_enabled does
+    single = network(x, *text)
+    assert isinstance(single, torch.Tensor) and single.shape == (2, 2, 32, 32)
+    network.decoder.deep_supervision = True
+    assert len(network(x, *text)) == 3
+
+
+def test_network_without_deep_supervision_returns_one_tensor():
+    network = build(plans_architecture(3, True), deep_supervision=False)
+    assert network(image(3), *random_text(2, 0)).shape == (2, 2, 16, 16, 16)
+
+
+def test_different_texts_give_different_outputs():
+    network = build(plans_architecture(2, False)).eval()
+    x = image(2)
+    with torch.no_grad():
+        first = network(x, *random_text(2, 0))[0]
+        second = network(x, *random_text(2, 1))[0]
+    assert not torch.allclose(first, second)
+
+
+def test_padding_tokens_do_not_influence_the_output():
+    network = build(plans_architecture(2, False)).eval()
+    x = image(2)
+    tokens, mask = random_text(2, 0, real_tokens=(3, 0))
+    altered = tokens.clone()
+    altered[0, 3:] = 100.0  # padding of a partly filled row
+    altered[1] = -100.0  # a row that is all padding
+    with torch.no_grad():
+        reference, reference_aux = network(x, tokens, mask, return_aux=True)
+        changed, changed_aux = network(x, altered, mask, return_aux=True)
+    for a, b in zip(reference, changed):
+        assert torch.isfinite(a).all()
+        assert torch.allclose(a, b, atol=1e-6)
+    assert torch.isfinite(reference_aux["sentence_embedding"]).all()
+    assert torch.allclose(reference_aux["sentence_embedding"], changed_aux["sentence_embedding"], atol=1e-6)
+
+
+def test_one_text_is_broadcast_to_every_image():
+    network = build(plans_architecture(2, False)).eval()
+    x = image(2, batch=3)
+    tokens, mask = random_text(1, 0)
+    with torch.no_grad():
+        broadcast = network(x, tokens, mask)[0]
+        explicit = network(x, tokens.expand(3, -1, -1), mask.expand(3, -1))[0]
+    assert torch.equal(broadcast, explicit)
+    with pytest.raises(ValueError, match="2 texts for 3 images"):
+        network(x, *random_text(2, 0))
+
+
+def test_bad_text_inputs_are_rejected_clearly():
+    network = build(plans_architecture(2, False))
+    tokens, mask = random_text(2, 0)
+    with pytest.raises(ValueError, match="text_dim"):
+        network(image(2), tokens[..., :8], mask)
+    with pytest.raises(ValueError, match="bool"):
+        network(image(2), tokens, mask.float())
+
+
+@pytest.mark.parametrize("dim, residual", [ARCHITECTURES[0], ARCHITECTURES[3]])
+@pytest.mark.parametrize("ablation", sorted(ABLATIONS))
+def test_every_ablation_builds_and_runs(ablation, dim, residual):
+    config = TINY.with_ablation(ablation)
+    network = build(plans_architecture(dim, residual), config=config).eval()
+    x = image(dim)
+    with torch.no_grad():
+        first = network(x, *random_text(2, 0))
+        second = network(x, *random_text(2, 1))
+    assert len(first) == len(plans_architecture(dim, residual)["arch_kwargs"]["features_per_stage"]) - 1
+    text_matters = not torch.allclose(first[0], second[0])
+    assert text_matters == config.language_branch
+    assert all(block.visual is not None for block in network.svla.values()) == config.visual_branch
+    if config.contrastive:
+        assert set(network(x, *random_text(2, 0), return_aux=True)[1]) == {
+            "voxel_embedding", "sentence_embedding", "logit_scale"}
+    else:
+        with pytest.raises(ValueError, match="contrastive"):
+            network(x, *random_text(2, 0), return_aux=True)
+
+
+def test_unsupported_architecture_is_named_in_the_error():
+    architecture = plans_architecture(2, True)
+    with pytest.raises(ValueError, match="ResidualUNet"):
+        build_lsms_network("dynamic_network_architectures.architectures.unet.ResidualUNet",
+                           architecture["arch_kwargs"], architecture["_kw_requires_import"], 1, 2, True, TINY)
+
+
+def test_new_modules_get_he_init_and_the_encoder_keeps_nnunet_init():
+    network = build(plans_architecture(2, True))
+    zeroed_norms = [block.conv2.norm.weight for block in network.encoder.modules() if isinstance(block, BasicBlockD)]
+    assert zeroed_norms and all(torch.all(weight == 0) for weight in zeroed_norms)  # init_last_bn_before_add_to_0
+    decoder_biases = [m.bias for m in network.decoder.modules() if isinstance(m, nn.Conv2d) and m.bias is not None]
+    assert decoder_biases and all(torch.all(bias == 0) for bias in decoder_biases)  # InitWeights_He zeroes biases
+
+
+# --- gradients -------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim, residual", ARCHITECTURES)
+def test_every_parameter_gets_gradient_from_segmentation_plus_contrastive_loss(dim, residual):
+    # Without conv biases: a bias right before an InstanceNorm has a structurally zero gradient (nnU-Net's too).
+    network = build(plans_architecture(dim, residual, conv_bias=False))
+    if residual:  # nnU-Net zero-inits the last norm of each residual block, which blocks that branch at step 0
+        for block in network.encoder.modules():
+            if isinstance(block, BasicBlockD):
+                nn.init.ones_(block.conv2.norm.weight)
+    x = image(dim)
+    target = torch.zeros(2, 1, *patch_shape(dim))
+    target[0, :, 2:9, 3:10] = 1
+    target[1, :, 8:14, 1:6] = 1
+    logits, aux = network(x, *random_text(2, 0, real_tokens=(6, 4)), return_aux=True)
+    targets = [F.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in logits]
+    segmentation_loss = DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": False, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                       dice_class=MemoryEfficientSoftDiceLoss),
+        [1 / 2 ** i for i in range(len(logits))])
+    contrastive_loss = VisionLanguageContrastiveLoss(TINY)
+    loss = segmentation_loss(logits, targets) + contrastive_loss(
+        aux["voxel_embedding"], aux["sentence_embedding"], target, aux["logit_scale"], ["a", "b"])
+    loss.backward()
+    without_gradient = [name for name, parameter in network.named_parameters()
+                        if parameter.grad is None or not parameter.grad.abs().sum() > 0]
+    assert without_gradient == []
+
+
+def test_highest_resolution_features_survive_torch_compile():
+    # nnU-Net compiles the network on GPU; the contrastive features come from a forward hook that must be traced.
+    network = build(plans_architecture(2, False)).eval()
+    x, text = image(2), random_text(2, 0)
+    with torch.no_grad():
+        _, eager = network(x, *text, return_aux=True)
+        _, compiled = torch.compile(network, backend="aot_eager")(x, *text, return_aux=True)
+    assert torch.allclose(eager["voxel_embedding"], compiled["voxel_embedding"], atol=1e-4)
+
+
+# --- SVLA building blocks --------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("dim, axis, size", [(2, 0, 4), (2, 1, 3), (3, 2, 5), (3, 0, 1)])
+def test_strip_clipped_to_the_map_equals_the_full_strip(dim, axis, size):
+    conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
+    strip = DepthwiseStripConv(conv_op, channels=3, length=21, axis=axis)
+    shape = [6] * dim
+    shape[axis] = size
+    x = torch.randn(2, 3, *shape, requires_grad=True)
+    clipped = strip(x)
+    full = strip.conv(x)  # the unclipped 21-tap strip with 'same' zero padding
+    assert clipped.shape == x.shape
+    assert torch.allclose(clipped, full, atol=1e-6)
+    (clipped_grad,) = torch.autograd.grad(clipped.square().sum(), strip.conv.weight)
+    (full_grad,) = torch.autograd.grad(full.square().sum(), strip.conv.weight)
+    assert torch.allclose(clipped_grad, full_grad, atol=1e-5)
+
+
+# --- memory estimate -------------------------------------------------------------------------------------------
+
+def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_otherwise():
+    architecture = plans_architecture(3, False)
+    stock = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
+                                   architecture["_kw_requires_import"], 1, 2, deep_supervision=True)
+    size = patch_shape(3)
+    bare = build(architecture, config=dataclasses.replace(TINY, svla_stages=(), decoder="unet", contrastive=False))
+    assert bare.compute_conv_feature_map_size(size) == stock.compute_conv_feature_map_size(size)
+
+    def estimate(config: LSMSConfig) -> int:
+        return build(architecture, config=config).compute_conv_feature_map_size(size)
+
+    full = estimate(TINY)
+    more_tokens = estimate(dataclasses.replace(TINY, max_tokens=64))
+    no_language = estimate(TINY.with_ablation("no_language"))
+    unet = estimate(TINY.with_ablation("unet_decoder"))
+    stage_one_voxels = 16 * 8 * 8  # SVLA stage 1 of the anisotropic 16^3 patch
+    heads = TINY.num_heads
+    assert more_tokens - full >= heads * (64 - TINY.max_tokens) * stage_one_voxels  # attention maps
+    assert no_language < full
+    assert unet < full  # the full-scale fusion stores more than the U-Net decoder
+    assert full > stock.compute_conv_feature_map_size(size)
+
+
+# --- contrastive loss ------------------------------------------------------------------------------------------
+
+def embeddings(batch: int, voxels: tuple[int, ...], seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    voxel = F.normalize(torch.randn(batch, 8, *voxels, generator=generator), dim=1).requires_grad_()
+    sentence = F.normalize(torch.randn(batch, 8, generator=generator), dim=1).requires_grad_()
+    return voxel, sentence
+
+
+def test_contrastive_loss_is_class_balanced():
+    # One sentence; one referred voxel orthogonal to it (BCE log 2), 63 others opposite to it (BCE ~ 0).
+    sentence = F.normalize(torch.randn(1, 8), dim=1)
+    other = torch.randn(8)
+    orthogonal = F.normalize(other - (other @ sentence[0]) * sentence[0], dim=0)
+    voxel = (-sentence[0])[None, :, None].repeat(1, 1, 64)
+    voxel[0, :, 0] = orthogonal
+    target = torch.zeros(1, 1, 64)
+    target[0, 0, 0] = 1
+    scale = torch.tensor(20.0)
+    loss = VisionLanguageContrastiveLoss(TINY)(voxel, sentence, target, scale)
+    expected = TINY.contrastive_weight * (math.log(2) + F.softplus(-scale).item()) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-4)
+
+
+def test_contrastive_loss_prefers_aligned_embeddings():
+    sentence = F.normalize(torch.randn(2, 8), dim=1)
+    target = torch.zeros(2, 1, 4, 4)
+    target[:, :, :2] = 1
+    aligned = torch.where(target.bool(), sentence[:, :, None, None], -sentence[:, :, None, None])
+    voxel, _ = embeddings(2, (4, 4))
+    loss = VisionLanguageContrastiveLoss(TINY)
+    scale = torch.tensor(10.0)
+    assert loss(aligned, sentence, target, scale, ["a", "b"]) < loss(voxel, sentence, target, scale, ["a", "b"])
+
+
+def test_same_text_keys_are_not_negatives():
+    voxel, sentence = embeddings(2, (4, 4))
+    target = torch.ones(2, 1, 4, 4)
+    loss = VisionLanguageContrastiveLoss(TINY)
+    scale = torch.tensor(10.0)
+    same = loss(voxel, sentence, target, scale, ["liver lesion", "liver lesion"])
+    distinct = loss(voxel, sentence, target, scale, ["liver lesion", "kidney cyst"])
+    single = loss(voxel[:1], sentence[:1], target[:1], scale) + loss(voxel[1:], sentence[1:], target[1:], scale)
+    assert same.item() == pytest.approx(single.item() / 2, rel=1e-5)  # InfoNCE term is exactly zero
+    assert distinct > same
+
+
+@pytest.mark.parametrize("case", ["empty_targets", "one_valid_sample", "zero_sentence", "zero_weight"])
+def test_contrastive_loss_is_finite_with_gradient_in_degenerate_cases(case):
+    voxel, sentence = embeddings(3, (4, 4, 4))
+    target = torch.zeros(3, 1, 4, 4, 4)
+    config = TINY
+    if case == "one_valid_sample":
+        target[1, :, 1:3] = 1
+    if case == "zero_sentence":  # what an all-padding text row yields
+        target[:, :, :2] = 1
+        sentence = torch.zeros(3, 8, requires_grad=True)
+    if case == "zero_weight":
+        config = dataclasses.replace(TINY, contrastive_weight=0.0)
+    scale = torch.tensor(14.0, requires_grad=True)
+    loss = VisionLanguageContrastiveLoss(config)(voxel, sentence, target, scale, None)
+    assert torch.isfinite(loss)
+    loss.backward()
+    assert torch.isfinite(voxel.grad).all() and torch.isfinite(scale.grad)
+    if case == "zero_weight":
+        assert loss.item() == 0
+
+
+def test_contrastive_loss_rejects_mismatched_inputs():
+    voxel, sentence = embeddings(2, (4, 4))
+    loss = VisionLanguageContrastiveLoss(TINY)
+    with pytest.raises(ValueError, match="target"):
+        loss(voxel, sentence, torch.zeros(2, 1, 8, 8), torch.tensor(1.0))
+    with pytest.raises(ValueError, match="text_keys"):
+        loss(voxel, sentence, torch.zeros(2, 1, 4, 4), torch.tensor(1.0), ["a"])
+    with pytest.raises(ValueError, match="contrastive"):
+        VisionLanguageContrastiveLoss(TINY.with_ablation("no_contrastive"))

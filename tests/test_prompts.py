@@ -1,0 +1,101 @@
+"""Prompt sets: referring expressions validated against region maps, plain-task label prompts and their errors."""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lsms_nnunet.preprocessing.prompts import (PLAIN, REFERRING, PromptSet, load_prompt_set, read_prompt_set,
+                                               readable_label_name, save_prompt_set)
+from text_conditioning.expressions import ExpressionsError
+
+
+def _write_dataset(folder: Path, labels: dict, region_maps: dict, expressions: list | None = None,
+                   prompt_table: dict | None = None) -> Path:
+    (folder / "labelsTr").mkdir(parents=True)
+    (folder / "imagesTr").mkdir()
+    for case, array in region_maps.items():
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.uint8)), str(folder / "labelsTr" / f"{case}.nii.gz"))
+        sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)),
+                        str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
+    (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels,
+                                                     "numTraining": len(region_maps), "file_ending": ".nii.gz"}))
+    if expressions is not None:
+        (folder / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1,
+                                                             "expressions": expressions}))
+    if prompt_table is not None:
+        (folder / "prompts.json").write_text(json.dumps(prompt_table))
+    return folder
+
+
+def _two_region_map() -> np.ndarray:
+    region_map = np.zeros((8, 8), dtype=np.uint8)
+    region_map[1:3, 1:3] = 1
+    region_map[5:7, 5:7] = 2
+    return region_map
+
+
+def test_referring_prompts_are_validated_against_region_maps(tmp_path):
+    expressions = [{"id": "a-e0", "case": "a", "text": "the left lesion", "targets": [1]},
+                   {"id": "a-e1", "case": "a", "text": "nothing here", "targets": []}]
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "region_1": 1, "region_2": 2},
+                            {"a": _two_region_map()}, expressions)
+    prompt_set = load_prompt_set(folder)
+    assert prompt_set.mode == REFERRING
+    assert [p.targets for p in prompt_set.prompts_for_case("a")] == [(1,), ()]
+    assert prompt_set.all_texts() == ["the left lesion", "nothing here"]
+
+
+def test_referring_target_absent_from_region_map_is_rejected(tmp_path):
+    expressions = [{"id": "a-e0", "case": "a", "text": "the third lesion", "targets": [3]}]
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "region_1": 1, "region_2": 2, "region_3": 3},
+                            {"a": _two_region_map()}, expressions)
+    with pytest.raises(ExpressionsError, match=r"a-e0") as error:
+        load_prompt_set(folder)
+    assert "expressions.json" in str(error.value)
+
+
+def test_plain_prompts_from_label_names(tmp_path):
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "liver_tumour": 1, "HepaticVessel": 2},
+                            {"a": _two_region_map()})
+    prompt_set = load_prompt_set(folder)
+    assert prompt_set.mode == PLAIN
+    assert prompt_set.canonical_label_prompts() == [("liver_tumour", 1, "liver tumour"),
+                                                    ("HepaticVessel", 2, "hepatic vessel")]
+    assert [p.targets for p in prompt_set.prompts_for_case("any")] == [(1,), (2,)]
+
+
+def test_plain_label_without_usable_name_needs_a_prompt_table(tmp_path):
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "label_1": 1}, {"a": _two_region_map()})
+    with pytest.raises(ValueError, match=r"label 'label_1' \(value 1\) has no usable name.*prompt table"):
+        load_prompt_set(folder)
+
+
+def test_prompt_table_supplies_phrasings_and_rejects_unknown_labels(tmp_path):
+    table = {"format": "lsms-prompts", "version": 1, "labels": {"label_1": ["the tumour", "the liver lesion"]}}
+    folder = _write_dataset(tmp_path / "ok", {"background": 0, "label_1": 1}, {"a": _two_region_map()},
+                            prompt_table=table)
+    assert load_prompt_set(folder).label_prompts == (("label_1", 1, ("the tumour", "the liver lesion")),)
+
+    table["labels"]["kidney"] = ["the kidney"]
+    folder = _write_dataset(tmp_path / "bad", {"background": 0, "label_1": 1}, {"a": _two_region_map()},
+                            prompt_table=table)
+    with pytest.raises(ValueError, match=r"prompts.json: labels \['kidney'\] are not foreground labels"):
+        load_prompt_set(folder)
+
+
+def test_readable_label_names():
+    assert readable_label_name("liver") == "liver"
+    assert readable_label_name("left_kidney") == "left kidney"
+    assert readable_label_name("region_3") is None
+    assert readable_label_name("1") is None
+
+
+def test_prompt_set_round_trip_and_missing_step_message(tmp_path):
+    prompt_set = PromptSet(PLAIN, label_prompts=(("liver", 1, ("liver", "the liver")),))
+    save_prompt_set(prompt_set, {"name": "x", "sha256": "0" * 64, "dim": 8, "max_tokens": 4}, tmp_path / "lsms_text")
+    loaded, encoder = read_prompt_set(tmp_path / "lsms_text")
+    assert loaded == prompt_set and encoder["dim"] == 8
+    with pytest.raises(FileNotFoundError, match="LSMSv2_encode_text"):
+        read_prompt_set(tmp_path / "elsewhere" / "lsms_text")

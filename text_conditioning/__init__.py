@@ -1,0 +1,1 @@
+"""Text side of LSMS: the expressions file, frozen text encoders and their on-disk embedding cache."""
