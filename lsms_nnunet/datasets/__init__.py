@@ -1,0 +1,1 @@
+"""Datasets for LSMS: the embedded synthetic referring dataset and converters from what users already have."""

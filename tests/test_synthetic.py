@@ -1,0 +1,315 @@
+"""The synthetic referring dataset: nnU-Net-valid files, correct and unambiguous expressions, text that matters."""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+
+from lsms_nnunet.datasets import synthetic
+from lsms_nnunet.datasets.synthetic import (ATTRIBUTE_KINDS, DEFAULT_SHAPES, KINDS, MAX_LESIONS, MIN_SIZE_RATIO,
+                                            PLAIN_LABELS, SPACINGS, generate_case, make_synthetic_dataset,
+                                            make_synthetic_entry)
+from text_conditioning.expressions import load_expressions, validate_against_cases
+
+SHAPE_2D, SHAPE_3D = (64, 64), (16, 32, 32)
+KIND_WORDS = {"cyst": ("cyst",), "hemangioma": ("hemangioma",), "hcc": ("hcc", "hepatocellular carcinoma"),
+              "metastasis": ("metastasis", "metastases", "metastatic")}
+
+
+def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
+    """Array and spacing in array axis order."""
+    image = sitk.ReadImage(str(path))
+    return sitk.GetArrayFromImage(image), tuple(reversed(image.GetSpacing()))
+
+
+@pytest.fixture(scope="module")
+def datasets(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("nnUNet_raw")
+    return {
+        "2d": make_synthetic_dataset(501, dim=2, num_cases=4, num_test_cases=2, seed=3, shape=SHAPE_2D, raw_root=root),
+        "3d": make_synthetic_dataset(502, dim=3, num_cases=3, num_test_cases=1, seed=3, shape=SHAPE_3D, raw_root=root),
+        "plain": make_synthetic_dataset(503, dim=2, num_cases=4, num_test_cases=2, seed=3, shape=SHAPE_2D, plain=True,
+                                        raw_root=root),
+    }
+
+
+@pytest.fixture(scope="module")
+def many_cases() -> list[synthetic.SyntheticCase]:
+    """Enough in-memory cases (default shapes) for statistics over the expressions."""
+    return [generate_case(index, seed=11, dim=dim) for dim in (2, 3) for index in range(30)]
+
+
+def region_maps(folder: Path) -> dict[str, np.ndarray]:
+    maps = {}
+    for split in ("Tr", "Ts"):
+        for path in sorted((folder / f"labels{split}").glob("*.nii.gz")):
+            maps[path.name[:-len(".nii.gz")]] = read_array(path)[0]
+    return maps
+
+
+@pytest.mark.parametrize("key, shape, dim, names", [
+    ("2d", SHAPE_2D, 2, "Dataset501_SynthLiverRLS2D"),
+    ("3d", SHAPE_3D, 3, "Dataset502_SynthLiverRLS3D"),
+])
+def test_files_and_geometry(datasets, key, shape, dim, names):
+    folder = datasets[key]
+    assert folder.name == names
+    dataset_json = json.loads((folder / "dataset.json").read_text())
+    assert dataset_json["channel_names"] == {"0": "CT"}
+    assert dataset_json["file_ending"] == ".nii.gz"
+    assert dataset_json["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)}}
+    assert "synthetic" in dataset_json["description"] and "patient's right" in dataset_json["description"]
+    train_cases = [f"synliver_{index:03d}" for index in range(dataset_json["numTraining"])]
+    assert sorted(path.name for path in (folder / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in train_cases]
+    assert sorted(path.name for path in (folder / "labelsTr").iterdir()) == [f"{c}.nii.gz" for c in train_cases]
+    test_images = sorted(path.name for path in (folder / "imagesTs").glob("*.nii.gz"))
+    assert test_images and all(name.endswith("_0000.nii.gz") for name in test_images)
+    assert len(list((folder / "labelsTs").glob("*.nii.gz"))) == len(test_images)
+    assert (folder / "expressions.json").is_file() and (folder / "imagesTs" / "expressions.json").is_file()
+    assert not [path for path in folder.parent.iterdir() if path.name.startswith(".")], "staging folder left behind"
+    for image_path in (folder / "imagesTr").iterdir():
+        image, spacing = read_array(image_path)
+        labels, label_spacing = read_array(folder / "labelsTr" / image_path.name.replace("_0000", ""))
+        assert image.shape == labels.shape == shape
+        assert spacing == label_spacing == SPACINGS[dim]
+        assert image.dtype == np.int16
+        assert image.min() < -900 and np.percentile(image, 99) > 50  # air and enhanced tissue, in HU
+
+
+def test_region_ids_consecutive_and_targets_exist(datasets):
+    folder = datasets["2d"]
+    maps = region_maps(folder)
+    for expressions_path in (folder / "expressions.json", folder / "imagesTs" / "expressions.json"):
+        expressions = load_expressions(expressions_path)
+        validate_against_cases(expressions, {case: np.unique(m).tolist() for case, m in maps.items()}, expressions_path)
+        for expression in expressions:
+            assert re.fullmatch(rf"{expression.case}-e\d+", expression.id)
+            assert set(expression.targets) <= set(np.unique(maps[expression.case]).tolist()) - {0}
+    for case, region_map in region_maps(datasets["3d"]).items():
+        assert np.unique(region_map).tolist() == list(range(0, int(region_map.max()) + 1))
+        assert 2 <= region_map.max() <= MAX_LESIONS
+
+
+def test_regions_sidecar_describes_the_maps(datasets):
+    folder = datasets["3d"]
+    regions = json.loads((folder / "regions.json").read_text())
+    assert regions["format"] == "lsms-synthetic-regions" and "patient's right" in regions["lobe_convention"]
+    maps = region_maps(folder)
+    assert sorted(regions["cases"]) == sorted(maps)
+    for case, entry in regions["cases"].items():
+        image = read_array(next(folder.glob(f"images*/{case}_0000.nii.gz")))[0]
+        lesions = entry["regions"]
+        assert sorted(int(region) for region in lesions) == list(range(1, int(maps[case].max()) + 1))
+        sizes = []
+        for region, lesion in lesions.items():
+            mask = maps[case] == int(region)
+            assert lesion["kind"] in KINDS and lesion["lobe"] in ("right", "left")
+            assert lesion["size_voxels"] == mask.sum()
+            assert np.allclose(lesion["centre"], np.argwhere(mask).mean(axis=0), atol=0.01)
+            assert lesion["mean_intensity"] == pytest.approx(image[mask].mean(), abs=0.06)
+            sizes.append((lesion["size_rank"], lesion["size_voxels"]))
+        ranked = [size for _, size in sorted(sizes)]
+        assert [rank for rank, _ in sorted(sizes)] == list(range(1, len(sizes) + 1))
+        assert all(larger >= MIN_SIZE_RATIO * smaller for larger, smaller in zip(ranked, ranked[1:]))
+    assert {entry["split"] for entry in regions["cases"].values()} == {"train", "test"}
+
+
+def test_lobe_convention_right_lobe_on_image_left(many_cases):
+    centre_x = {"right": [], "left": []}
+    for case in many_cases:
+        width = case.image.shape[-1]
+        for lesion in case.lesions:
+            centre_x[lesion.lobe].append(lesion.centre[-1] / width)
+    assert np.mean(centre_x["right"]) < 0.4 < np.mean(centre_x["left"])
+
+
+def test_lesion_looks_match_the_attribute_words(many_cases):
+    for case in many_cases:
+        for lesion in case.lesions:
+            if lesion.kind in ATTRIBUTE_KINDS["hypodense"]:
+                assert lesion.mean_intensity < 60, (case.case_id, lesion)
+            if lesion.kind in ATTRIBUTE_KINDS["hyperdense"]:
+                assert lesion.mean_intensity > 60, (case.case_id, lesion)
+            if lesion.kind == "cyst":
+                assert lesion.mean_intensity < 25, (case.case_id, lesion)
+
+
+def test_no_target_expressions_make_about_an_eighth(many_cases):
+    targets = [targets for case in many_cases for _, targets in case.expressions]
+    no_target = sum(1 for target in targets if not target)
+    assert 0.07 < no_target / len(targets) < 0.18
+    assert all(5 <= len(case.expressions) <= 8 for case in many_cases)
+
+
+def test_expressions_are_unambiguous(many_cases):
+    for case in many_cases:
+        texts = [text for text, _ in case.expressions]
+        assert len(set(texts)) == len(texts), case.case_id
+        for text, targets in case.expressions:
+            if text.startswith("the ") and "lesions" not in text:
+                assert len(targets) <= 1, (case.case_id, text, targets)
+
+
+def expected_targets(text: str, lesions: tuple[synthetic.SyntheticLesion, ...]) -> tuple[int, ...]:
+    """An independent reading of the phrase: filter by kind, lobe and attribute words, then apply the size word."""
+    lowered = text.lower()
+    matching = [lesion for lesion in lesions if
+                all(any(word in lowered for word in KIND_WORDS[kind]) <= (lesion.kind == kind) for kind in KINDS)
+                and all((f"{lobe} " in lowered or f"{lobe}-" in lowered) <= (lesion.lobe == lobe)
+                        for lobe in ("right", "left"))
+                and all((adjective in lowered) <= (lesion.kind in kinds)
+                        for adjective, kinds in ATTRIBUTE_KINDS.items())]
+    matching.sort(key=lambda lesion: lesion.size_rank)
+    if "second largest" in lowered:
+        matching = matching[1:2]
+    elif "largest" in lowered or "biggest" in lowered:
+        matching = matching[:1]
+    elif "smallest" in lowered or "tiniest" in lowered:
+        matching = matching[-1:]
+    return tuple(sorted(lesion.region_id for lesion in matching))
+
+
+def test_targets_are_what_the_text_says(many_cases):
+    for case in many_cases:
+        for text, targets in case.expressions:
+            assert targets == expected_targets(text, case.lesions), (case.case_id, text, case.lesions)
+
+
+def test_text_is_necessary(datasets):
+    """A model that ignores the text can at best predict every lesion; that must score a low Dice."""
+    folder = datasets["2d"]
+    maps = region_maps(folder)
+    dice = []
+    for expression in load_expressions(folder / "expressions.json"):
+        all_lesions = maps[expression.case] > 0
+        target = np.isin(maps[expression.case], expression.targets)
+        dice.append(2 * (all_lesions & target).sum() / (all_lesions.sum() + target.sum()))
+    assert np.mean(dice) < 0.7
+    assert any(not expression.targets for expression in load_expressions(folder / "expressions.json"))
+
+
+def test_determinism(datasets, tmp_path):
+    again = make_synthetic_dataset(501, dim=2, num_cases=4, num_test_cases=2, seed=3, shape=SHAPE_2D,
+                                   raw_root=tmp_path)
+    original = datasets["2d"]
+    for path in sorted(original.glob("*s*/*.nii.gz")):
+        assert np.array_equal(read_array(path)[0], read_array(again / path.relative_to(original))[0])
+    for name in ("expressions.json", "imagesTs/expressions.json", "regions.json", "dataset.json"):
+        assert (original / name).read_text() == (again / name).read_text()
+    assert not np.array_equal(generate_case(0, seed=3, shape=SHAPE_2D).image,
+                              generate_case(0, seed=4, shape=SHAPE_2D).image)
+
+
+def test_refuses_to_overwrite_and_replaces_atomically(tmp_path, monkeypatch):
+    first = make_synthetic_dataset(7, num_cases=1, num_test_cases=0, shape=SHAPE_2D, name="First", raw_root=tmp_path)
+    with pytest.raises(FileExistsError, match=r"Dataset007_First.*--overwrite"):
+        make_synthetic_dataset(7, num_cases=1, num_test_cases=0, shape=SHAPE_2D, name="Second", raw_root=tmp_path)
+
+    real_generate_case = synthetic.generate_case
+
+    def fail_on_second_case(case_index, *args, **kwargs):
+        if case_index == 1:
+            raise RuntimeError("interrupted")
+        return real_generate_case(case_index, *args, **kwargs)
+
+    monkeypatch.setattr(synthetic, "generate_case", fail_on_second_case)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        make_synthetic_dataset(7, num_cases=2, num_test_cases=0, shape=SHAPE_2D, name="Second", overwrite=True,
+                               raw_root=tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == [first.name]  # old dataset intact, no half dataset
+    monkeypatch.setattr(synthetic, "generate_case", real_generate_case)
+
+    second = make_synthetic_dataset(7, num_cases=2, num_test_cases=0, shape=SHAPE_2D, name="Second", overwrite=True,
+                                    raw_root=tmp_path)
+    assert [path.name for path in tmp_path.iterdir()] == [second.name] == ["Dataset007_Second"]
+    assert len(list((second / "imagesTr").iterdir())) == 2
+    assert not (second / "imagesTs").exists()
+
+
+@pytest.mark.parametrize("key", ["2d", "3d", "plain"])
+def test_nnunet_integrity_check_passes(datasets, key):
+    verify_dataset_integrity(str(datasets[key]), num_processes=1)
+
+
+def test_plain_mode_labels_are_lesion_kinds(datasets):
+    plain, referring = datasets["plain"], datasets["2d"]
+    dataset_json = json.loads((plain / "dataset.json").read_text())
+    assert plain.name == "Dataset503_SynthLiverLesions2D"
+    assert dataset_json["labels"] == PLAIN_LABELS == {"background": 0, "cyst": 1, "hemangioma": 2, "hcc": 3,
+                                                      "metastasis": 4}
+    assert not list(plain.rglob("expressions.json")) and not (plain / "regions.json").exists()
+    regions = json.loads((referring / "regions.json").read_text())["cases"]
+    for path in sorted(plain.glob("labels*/*.nii.gz")):
+        relative = path.relative_to(plain)
+        region_map = read_array(referring / relative)[0]
+        kind_of_region = np.zeros(MAX_LESIONS + 1, dtype=np.uint8)
+        for region, lesion in regions[path.name[:-len(".nii.gz")]]["regions"].items():
+            kind_of_region[int(region)] = PLAIN_LABELS[lesion["kind"]]
+        assert np.array_equal(read_array(path)[0], kind_of_region[region_map])
+    image_path = next(plain.glob("imagesTs/*.nii.gz"))
+    assert np.array_equal(read_array(image_path)[0], read_array(referring / image_path.relative_to(plain))[0])
+
+
+def test_case_generation_is_fast():
+    for dim in (2, 3):
+        start = time.perf_counter()
+        for index in range(3):
+            generate_case(index, dim=dim, shape=DEFAULT_SHAPES[dim])
+        assert (time.perf_counter() - start) / 3 < 0.5
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"dataset_id": 0}, "from 1 to 999"),
+    ({"dataset_id": 1, "dim": 4}, "--dim 2 or --dim 3"),
+    ({"dataset_id": 1, "shape": (32, 32, 32)}, "give 2 sizes"),
+    ({"dataset_id": 1, "shape": (8, 64)}, ">= 16"),
+    ({"dataset_id": 1, "num_cases": 0}, "--cases >= 1"),
+    ({"dataset_id": 1, "name": "bad name"}, "folder-name safe"),
+])
+def test_bad_parameters_are_rejected_before_writing(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        make_synthetic_dataset(raw_root=tmp_path, **kwargs)
+    assert not list(tmp_path.iterdir())
+
+
+def test_too_small_image_fails_cleanly(tmp_path):
+    with pytest.raises(ValueError, match=r"synliver_000.*too small.*larger --shape"):
+        make_synthetic_dataset(1, num_cases=2, shape=(16, 16), raw_root=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_raw_root_defaults_to_nnunet_raw(tmp_path, monkeypatch):
+    monkeypatch.delenv("nnUNet_raw", raising=False)
+    with pytest.raises(ValueError, match="export nnUNet_raw"):
+        make_synthetic_dataset(9, num_cases=1, num_test_cases=0, shape=SHAPE_2D)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    assert make_synthetic_dataset(9, num_cases=1, num_test_cases=0, shape=SHAPE_2D).parent == tmp_path
+
+
+def test_command_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    arguments = ["LSMSv2_make_synthetic", "-d", "12", "--dim", "3", "--cases", "2", "--test-cases", "1",
+                 "--seed", "5", "--shape", *map(str, SHAPE_3D), "--name", "Tiny"]
+    monkeypatch.setattr(sys, "argv", arguments)
+    make_synthetic_entry()
+    folder = tmp_path / "Dataset012_Tiny"
+    assert str(folder) in capsys.readouterr().out
+    assert json.loads((folder / "dataset.json").read_text())["lsms_synthetic"] == {
+        "seed": 5, "dim": 3, "shape": list(SHAPE_3D), "spacing": list(SPACINGS[3]), "mode": "referring"}
+    assert read_array(folder / "imagesTs" / "synliver_002_0000.nii.gz")[0].shape == SHAPE_3D
+
+    with pytest.raises(SystemExit) as exit_info:
+        make_synthetic_entry()
+    assert exit_info.value.code == 1
+    assert "Dataset012_Tiny" in capsys.readouterr().err
+
+    monkeypatch.setattr(sys, "argv", [*arguments, "--overwrite", "--plain"])
+    make_synthetic_entry()
+    assert json.loads((folder / "dataset.json").read_text())["labels"] == PLAIN_LABELS
