@@ -1,0 +1,74 @@
+"""A plain lesion task (no expressions.json): LSMS is a drop-in beside vanilla nnU-Net with nnU-Net's own tools.
+
+Both trainers train fold 0 with the stock command, predict with the stock command (ordinary label maps, and
+per-class probabilities with --save_probabilities), are scored by nnUNetv2_evaluate_folder, and
+nnUNetv2_find_best_configuration runs over both (it needs the validation npz files from training with --npz).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from plans.variants import make_plans_variant
+
+DATASET = 513
+TRAINERS = ("nnUNetTrainer_test", "LSMSTrainer_test")
+
+
+@pytest.fixture(scope="module")
+def plain_models(run, nnunet_dirs):
+    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--plain", "--cases", 5, "--test-cases", 2,
+        "--shape", 64, 64, "--seed", 5)
+    run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
+    make_plans_variant(DATASET, "nnUNetPlans_tiny", max_features=16, batch_size=2)
+    for trainer in TRAINERS:
+        run("nnUNetv2_train", DATASET, "2d", 0, "-tr", trainer, "-p", "nnUNetPlans_tiny", "-device", "cpu", "--npz",
+            nnUNet_n_proc_DA="0")
+    raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{DATASET}_*"))
+    results = next(Path(nnunet_dirs["nnUNet_results"]).glob(f"Dataset{DATASET}_*"))
+    return dict(raw=raw, results=results)
+
+
+def test_validation_summary_has_nnunet_format(plain_models):
+    summaries = {t: json.loads((plain_models["results"] / f"{t}__nnUNetPlans_tiny__2d" / "fold_0" / "validation" /
+                                "summary.json").read_text()) for t in TRAINERS}
+    vanilla, lsms = summaries["nnUNetTrainer_test"], summaries["LSMSTrainer_test"]
+    assert set(lsms) == set(vanilla)
+    assert set(lsms["mean"]) == set(vanilla["mean"]) == {"1", "2", "3", "4"}
+    assert set(lsms["mean"]["1"]) == set(vanilla["mean"]["1"])
+    model = plain_models["results"] / "LSMSTrainer_test__nnUNetPlans_tiny__2d"
+    assert json.loads((model / "dataset.json").read_text())["labels"]["metastasis"] == 4
+
+
+@pytest.mark.parametrize("trainer", TRAINERS)
+def test_stock_predict_writes_label_maps_and_probabilities(plain_models, run, tmp_path, trainer):
+    images = plain_models["raw"] / "imagesTs"
+    out = tmp_path / trainer
+    run("nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET, "-c", "2d", "-tr", trainer, "-p",
+        "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, "--save_probabilities")
+    cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
+    for case in cases:
+        prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
+        reference = sitk.GetArrayFromImage(sitk.ReadImage(str(plain_models["raw"] / "labelsTs" / f"{case}.nii.gz")))
+        assert prediction.shape == reference.shape
+        assert set(np.unique(prediction)) <= {0, 1, 2, 3, 4}
+        probabilities = np.load(out / f"{case}.npz")["probabilities"]
+        assert probabilities.shape[0] == 5
+        assert np.allclose(probabilities.sum(0), 1, atol=1e-3)
+        assert np.array_equal(probabilities.argmax(0), prediction.reshape(probabilities.shape[1:]))
+    run("nnUNetv2_evaluate_folder", plain_models["raw"] / "labelsTs", out, "-djfile", out / "dataset.json",
+        "-pfile", out / "plans.json")
+    summary = json.loads((out / "summary.json").read_text())
+    assert set(summary["mean"]) == {"1", "2", "3", "4"}
+
+
+def test_find_best_configuration_runs_over_both_trainers(plain_models, run):
+    run("nnUNetv2_find_best_configuration", DATASET, "-c", "2d", "-tr", *TRAINERS, "-p", "nnUNetPlans_tiny", "-f", 0,
+        "-np", 1)
+    inference = json.loads((plain_models["results"] / "inference_information.json").read_text())
+    for trainer in TRAINERS:
+        assert 0.0 <= inference["all_results"][f"{trainer}__nnUNetPlans_tiny__2d"] <= 1.0
+    assert any(k.startswith("ensemble___") for k in inference["all_results"])
+    assert inference["best_model_or_ensemble"]["selected_model_or_models"]
