@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -64,9 +65,15 @@ def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: P
                 f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
                 f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
                 f"{TEXT_ENCODER_ENV}).")
-        cache.update(unique, TextEncoder(source, max_tokens=identity.max_tokens))
+        cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
     encoded = cache.load(list(texts))
     return torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
+
+
+@lru_cache(maxsize=2)
+def _loaded_text_encoder(source: str, max_tokens: int) -> TextEncoder:
+    """Load the encoder once per process, not once per image with new expressions."""
+    return TextEncoder(source, max_tokens=max_tokens)
 
 
 def bind_label_prompts(network: PromptableLSMSNet, cache_folder: Path | None = None,

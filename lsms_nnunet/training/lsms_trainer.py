@@ -12,12 +12,14 @@ What changes, each in the narrowest hook:
 """
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from nnunetv2.training.data_augmentation.compute_initial_patch_size import get_patch_size
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from nnunetv2.utilities.default_n_proc_DA import get_allowed_n_proc_DA
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
@@ -31,21 +33,21 @@ from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
-from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
+from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 
 BINARY_LABELS = {"background": 0, "target": 1}
+REFERRING_MAX_ROTATION = math.radians(15)
 
 
 class SegmentationPlusContrastiveLoss(nn.Module):
-    """nnU-Net's deep-supervised Dice+CE plus lambda * the vision-language contrastive term of the last forward."""
+    """nnU-Net's deep-supervised Dice+CE plus the (lambda-weighted) vision-language contrastive term of the last forward."""
 
-    def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None, weight: float,
+    def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None,
                  network: PromptableLSMSNet):
         super().__init__()
         self.segmentation_loss = segmentation_loss
         self.contrastive = contrastive
-        self.weight = weight
         self.network = [network]  # a list so the network is not registered as a sub-module of the loss
         self.text_keys: list[str] | None = None
 
@@ -56,7 +58,7 @@ class SegmentationPlusContrastiveLoss(nn.Module):
             return loss
         aux, network.last_aux = network.last_aux, None
         full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
-        return loss + self.weight * self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"],
+        return loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"],
                                                      full_resolution_target, aux["logit_scale"], self.text_keys)
 
 
@@ -91,6 +93,21 @@ class LSMSTrainer(nnUNetTrainer):
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
         return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text)
 
+    def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
+        """Referring expressions name sides and positions ("the lesion in the left lobe"): no mirroring (in training or
+        test-time augmentation) and small rotations only, or the augmented image no longer matches its text."""
+        rotation, dummy_2d, initial_patch_size, mirror_axes = \
+            super().configure_rotation_dummyDA_mirroring_and_inital_patch_size()
+        if self.prompt_set.mode != REFERRING:
+            return rotation, dummy_2d, initial_patch_size, mirror_axes
+        rotation = (-REFERRING_MAX_ROTATION, REFERRING_MAX_ROTATION)
+        patch_size = self.configuration_manager.patch_size
+        initial_patch_size = get_patch_size(patch_size, rotation, rotation, rotation, (0.85, 1.25))
+        if dummy_2d:
+            initial_patch_size[0] = patch_size[0]
+        self.inference_allowed_mirroring_axes = None
+        return rotation, dummy_2d, initial_patch_size, None
+
     def _do_i_compile(self) -> bool:
         # The text is bound on the module between calls; keep eager mode so no stale compiled graph sees old text.
         return False
@@ -112,7 +129,7 @@ class LSMSTrainer(nnUNetTrainer):
         network = self._unwrapped_network()
         config = network.config
         contrastive = VisionLanguageContrastiveLoss(config) if config.contrastive else None
-        return SegmentationPlusContrastiveLoss(super()._build_loss(), contrastive, config.contrastive_weight, network)
+        return SegmentationPlusContrastiveLoss(super()._build_loss(), contrastive, network)
 
     # ---------------------------------------------------------------- data
     def _text_bank(self) -> TextEmbeddingBank:
@@ -169,7 +186,7 @@ class LSMSTrainer(nnUNetTrainer):
                                f"and rerun LSMSv2_encode_text.")
         if self.model_card["constant_text"] is not None:
             constant = (self.model_card["constant_text"],)
-            prompts = {case: [type(p)(constant, p.targets, p.expression_id) for p in ps] for case, ps in prompts.items()}
+            prompts = {case: [Prompt(constant, p.targets, p.expression_id) for p in ps] for case, ps in prompts.items()}
         return prompts
 
     # ---------------------------------------------------------------- steps
