@@ -48,6 +48,7 @@ setup(
     cmdclass={"build_py": BuildPyWithHook},
     entry_points={
         "console_scripts": [
+            "LSMSv2_demo=lsms_nnunet.demo:demo_entry",
             "LSMSv2_make_synthetic=lsms_nnunet.datasets.synthetic:make_synthetic_entry",
             "LSMSv2_encode_text=lsms_nnunet.preprocessing.encode_text:encode_text_entry",
             "LSMSv2_plan_and_preprocess=lsms_nnunet.preprocessing.encode_text:plan_and_preprocess_entry",

@@ -45,3 +45,15 @@ def run(nnunet_dirs):
     def _run(*args, timeout: int = 900, **extra_env):
         return run_command(list(args), nnunet_dirs, timeout=timeout, **extra_env)
     return _run
+
+
+@pytest.fixture(scope="session")
+def run_failing(nnunet_dirs):
+    """Run a command that must fail; returns its combined output for checking the message."""
+    def _run(*args, timeout: int = 900, **extra_env) -> str:
+        executable = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
+        result = subprocess.run([executable, *map(str, args[1:])], env={**os.environ, **nnunet_dirs, **extra_env},
+                                capture_output=True, text=True, timeout=timeout)
+        assert result.returncode != 0, f"{args[0]} should have failed:\n{result.stdout[-3000:]}"
+        return result.stdout + result.stderr
+    return _run

@@ -4,6 +4,7 @@ make synthetic -> LSMSv2_plan_and_preprocess (nnU-Net planning + the real embedd
 nnUNetv2_train -tr LSMSTrainer_test -> stock nnUNetv2_predict with a companion expressions.json -> LSMSv2_evaluate.
 """
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -18,10 +19,8 @@ DATASETS = {
 }
 
 
-@pytest.fixture(scope="module", params=sorted(DATASETS))
-def trained(request, run, nnunet_dirs):
+def _train(configuration: str, run, nnunet_dirs) -> dict:
     """A referring dataset made, planned, encoded and trained for one fold with the stock nnU-Net command."""
-    configuration = request.param
     spec = DATASETS[configuration]
     dataset = spec["dataset_id"]
     run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test-cases", 2,
@@ -29,19 +28,29 @@ def trained(request, run, nnunet_dirs):
     run("LSMSv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", 1, "--verify_dataset_integrity",
         nnUNet_n_proc_DA="1")
     make_plans_variant(dataset, "nnUNetPlans_tiny", max_features=16, batch_size=2)
-    train = run("nnUNetv2_train", dataset, configuration, 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny",
-                "-device", "cpu", nnUNet_n_proc_DA="0")
+    run("nnUNetv2_train", dataset, configuration, 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny",
+        "-device", "cpu", nnUNet_n_proc_DA="0")
     raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{dataset}_*"))
     model = next(Path(nnunet_dirs["nnUNet_results"]).glob(f"Dataset{dataset}_*")) / \
         f"LSMSTrainer_test__nnUNetPlans_tiny__{configuration}"
-    return dict(dataset=dataset, configuration=configuration, raw=raw, model=model, train_log=train.stdout)
+    return dict(dataset=dataset, configuration=configuration, raw=raw, model=model)
+
+
+@pytest.fixture(scope="module")
+def trained_models(run, nnunet_dirs) -> dict:
+    return {configuration: _train(configuration, run, nnunet_dirs) for configuration in DATASETS}
+
+
+@pytest.fixture(params=sorted(DATASETS))
+def trained(request, trained_models) -> dict:
+    return trained_models[request.param]
 
 
 def test_stock_train_writes_per_expression_validation(trained):
     summary = json.loads((trained["model"] / "fold_0" / "validation" / "summary.json").read_text())
     expressions = json.loads((trained["raw"] / "expressions.json").read_text())["expressions"]
-    splits = json.loads((trained["model"].parent.parent.parent / "nnUNet_preprocessed" /
-                         trained["raw"].name / "splits_final.json").read_text())
+    splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name / "splits_final.json")
+                        .read_text())
     validation_cases = set(splits[0]["val"])
     expected = {e["id"] for e in expressions if e["case"] in validation_cases}
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
@@ -82,3 +91,85 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
     run("LSMSv2_evaluate", "-ref", trained["raw"] / "labelsTs", "-pred", out, "-e", images / "expressions.json")
     summary = json.loads((out / "summary.json").read_text())
     assert summary["aggregate"]["n_expressions"] == len(expressions)
+
+
+def _predict_args(trained, images, out):
+    return ["-i", images, "-o", out, "-d", trained["dataset"], "-c", trained["configuration"], "-tr",
+            "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1]
+
+
+def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained, run, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    (images / case.name).write_bytes(case.read_bytes())
+    case_id = case.name[: -len("_0000.nii.gz")]
+    expressions = tmp_path / "my_expressions.json"
+    expressions.write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
+        {"id": "q1", "case": case_id, "text": "the largest lesion"},
+        {"id": "q2", "case": case_id, "text": "all cysts"}]}))
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file"), "-e", expressions)
+    assert {p.name for p in (tmp_path / "from_file").glob("q*.nii.gz")} == {"q1.nii.gz", "q2.nii.gz"}
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "ad_hoc"), "--text", "the smallest lesion")
+    assert (tmp_path / "ad_hoc" / f"{case_id}-text.nii.gz").is_file()
+    # --continue_prediction: nothing is redone when every expression already has its mask
+    before = (tmp_path / "from_file" / "q1.nii.gz").stat().st_mtime_ns
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file"), "-e", expressions,
+        "--continue_prediction")
+    assert (tmp_path / "from_file" / "q1.nii.gz").stat().st_mtime_ns == before
+
+
+@pytest.mark.parametrize("problem, message", [
+    ("missing", "needs expressions"),
+    ("malformed", "expressions.json"),
+    ("absent_image", "no image in"),
+    ("unknown_encoder", "/nonexistent/encoder"),
+    ("other_encoder", "different model"),
+])
+def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, run_failing, tmp_path, problem,
+                                                               message):
+    trained = trained_models["2d"]
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    (images / case.name).write_bytes(case.read_bytes())
+    case_id = case.name[: -len("_0000.nii.gz")]
+    good = {"format": "lsms-expressions", "version": 1,
+            "expressions": [{"id": "q1", "case": case_id, "text": "the largest lesion"}]}
+    extra = []
+    if problem == "malformed":
+        (images / "expressions.json").write_text('{"format": "lsms-expressions", "version": 1, "expressions": [')
+    elif problem == "absent_image":
+        good["expressions"].append({"id": "q2", "case": "not_there", "text": "the cyst"})
+        (images / "expressions.json").write_text(json.dumps(good))
+    elif problem in ("unknown_encoder", "other_encoder"):
+        (images / "expressions.json").write_text(json.dumps(good))
+        if problem == "unknown_encoder":
+            extra = ["--text_encoder", "/nonexistent/encoder"]
+        else:
+            from text_conditioning.testing import make_tiny_text_encoder
+            extra = ["--text_encoder", make_tiny_text_encoder(tmp_path / "tiny_encoder")]
+    out = tmp_path / "out"
+    output = run_failing("LSMSv2_predict", *_predict_args(trained, images, out), *extra)
+    assert message in output
+    assert not out.exists() or not any(out.iterdir())
+
+
+def test_geometry_round_trip_with_rotated_anisotropic_input(trained_models, run, tmp_path):
+    trained = trained_models["3d_fullres"]
+    source = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    image = sitk.ReadImage(str(source))
+    image.SetSpacing((0.7, 0.9, 2.5))
+    image.SetOrigin((-12.0, 30.5, 4.0))
+    image.SetDirection((0.0, 1.0, 0.0, -1.0, 0.0, 0.0, 0.0, 0.0, 1.0))  # rotated 90 degrees in-plane
+    images = tmp_path / "images"
+    images.mkdir()
+    sitk.WriteImage(image, str(images / source.name))
+    case_id = source.name[: -len("_0000.nii.gz")]
+    out = tmp_path / "out"
+    run("LSMSv2_predict", *_predict_args(trained, images, out), "--text", "the largest lesion")
+    mask = sitk.ReadImage(str(out / f"{case_id}-text.nii.gz"))
+    assert mask.GetSize() == image.GetSize()
+    assert np.allclose(mask.GetSpacing(), image.GetSpacing())
+    assert np.allclose(mask.GetOrigin(), image.GetOrigin())
+    assert np.allclose(mask.GetDirection(), image.GetDirection())

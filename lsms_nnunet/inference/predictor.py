@@ -53,11 +53,15 @@ def user_text_cache_folder(identity: EncoderIdentity) -> Path:
 
 def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
                 encoder_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings of `texts` with the model's own encoder; only texts never seen before are encoded."""
+    """Token embeddings of `texts` with the model's own encoder; only texts never seen before are encoded.
+
+    An encoder named by the user (argument or LSMS_TEXT_ENCODER) is always checked against the model's identity.
+    """
     cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
     unique = list(dict.fromkeys(texts))
-    if cache.missing(unique):
-        source = encoder_source or os.environ.get(TEXT_ENCODER_ENV) or identity.name
+    requested_source = encoder_source or os.environ.get(TEXT_ENCODER_ENV)
+    if requested_source or cache.missing(unique):
+        source = requested_source or identity.name
         requested = encoder_identity(source, identity.max_tokens)
         if not requested.same_model(identity):
             raise TextEncoderMismatchError(
@@ -65,7 +69,8 @@ def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: P
                 f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
                 f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
                 f"{TEXT_ENCODER_ENV}).")
-        cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
+        if cache.missing(unique):
+            cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
     encoded = cache.load(list(texts))
     return torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
 
@@ -171,6 +176,9 @@ class LSMSPredictor(nnUNetPredictor):
         elif save_probabilities:
             raise ValueError("--save_probabilities is for plain-task label maps; referring predictions are binary "
                              "masks per expression. Fix: drop --save_probabilities.")
+        else:  # encode (and check the encoder) before nnU-Net writes anything into the output folder
+            embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
+                        EncoderIdentity.from_dict(self.model_card["text_encoder"]))
         return super().predict_from_files(list_of_lists_or_source_folder,
                                           output_folder_or_list_of_truncated_output_files, save_probabilities,
                                           overwrite, num_processes_preprocessing, num_processes_segmentation_export,
@@ -201,7 +209,7 @@ class LSMSPredictor(nnUNetPredictor):
     def _manage_input_and_output_lists(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                                        folder_with_segs_from_prev_stage=None, overwrite=True, part_id=0, num_parts=1,
                                        save_probabilities=False):
-        if self._expressions is None:
+        if getattr(self, "_expressions", None) is None:
             return super()._manage_input_and_output_lists(
                 list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                 folder_with_segs_from_prev_stage, overwrite, part_id, num_parts, save_probabilities)
