@@ -173,3 +173,12 @@ def test_geometry_round_trip_with_rotated_anisotropic_input(trained_models, run,
     assert np.allclose(mask.GetSpacing(), image.GetSpacing())
     assert np.allclose(mask.GetOrigin(), image.GetOrigin())
     assert np.allclose(mask.GetDirection(), image.GetDirection())
+
+
+def test_expression_batching_benchmark_runs(trained_models, run):
+    trained = trained_models["2d"]
+    output = run("LSMSv2_benchmark_expressions", "-d", trained["dataset"], "-c", "2d", "-tr", "LSMSTrainer_test",
+                 "-p", "nnUNetPlans_tiny", "-E", 1, 3).stdout
+    rows = [line for line in output.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
+    assert len(rows) == 2
+    assert all(float(row.split("|")[6].strip().rstrip("x")) > 0 for row in rows)
