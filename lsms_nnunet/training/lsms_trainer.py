@@ -58,8 +58,8 @@ class SegmentationPlusContrastiveLoss(nn.Module):
             return loss
         aux, network.last_aux = network.last_aux, None
         full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
-        return loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"],
-                                                     full_resolution_target, aux["logit_scale"], self.text_keys)
+        return loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
+                                       aux["logit_scale"], self.text_keys)
 
 
 class LSMSTrainer(nnUNetTrainer):

@@ -88,3 +88,37 @@ class LSMSTrainer_budget_no_contrastive(LSMSTrainer_budget):
 
 class LSMSTrainer_budget_constant_text(LSMSTrainer_budget):
     use_constant_text = True
+
+
+def merged_lesion_labels(dataset_json: dict) -> dict:
+    """The plain view of a region map: every foreground id is one "lesion" (nnU-Net region-based labels).
+
+    This is the best a text-blind nnU-Net can do on a referring dataset: segment all lesions, whatever is asked.
+    nnU-Net only treats a label as a region when it lists more than one id, so a single-region dataset keeps a plain
+    binary label.
+    """
+    foreground = sorted({int(v) for name, v in dataset_json["labels"].items()
+                         if name not in ("background", "ignore") and not isinstance(v, (list, tuple))})
+    if not foreground:
+        raise ValueError("dataset.json declares no integer foreground label to merge into one lesion label. Fix: "
+                         "declare the regions as {\"region_1\": 1, ...}.")
+    labels = {"background": 0, "lesion": foreground if len(foreground) > 1 else foreground[0]}
+    if "ignore" in dataset_json["labels"]:
+        labels["ignore"] = dataset_json["labels"]["ignore"]
+    merged = {**dataset_json, "labels": labels}
+    if len(foreground) > 1:
+        merged["regions_class_order"] = [1]
+    else:
+        merged.pop("regions_class_order", None)
+    return merged
+
+
+class _MergedLesionLabels:
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, merged_lesion_labels(dataset_json), device)
+
+
+class nnUNetTrainer_budget_merged(_EnvironmentBudget, _MergedLesionLabels, nnUNetTrainer):
+    """Vanilla nnU-Net on the plain view of a referring dataset (all regions = one lesion), benchmark budget."""
+
