@@ -182,3 +182,24 @@ def test_expression_batching_benchmark_runs(trained_models, run):
     rows = [line for line in output.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2
     assert all(float(row.split("|")[6].strip().rstrip("x")) > 0 for row in rows)
+
+
+def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, run, tmp_path):
+    trained = trained_models["2d"]
+    common = [trained["dataset"], "2d", 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-device", "cpu"]
+    summary_file = trained["model"] / "fold_0" / "validation" / "summary.json"
+    summary_file.unlink()
+    run("nnUNetv2_train", *common, "--val", nnUNet_n_proc_DA="0")  # loads the checkpoint (and its model card)
+    assert json.loads(summary_file.read_text())["aggregate"]["n_expressions"] > 0
+    run("nnUNetv2_train", *common, "--c", nnUNet_n_proc_DA="0")  # a finished training resumes as finished
+    run("nnUNetv2_train", *common[:2], 1, *common[3:], nnUNet_n_proc_DA="0")
+    out = tmp_path / "out"
+    arguments = _predict_args(trained, trained["raw"] / "imagesTs", out)
+    folds = arguments.index("-f")
+    arguments[folds + 1: folds + 2] = [0, 1]  # two folds averaged
+    run("nnUNetv2_predict", *arguments, "--save_probabilities", "-step_size", 0.7)
+    expression = json.loads((trained["raw"] / "imagesTs" / "expressions.json").read_text())["expressions"][0]
+    probabilities = np.load(out / f"{expression['id']}.npz")["probabilities"]
+    mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{expression['id']}.nii.gz")))
+    assert probabilities.shape[0] == 2 and probabilities[0].size == mask.size  # nnU-Net layout: 2D as [C, 1, X, Y]
+    assert np.array_equal(probabilities.argmax(0).reshape(mask.shape), mask)

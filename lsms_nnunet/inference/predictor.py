@@ -97,11 +97,13 @@ def _maybe_constant(card: Mapping, texts: Sequence[str]) -> list[str]:
 # ------------------------------------------------------------------------------------------------ export
 def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties: dict, configuration_manager,
                             plans_manager, reader_writer, expression_ids: Sequence[str], output_folder: str | Path,
-                            file_ending: str) -> list[str]:
+                            file_ending: str, save_probabilities: bool = False) -> list[str]:
     """Resample `[1 + E, ...]` prompt logits to the original geometry; write one binary mask per expression.
 
     Follows nnU-Net 2.8.1 `convert_predicted_logits_to_segmentation_with_correct_shape` (resample, revert crop,
-    revert transpose), but thresholds each channel independently: expressions may overlap.
+    revert transpose), but thresholds each channel independently: expressions may overlap. With
+    `save_probabilities`, `<id>.npz` holds nnU-Net's layout for a 2-class task: `probabilities` [2, *shape]
+    (background, target), in the original geometry.
     """
     spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
     shape = properties["shape_after_cropping_and_before_resampling"]
@@ -109,18 +111,28 @@ def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties
         else [spacing_transposed[0], *configuration_manager.spacing]
     logits = configuration_manager.resampling_fn_probabilities(prompt_logits[1:], shape, current_spacing,
                                                                spacing_transposed)
-    masks = np.asarray(logits > 0 if isinstance(logits, np.ndarray) else (logits > 0).cpu().numpy(), dtype=np.uint8)
+    logits = torch.as_tensor(logits).float()
     written = []
-    for expression_id, mask in zip(expression_ids, masks):
-        full = insert_crop_into_image(np.zeros(properties["shape_before_cropping"], dtype=np.uint8), mask,
-                                      properties["bbox_used_for_cropping"])
-        full = np.asarray(full).transpose(plans_manager.transpose_backward)
+    for expression_id, expression_logits in zip(expression_ids, logits):
         target = Path(output_folder) / f"{expression_id}{file_ending}"
         partial = target.with_name(f".partial-{expression_id}{file_ending}")
-        reader_writer.write_seg(full, str(partial), properties)
+        mask = (expression_logits > 0).numpy().astype(np.uint8)
+        reader_writer.write_seg(_uncrop_and_transpose(mask, properties, plans_manager), str(partial), properties)
         os.replace(partial, target)
         written.append(str(target))
+        if save_probabilities:
+            target_probability = _uncrop_and_transpose(torch.sigmoid(expression_logits).numpy(), properties,
+                                                       plans_manager)
+            partial_npz = target.with_name(f".partial-{expression_id}.npz")
+            np.savez_compressed(partial_npz, probabilities=np.stack((1 - target_probability, target_probability)))
+            os.replace(partial_npz, target.with_name(f"{expression_id}.npz"))
     return written
+
+
+def _uncrop_and_transpose(array: np.ndarray, properties: dict, plans_manager) -> np.ndarray:
+    full = np.zeros(properties["shape_before_cropping"], dtype=array.dtype)
+    full = insert_crop_into_image(full, array, properties["bbox_used_for_cropping"])
+    return np.asarray(full).transpose(plans_manager.transpose_backward)
 
 
 def write_index(output_folder: Path, entries: list[dict]) -> None:
@@ -173,9 +185,6 @@ class LSMSPredictor(nnUNetPredictor):
                     f"Fix: put a companion {EXPRESSIONS_FILE} next to the images, or use LSMSv2_predict -e FILE / "
                     f"--text \"...\".")
             bind_label_prompts(self.network)
-        elif save_probabilities:
-            raise ValueError("--save_probabilities is for plain-task label maps; referring predictions are binary "
-                             "masks per expression. Fix: drop --save_probabilities.")
         else:  # encode (and check the encoder) before nnU-Net writes anything into the output folder
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
@@ -245,9 +254,9 @@ class LSMSPredictor(nnUNetPredictor):
             expressions = [e for e in self._expressions if e.case == case]
             print(f"\nPredicting {case}: {len(expressions)} expressions")
             logits = self.predict_prompt_logits(data, [e.text for e in expressions])
-            export_expression_masks(logits.numpy(), item["data_properties"], self.configuration_manager,
-                                    self.plans_manager, reader_writer, [e.id for e in expressions], output_folder,
-                                    ending)
+            export_expression_masks(logits, item["data_properties"], self.configuration_manager, self.plans_manager,
+                                    reader_writer, [e.id for e in expressions], output_folder, ending,
+                                    save_probabilities)
             entries = [{"id": e.id, "case": e.case, "text": e.text, "file": e.id + ending} for e in expressions]
             write_index(Path(output_folder), entries)
             written.extend(entries)
@@ -294,7 +303,7 @@ def validate_referring_fold(trainer, validation_cases: Sequence[str]) -> dict:
         data, _, _, properties = dataset.load_case(case)
         logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
                                                  [e.text for e in case_expressions], trainer.text_cache_folder)
-        export_expression_masks(logits.numpy(), properties, trainer.configuration_manager, trainer.plans_manager,
+        export_expression_masks(logits, properties, trainer.configuration_manager, trainer.plans_manager,
                                 reader_writer, [e.id for e in case_expressions], output_folder, ending)
     gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
     return evaluate_referring_folder(gt_folder, output_folder, expressions, file_ending=ending,
