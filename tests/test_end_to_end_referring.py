@@ -203,3 +203,18 @@ def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, 
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{expression['id']}.nii.gz")))
     assert probabilities.shape[0] == 2 and probabilities[0].size == mask.size  # nnU-Net layout: 2D as [C, 1, X, Y]
     assert np.array_equal(probabilities.argmax(0).reshape(mask.shape), mask)
+
+
+def test_lsms_plans_train_with_the_stock_command(trained_models, run):
+    trained = trained_models["2d"]
+    run("LSMSv2_plan_experiment", "-d", trained["dataset"], "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
+    run("nnUNetv2_train", trained["dataset"], "2d", 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetLSMSPlans", "-device",
+        "cpu", nnUNet_n_proc_DA="0")
+    import torch
+
+    plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name / "nnUNetLSMSPlans.json")
+                       .read_text())
+    checkpoint = torch.load(trained["model"].parent / "LSMSTrainer_test__nnUNetLSMSPlans__2d" / "fold_0" /
+                            "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    network = checkpoint["network_weights"]["_extra_state"]["network"]
+    assert network["svla_stages"] == plans["configurations"]["2d"]["lsms"]["svla_stages"]

@@ -35,6 +35,7 @@ from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_ne
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
+from plans.lsms_planner import lsms_settings_from_plans
 
 BINARY_LABELS = {"background": 0, "target": 1}
 REFERRING_MAX_ROTATION = math.radians(15)
@@ -87,7 +88,9 @@ class LSMSTrainer(nnUNetTrainer):
 
     def _make_model_card(self) -> dict:
         identity = self.text_encoder_identity
-        config = LSMSConfig(text_dim=identity.dim, max_tokens=identity.max_tokens, **self.lsms_config_overrides)
+        planned = lsms_settings_from_plans(self.plans_manager.plans, self.configuration_name)  # {} for nnUNetPlans
+        config = LSMSConfig(**{**planned, **self.lsms_config_overrides, "text_dim": identity.dim,
+                               "max_tokens": identity.max_tokens})
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
