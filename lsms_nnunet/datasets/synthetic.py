@@ -29,6 +29,8 @@ from tqdm import tqdm
 
 from text_conditioning.expressions import Expression, save_expressions
 
+from lsms_nnunet.datasets.geometry import resolve_raw_root
+
 KINDS = ("cyst", "hemangioma", "hcc", "metastasis")
 PLAIN_LABELS = {"background": 0, **{kind: index + 1 for index, kind in enumerate(KINDS)}}
 LOBES = ("right", "left")
@@ -479,18 +481,6 @@ def _validate_parameters(dataset_id: int, dim: int, num_cases: int, num_test_cas
                          "(--name).")
 
 
-def _resolve_raw_root(raw_root: str | os.PathLike | None) -> Path:
-    """raw_root, else $nnUNet_raw; created if missing."""
-    if raw_root is None:
-        raw_root = os.environ.get("nnUNet_raw")
-        if not raw_root:
-            raise ValueError("nnUNet_raw is not set, so there is no place to write the dataset. Fix: export "
-                             "nnUNet_raw=/path/to/nnUNet_raw (as for any nnU-Net command).")
-    root = Path(raw_root)
-    root.mkdir(parents=True, exist_ok=True)
-    return root
-
-
 def _regions_entry(case: SyntheticCase, split: str) -> dict:
     """regions.json's record of one case: what converters and evaluation need to know about each region id."""
     return {"split": split, "regions": {str(lesion.region_id): {
@@ -590,7 +580,8 @@ def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, n
     name = name or default_dataset_name(dim, plain)
     _validate_parameters(dataset_id, dim, num_cases, num_test_cases, shape, name)
     shape = tuple(int(size) for size in shape) if shape is not None else DEFAULT_SHAPES[dim]
-    root = _resolve_raw_root(raw_root)
+    root = resolve_raw_root(raw_root)
+    root.mkdir(parents=True, exist_ok=True)
     target = root / f"Dataset{dataset_id:03d}_{name}"
     existing = sorted(path for path in root.glob(f"Dataset{dataset_id:03d}_*") if path.is_dir())
     if existing and not overwrite:
