@@ -1,0 +1,141 @@
+"""The benchmark's human-readable output: one Markdown table with its notes, and two plots."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first: no display on servers)
+
+TABLE_COLUMNS = ("variant", "mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
+                 "s/iter vs vanilla", "probe s/iter", "probe vs vanilla", "GFLOPs/patch", "params", "peak mem",
+                 "infer s/case", "infer s/expr")
+
+
+def _number(value: float | None, digits: int) -> str:
+    return "n/a" if value is None else f"{value:.{digits}f}"
+
+
+def _parameters(trainable: int, frozen: int) -> str:
+    text = f"{trainable / 1e6:.2f} M"
+    return text + (f" + {frozen / 1e6:.1f} M frozen" if frozen else "")
+
+
+def _memory(size_bytes: int) -> str:
+    return f"{size_bytes / 2 ** 30:.2f} GiB" if size_bytes >= 2 ** 30 else f"{size_bytes / 2 ** 20:.0f} MiB"
+
+
+def _ratio(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}x"
+
+
+def _row(variant: dict) -> list[str]:
+    referring, cost = variant["referring"], variant["cost"]
+    return [variant["name"], _number(referring["mean_dice"], 4), _number(referring["mIoU"], 4),
+            _number(referring["oIoU"], 4), _number(referring["precision@0.5"], 3),
+            _number(referring["no_target_accuracy"], 3), _number(variant["plain_lesion"]["mean_dice"], 4),
+            _number(cost["seconds_per_iteration"], 3), _ratio(cost["seconds_per_iteration_vs_vanilla"]),
+            _number(cost["probe_seconds_per_iteration"], 3), _ratio(cost["probe_seconds_per_iteration_vs_vanilla"]),
+            _number(cost["gflops_per_patch"], 2), _parameters(cost["trainable_parameters"], cost["frozen_parameters"]),
+            _memory(cost["peak_memory_bytes"]), _number(cost["inference_seconds_per_case"], 3),
+            _number(cost["inference_seconds_per_expression"], 3)]
+
+
+def format_results_table(results: dict) -> str:
+    """results.md: the table (one row per variant) and what every number means."""
+    rows = [list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    first = results["variants"][0] if results["variants"] else None
+    expressions = first["referring"]["n_expressions"] if first else 0
+    cases = first["plain_lesion"]["cases"] if first else 0
+    memory_kind = first["cost"]["peak_memory_kind"] if first else "n/a"
+    prompt = next((v["plain_lesion"]["prompt"] for v in results["variants"] if v["plain_lesion"]["prompt"]), None)
+    budget = results["budget"]
+    ceiling = results["text_blind_ceiling"]
+    notes = [
+        f"# LSMS benchmark: {results['dataset']}, {results['configuration']} ({results['plans']})",
+        "",
+        f"Folds {results['folds']} of `{results['splits_file']}` (the same cases for every variant); budget "
+        f"{budget['epochs']} epoch(s) x {budget['iterations_per_epoch']} iterations for every variant; device "
+        f"{results['device']}.",
+        "",
+        *lines,
+        "",
+        f"- Referring metrics (mean Dice, mIoU, oIoU, Prec@0.5, no-target accuracy) pool the {expressions} "
+        f"expressions of the validation cases. The vanilla row is nnU-Net trained on the plain view of the dataset "
+        f"(every region merged into one lesion label); being text-blind, its answer to every expression of an image "
+        f"is its lesion mask.",
+        f"- Text-blind ceiling: a perfect all-lesion mask answering every expression scores mean Dice "
+        f"{_number(ceiling['mean_dice'], 4)}, mIoU {_number(ceiling['mIoU'], 4)}, oIoU {_number(ceiling['oIoU'], 4)}, "
+        f"Prec@0.5 {_number(ceiling['precision@0.5'], 3)}: what the vanilla row would reach if it segmented every "
+        f"lesion perfectly.",
+        f"- Plain lesion Dice: predicted lesion mask vs the union of all regions, mean over {cases} validation cases. "
+        f"Vanilla: its stock final-validation label maps (with nnU-Net's test-time mirroring; LSMS never mirrors, "
+        f"since expressions name sides)."
+        + (f" LSMS variants: the prompt \"{prompt}\", an ad hoc text chosen by the benchmark (not a convention the "
+           f"model was trained on)." if prompt else ""),
+        "- s/iter: median epoch wall time (after the first epoch) / iterations per epoch, from the epoch timestamps "
+        "in the final checkpoint; an epoch also runs its validation iterations and saves a checkpoint.",
+        "- probe s/iter: median time of a few training steps (batch loading + forward + backward + update, after "
+        "warm-up steps) in a fresh process per variant; the probes run minutes apart, so on a shared machine they "
+        "see more similar load than the trainings, which run far apart.",
+        "- GFLOPs/patch: one forward pass on one planned patch (batch 1, no deep-supervision heads), "
+        "torch.utils.flop_counter; the frozen text encoder is not included (it runs once per new text, not per patch).",
+        "- params: trainable parameters; \"frozen\" is the text encoder LSMS reads its embeddings from.",
+        f"- peak mem: {memory_kind} of the probe process, which builds the trainer and runs a few training steps "
+        f"(on CPU this includes the Python interpreter and libraries).",
+        "- infer: sliding window on the preprocessed validation cases with one fold's weights, no test-time "
+        "mirroring; per case answers all of a case's expressions (LSMS batches them, vanilla predicts once), "
+        "per expression = total time / expressions.",
+        "- Learning curves (learning_curves.png) show nnU-Net's online pseudo Dice: of the referred target for LSMS, "
+        "of all lesions for vanilla, so their levels are not comparable.",
+    ]
+    return "\n".join(notes)
+
+
+def _save_figure(figure, path: Path) -> None:
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    plt.close(figure)
+    os.replace(temporary, path)
+
+
+def write_plots(results: dict, folder: Path) -> list[Path]:
+    """learning_curves.png (pseudo Dice per epoch) and accuracy_vs_cost.png (mean Dice vs s/iter and GFLOPs)."""
+    variants = results["variants"]
+    colours = plt.get_cmap("tab10")
+
+    figure, axis = plt.subplots(figsize=(7, 4.5))
+    for index, variant in enumerate(variants):
+        for fold, curves in variant["learning_curves"].items():
+            epochs = range(1, len(curves["pseudo_dice"]) + 1)
+            axis.plot(epochs, curves["pseudo_dice"], color=colours(index % 10), alpha=0.35, linewidth=1)
+            axis.plot(epochs, curves["ema_pseudo_dice"], color=colours(index % 10), linewidth=2,
+                      label=f"{variant['name']} (fold {fold}, EMA)")
+    axis.set_xlabel("epoch")
+    axis.set_ylabel("online pseudo Dice")
+    axis.set_title("Learning curves (thin: per epoch, thick: EMA)")
+    axis.set_ylim(0, 1)
+    axis.legend(fontsize=7)
+    curves_file = folder / "learning_curves.png"
+    _save_figure(figure, curves_file)
+
+    figure, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharey=True)
+    for axis, (key, label) in zip(axes, (("seconds_per_iteration", "training s/iteration"),
+                                         ("gflops_per_patch", "GFLOPs per patch"))):
+        for index, variant in enumerate(variants):
+            x, y = variant["cost"][key], variant["referring"]["mean_dice"]
+            axis.scatter([x], [y], color=colours(index % 10), s=40)
+            axis.annotate(variant["name"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        axis.set_xlabel(label)
+        axis.grid(alpha=0.3)
+    axes[0].set_ylabel("mean Dice over expressions")
+    axes[0].set_ylim(0, 1)
+    figure.suptitle(f"Accuracy vs cost: {results['dataset']} {results['configuration']}")
+    scatter_file = folder / "accuracy_vs_cost.png"
+    _save_figure(figure, scatter_file)
+    return [curves_file, scatter_file]

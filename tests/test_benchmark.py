@@ -1,0 +1,183 @@
+"""LSMSv2_benchmark end to end on a tiny synthetic 2D referring dataset (1 epoch x 2 iterations, tiny plans):
+vanilla nnU-Net on merged labels, LSMS and LSMS with constant text; then a re-run that must not retrain."""
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from plans.variants import make_plans_variant
+
+DATASET = 513
+PLANS = "nnUNetPlans_tiny"
+VARIANTS = ("nnunet_merged", "lsms", "lsms_constant_text")
+TRAINERS = {"nnunet_merged": "nnUNetTrainer_budget_merged", "lsms": "LSMSTrainer_budget",
+            "lsms_constant_text": "LSMSTrainer_budget_constant_text"}
+BENCHMARK_ARGS = ("LSMSv2_benchmark", "-d", DATASET, "-c", "2d", "-p", PLANS, "--epochs", 1, "--iterations", 2,
+                  "--variants", *VARIANTS, "-device", "cpu")
+
+
+def _checkpoint_times(results_folder: Path) -> dict:
+    return {str(path): path.stat().st_mtime_ns for path in results_folder.glob("*/fold_0/*.pth")}
+
+
+@pytest.fixture(scope="module")
+def benchmarked(run, nnunet_dirs):
+    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test-cases", 1, "--shape", 64, 64,
+        "--seed", 3)
+    run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
+    make_plans_variant(DATASET, PLANS, max_features=16, batch_size=2)
+    first = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
+    raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{DATASET}_*"))
+    results_folder = Path(nnunet_dirs["nnUNet_results"]) / raw.name
+    out = results_folder / f"lsms_benchmark_{PLANS}_2d"
+    checkpoints_after_first = _checkpoint_times(results_folder)
+    results_after_first = json.loads((out / "results.json").read_text())
+    start = time.perf_counter()
+    second = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
+    return dict(raw=raw, results_folder=results_folder, out=out, first=first, second=second,
+                second_seconds=time.perf_counter() - start, checkpoints_after_first=checkpoints_after_first,
+                results_after_first=results_after_first,
+                preprocessed=Path(nnunet_dirs["nnUNet_preprocessed"]) / raw.name)
+
+
+def _validation_expressions(benchmarked) -> list[dict]:
+    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text())
+    expressions = json.loads((benchmarked["raw"] / "expressions.json").read_text())["expressions"]
+    return [e for e in expressions if e["case"] in set(splits[0]["val"])]
+
+
+def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
+    results = json.loads((benchmarked["out"] / "results.json").read_text())
+    assert results["budget"] == {"epochs": 1, "iterations_per_epoch": 2}
+    assert results["folds"] == [0]
+    assert [v["name"] for v in results["variants"]] == list(VARIANTS)
+    expected_expressions = len(_validation_expressions(benchmarked))
+    for variant in results["variants"]:
+        assert variant["trainer"] == TRAINERS[variant["name"]]
+        referring, plain, cost = variant["referring"], variant["plain_lesion"], variant["cost"]
+        assert referring["n_expressions"] == expected_expressions
+        for key in ("mean_dice", "mIoU", "oIoU", "precision@0.5"):
+            assert 0.0 <= referring[key] <= 1.0
+        assert 0.0 <= plain["mean_dice"] <= 1.0 and plain["cases"] == 1
+        assert cost["trainable_parameters"] > 1000
+        assert cost["gflops_per_patch"] > 0.01
+        assert 0 < cost["seconds_per_iteration"] < 60
+        assert 0 < cost["inference_seconds_per_case"] < 60
+        assert cost["inference_seconds_per_expression"] <= cost["inference_seconds_per_case"]
+        assert cost["peak_memory_kind"] == "cpu_max_rss" and cost["peak_memory_bytes"] > 100 * 2 ** 20
+        assert 0 < cost["probe_seconds_per_iteration"] < 60
+        assert cost["patch_size"] == [64, 64]
+        assert len(variant["learning_curves"]["0"]["pseudo_dice"]) == 1
+    ceiling = results["text_blind_ceiling"]
+    assert ceiling["n_expressions"] == expected_expressions and 0.0 < ceiling["mean_dice"] <= 1.0
+    assert ceiling["no_target_accuracy"] in (None, 0.0)  # a lesion mask never answers "nothing here"
+    vanilla, lsms, constant = results["variants"]
+    assert vanilla["cost"]["seconds_per_iteration_vs_vanilla"] == pytest.approx(1.0)
+    assert vanilla["cost"]["probe_seconds_per_iteration_vs_vanilla"] == pytest.approx(1.0)
+    assert lsms["cost"]["seconds_per_iteration_vs_vanilla"] == pytest.approx(
+        lsms["cost"]["seconds_per_iteration"] / vanilla["cost"]["seconds_per_iteration"])
+    assert vanilla["cost"]["frozen_parameters"] == 0 and vanilla["plain_lesion"]["prompt"] is None
+    for text_model in (lsms, constant):
+        assert text_model["cost"]["frozen_parameters"] > 20_000_000  # all-MiniLM-L6-v2: 22.7 M
+        assert text_model["plain_lesion"]["prompt"] == "all lesions"
+        assert text_model["cost"]["gflops_per_patch"] > vanilla["cost"]["gflops_per_patch"]
+
+
+def test_vanilla_is_trained_on_merged_labels_and_answers_every_expression_with_its_lesion_mask(benchmarked):
+    model = benchmarked["results_folder"] / f"{TRAINERS['nnunet_merged']}__{PLANS}__2d"
+    raw_labels = json.loads((benchmarked["raw"] / "dataset.json").read_text())["labels"]
+    dataset_json = json.loads((model / "dataset.json").read_text())
+    assert dataset_json["labels"] == {"background": 0, "lesion": sorted(v for v in raw_labels.values() if v)}
+    assert dataset_json["regions_class_order"] == [1]
+    answers = benchmarked["out"] / "predictions" / "nnunet_merged" / "fold_0" / "referring"
+    for expression in _validation_expressions(benchmarked):
+        lesion_mask = model / "fold_0" / "validation" / f"{expression['case']}.nii.gz"
+        assert (answers / f"{expression['id']}.nii.gz").read_bytes() == lesion_mask.read_bytes()
+
+
+def test_lsms_answers_the_ad_hoc_all_lesions_prompt(benchmarked):
+    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text())
+    for name in ("lsms", "lsms_constant_text"):
+        folder = benchmarked["out"] / "predictions" / name / "fold_0" / "all_lesions"
+        assert sorted(p.name for p in folder.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in splits[0]["val"]]
+
+
+def test_results_md_table_and_plots(benchmarked):
+    markdown = (benchmarked["out"] / "results.md").read_text()
+    header = next(line for line in markdown.splitlines() if line.startswith("| variant"))
+    for column in ("mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
+                   "s/iter vs vanilla", "probe s/iter", "GFLOPs", "params", "peak mem"):
+        assert column in header
+    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row.split("|")[1].strip() for row in rows] == list(VARIANTS)
+    assert "1.00x" in rows[0] and "frozen" in rows[1]
+    assert "ad hoc" in markdown and "\"all lesions\"" in markdown and "Text-blind ceiling" in markdown
+    assert markdown.strip() in benchmarked["first"].stdout
+    for plot in ("learning_curves.png", "accuracy_vs_cost.png"):
+        content = (benchmarked["out"] / plot).read_bytes()
+        assert content.startswith(b"\x89PNG") and len(content) > 5000
+
+
+def test_rerun_neither_retrains_nor_remeasures(benchmarked):
+    results_folder = benchmarked["results_folder"]
+    assert len(benchmarked["checkpoints_after_first"]) >= len(VARIANTS)
+    assert _checkpoint_times(results_folder) == benchmarked["checkpoints_after_first"]
+    second = benchmarked["second"].stdout
+    assert second.count("finished earlier, left untouched") == len(VARIANTS)
+    assert second.count("all measurements recorded earlier, reused") == len(VARIANTS)
+    assert "nnUNetv2_train" not in second and "measured" not in second
+    assert benchmarked["second_seconds"] < 60
+    rerun = json.loads((benchmarked["out"] / "results.json").read_text())
+    assert rerun["variants"] == benchmarked["results_after_first"]["variants"]
+    assert not list(benchmarked["out"].rglob("*.tmp"))
+
+
+def test_changed_budget_is_refused_before_any_training(benchmarked):
+    from lsms_nnunet.benchmark.benchmark import BenchmarkSetupError, VARIANTS_BY_NAME, prepare_benchmark, train_variant
+
+    setup = prepare_benchmark(DATASET, "2d", [0], 3, 2, PLANS, ["lsms"], benchmarked["out"], "cpu")
+    with pytest.raises(BenchmarkSetupError, match="--epochs 1 --iterations 2"):
+        train_variant(setup, VARIANTS_BY_NAME["lsms"], 0)
+    assert _checkpoint_times(benchmarked["results_folder"]) == benchmarked["checkpoints_after_first"]
+
+
+def test_resume_flags_continue_or_validate_an_unfinished_training(tmp_path):
+    from lsms_nnunet.benchmark.benchmark import resume_flags
+
+    assert resume_flags(tmp_path)[0] == []
+    (tmp_path / "checkpoint_latest.pth").touch()
+    assert resume_flags(tmp_path)[0] == ["--c"]
+    (tmp_path / "checkpoint_final.pth").touch()
+    assert resume_flags(tmp_path)[0] == ["--val"]
+
+
+def test_unprepared_dataset_gets_an_error_naming_the_fix(nnunet_dirs):
+    from lsms_nnunet.benchmark.benchmark import BenchmarkSetupError, prepare_benchmark
+    from lsms_nnunet.datasets.synthetic import make_synthetic_dataset
+
+    with pytest.raises(BenchmarkSetupError, match="LSMSv2_plan_and_preprocess -d 597 -c 2d"):
+        prepare_benchmark(597, "2d", [0], 1, 2)
+    make_synthetic_dataset(598, dim=2, num_cases=3, num_test_cases=0, shape=(32, 32))
+    with pytest.raises(BenchmarkSetupError, match="LSMSv2_plan_and_preprocess -d 598 -c 2d"):
+        prepare_benchmark(598, "2d", [0], 1, 2)
+    with pytest.raises(BenchmarkSetupError, match="Unknown variant"):
+        prepare_benchmark(598, "2d", [0], 1, 2, variants=["lsms_typo"])
+
+
+def test_seconds_per_iteration_leaves_out_the_warm_up_epoch():
+    from lsms_nnunet.benchmark.costs import seconds_per_iteration
+
+    assert seconds_per_iteration([0.0, 10.0, 20.0], [10.0, 12.0, 25.0], 2) == pytest.approx(1.75)
+    assert seconds_per_iteration([5.0], [9.0], 4) == pytest.approx(1.0)
+
+
+def test_merged_lesion_labels_make_one_region_of_all_ids():
+    from lsms_nnunet.training.variants import merged_lesion_labels
+
+    regions = {"labels": {"background": 0, "region_1": 1, "region_2": 2, "region_3": 3}, "file_ending": ".nii.gz"}
+    merged = merged_lesion_labels(regions)
+    assert merged["labels"] == {"background": 0, "lesion": [1, 2, 3]} and merged["regions_class_order"] == [1]
+    assert regions["labels"]["region_1"] == 1  # the caller's dataset_json is not modified
+    single = merged_lesion_labels({"labels": {"background": 0, "region_1": 1}, "regions_class_order": [1]})
+    assert single["labels"] == {"background": 0, "lesion": 1} and "regions_class_order" not in single
