@@ -133,7 +133,7 @@ class LSMSPlanningMixin:
         recursive_fix_for_json_export(plans)
         nnunet_plans_file = Path(os.environ["nnUNet_preprocessed"]) / self.dataset_name / f"{NNUNET_PLANS_NAME}.json"
         if nnunet_plans_file.is_file():
-            share_preprocessed_data(plans, json.loads(nnunet_plans_file.read_text()))
+            share_preprocessed_data(plans, json.loads(nnunet_plans_file.read_text(encoding="utf-8")))
         super().save_plans(plans)
 
 
@@ -390,10 +390,10 @@ def plan_lsms_experiment(dataset_id: int, planner_class: type[LSMSPlanningMixin]
                                 f"{dataset_id}) first.")
     _, plans_name = plan_experiment_dataset(dataset_id, planner_class, gpu_memory_target_in_gb,
                                             overwrite_plans_name=plans_name)
-    plans = json.loads((fingerprint.parent / f"{plans_name}.json").read_text())  # as saved, older entries merged
+    plans = json.loads((fingerprint.parent / f"{plans_name}.json").read_text(encoding="utf-8"))  # as saved, older entries merged
     raw_folder = Path(os.environ["nnUNet_raw"]) / dataset_name
     cases = list(get_filenames_of_train_images_and_targets(str(raw_folder),
-                                                           json.loads((raw_folder / "dataset.json").read_text())))
+                                                           json.loads((raw_folder / "dataset.json").read_text(encoding="utf-8"))))
     done = preprocessed_configurations(dataset_name, plans, cases)
     todo = [name for name in preprocess_configurations if name in plans["configurations"] and name not in done]
     if todo:
@@ -454,6 +454,6 @@ def plan_experiment_entry() -> None:
         except LSMSPlanningError as error:
             parser.exit(1, f"{parser.prog}: error: {error}\n")
         dataset_json = json.loads((Path(os.environ["nnUNet_preprocessed"]) / result.plans["dataset_name"] /
-                                   "dataset.json").read_text())
+                                   "dataset.json").read_text(encoding="utf-8"))
         print(_summary(result, planner_class.planning_reference(), len(dataset_json["channel_names"]),
                        gpu_memory_target_gb))

@@ -22,7 +22,7 @@ def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_featu
     if not source.is_file():
         raise FileNotFoundError(f"{source} is missing. Fix: run nnUNetv2_plan_and_preprocess (or "
                                 f"LSMSv2_plan_and_preprocess) for this dataset first.")
-    plans = json.loads(source.read_text())
+    plans = json.loads(source.read_text(encoding="utf-8"))
     variant = deepcopy(plans)
     variant["plans_name"] = plans_name
     for configuration in variant["configurations"].values():
@@ -33,6 +33,6 @@ def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_featu
             configuration["batch_size"] = batch_size
     target = folder / f"{plans_name}.json"
     tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(variant, indent=4))
+    tmp.write_text(json.dumps(variant, indent=4), encoding="utf-8")
     os.replace(tmp, target)
     return target

@@ -33,7 +33,7 @@ def run_command(args: list, env: dict, timeout: int = 900, **extra_env) -> subpr
     """Run an installed console script the way a user would; fail with its output if it fails."""
     executable = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
     result = subprocess.run([executable, *map(str, args[1:])], env={**os.environ, **env, **extra_env},
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
     if result.returncode != 0:
         raise AssertionError(f"{' '.join(map(str, args))} failed ({result.returncode}):\n"
                              f"{result.stdout[-4000:]}\n{result.stderr[-6000:]}")
@@ -53,7 +53,7 @@ def run_failing(nnunet_dirs):
     def _run(*args, timeout: int = 900, **extra_env) -> str:
         executable = shutil.which(args[0]) or str(Path(sys.executable).parent / args[0])
         result = subprocess.run([executable, *map(str, args[1:])], env={**os.environ, **nnunet_dirs, **extra_env},
-                                capture_output=True, text=True, timeout=timeout)
+                                capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=timeout)
         assert result.returncode != 0, f"{args[0]} should have failed:\n{result.stdout[-3000:]}"
         return result.stdout + result.stderr
     return _run

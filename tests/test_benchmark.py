@@ -8,7 +8,7 @@ import pytest
 
 from plans.variants import make_plans_variant
 
-DATASET = 513
+DATASET = 518
 PLANS = "nnUNetPlans_tiny"
 VARIANTS = ("nnunet_merged", "lsms", "lsms_constant_text")
 TRAINERS = {"nnunet_merged": "nnUNetTrainer_budget_merged", "lsms": "LSMSTrainer_budget",
@@ -32,7 +32,7 @@ def benchmarked(run, nnunet_dirs):
     results_folder = Path(nnunet_dirs["nnUNet_results"]) / raw.name
     out = results_folder / f"lsms_benchmark_{PLANS}_2d"
     checkpoints_after_first = _checkpoint_times(results_folder)
-    results_after_first = json.loads((out / "results.json").read_text())
+    results_after_first = json.loads((out / "results.json").read_text(encoding="utf-8"))
     start = time.perf_counter()
     second = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
     return dict(raw=raw, results_folder=results_folder, out=out, first=first, second=second,
@@ -42,13 +42,13 @@ def benchmarked(run, nnunet_dirs):
 
 
 def _validation_expressions(benchmarked) -> list[dict]:
-    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text())
-    expressions = json.loads((benchmarked["raw"] / "expressions.json").read_text())["expressions"]
+    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text(encoding="utf-8"))
+    expressions = json.loads((benchmarked["raw"] / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     return [e for e in expressions if e["case"] in set(splits[0]["val"])]
 
 
 def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
-    results = json.loads((benchmarked["out"] / "results.json").read_text())
+    results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
     assert results["budget"] == {"epochs": 1, "iterations_per_epoch": 2}
     assert results["folds"] == [0]
     assert [v["name"] for v in results["variants"]] == list(VARIANTS)
@@ -86,8 +86,8 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
 
 def test_vanilla_is_trained_on_merged_labels_and_answers_every_expression_with_its_lesion_mask(benchmarked):
     model = benchmarked["results_folder"] / f"{TRAINERS['nnunet_merged']}__{PLANS}__2d"
-    raw_labels = json.loads((benchmarked["raw"] / "dataset.json").read_text())["labels"]
-    dataset_json = json.loads((model / "dataset.json").read_text())
+    raw_labels = json.loads((benchmarked["raw"] / "dataset.json").read_text(encoding="utf-8"))["labels"]
+    dataset_json = json.loads((model / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "lesion": sorted(v for v in raw_labels.values() if v)}
     assert dataset_json["regions_class_order"] == [1]
     answers = benchmarked["out"] / "predictions" / "nnunet_merged" / "fold_0" / "referring"
@@ -97,14 +97,14 @@ def test_vanilla_is_trained_on_merged_labels_and_answers_every_expression_with_i
 
 
 def test_lsms_answers_the_ad_hoc_all_lesions_prompt(benchmarked):
-    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text())
+    splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text(encoding="utf-8"))
     for name in ("lsms", "lsms_constant_text"):
         folder = benchmarked["out"] / "predictions" / name / "fold_0" / "all_lesions"
         assert sorted(p.name for p in folder.glob("*.nii.gz")) == [f"{case}.nii.gz" for case in splits[0]["val"]]
 
 
 def test_results_md_table_and_plots(benchmarked):
-    markdown = (benchmarked["out"] / "results.md").read_text()
+    markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
     header = next(line for line in markdown.splitlines() if line.startswith("| variant"))
     for column in ("mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
                    "s/iter vs vanilla", "probe s/iter", "GFLOPs", "params", "peak mem"):
@@ -128,7 +128,7 @@ def test_rerun_neither_retrains_nor_remeasures(benchmarked):
     assert second.count("all measurements recorded earlier, reused") == len(VARIANTS)
     assert "nnUNetv2_train" not in second and "measured" not in second
     assert benchmarked["second_seconds"] < 60
-    rerun = json.loads((benchmarked["out"] / "results.json").read_text())
+    rerun = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
     assert rerun["variants"] == benchmarked["results_after_first"]["variants"]
     assert not list(benchmarked["out"].rglob("*.tmp"))
 

@@ -88,7 +88,7 @@ def test_3d_nifti_round_trip_with_overlaps_and_empty_mask(tmp_path):
     with pytest.warns(UserWarning, match="is empty"):
         folder = convert_expression_masks(table, 7, "Boxes", raw_root=tmp_path / "raw")
     assert folder == tmp_path / "raw" / "Dataset007_Boxes"
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, 8)}}
     assert dataset["numTraining"] == 2 and dataset["file_ending"] == ".nii.gz"
     expressions = load_expressions(folder / "expressions.json")
@@ -115,7 +115,7 @@ def test_roundtrip_check_detects_tampered_targets(tmp_path):
     table = write_table(tmp_path / "t.csv", [[image.name, f"box {i}", path.name] for i, path in
                                              enumerate(mask_paths)])
     folder = convert_expression_masks(table, 8, "Tamper", raw_root=tmp_path / "raw")
-    document = json.loads((folder / "expressions.json").read_text())
+    document = json.loads((folder / "expressions.json").read_text(encoding="utf-8"))
     document["expressions"][0]["targets"] = document["expressions"][0]["targets"][:-1]
     (folder / "expressions.json").write_text(json.dumps(document))
     with pytest.raises(ConversionError, match=r"row 1 .*differ"):
@@ -138,7 +138,7 @@ def test_2d_png_set_stays_png_and_reads_with_natural_image_io(tmp_path):
     table = tmp_path / "table.json"
     table.write_text(json.dumps(entries))
     folder = convert_expression_masks(table, 9, "Slices", raw_root=tmp_path / "raw", channel_name="grayscale")
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["file_ending"] == ".png" and len(dataset["labels"]) == 4
     assert dataset["channel_names"] == {"0": "grayscale"}
     seg, _ = NaturalImage2DIO().read_seg(str(folder / "labelsTr" / "slice_a.png"))
@@ -287,7 +287,7 @@ def test_rerun_redoes_only_changed_cases_and_guards_foreign_datasets(tmp_path, c
     beta_map = sitk.GetArrayFromImage(sitk.ReadImage(str(labels["beta"])))
     beta_expression = load_expressions(folder / "expressions.json")[3]
     assert np.array_equal(np.isin(beta_map, beta_expression.targets), changed)
-    manifest = json.loads((folder / MANIFEST_NAME).read_text())
+    manifest = json.loads((folder / MANIFEST_NAME).read_text(encoding="utf-8"))
     assert set(manifest["cases"]) == {"alpha", "beta"}
 
     convert_expression_masks(table, 17, "Rerun", raw_root=raw, overwrite=True)
@@ -298,7 +298,7 @@ def test_rerun_redoes_only_changed_cases_and_guards_foreign_datasets(tmp_path, c
     (foreign / "dataset.json").write_text("{}")
     with pytest.raises(ConversionError, match="Dataset018_Foreign, which was not made by this converter"):
         convert_expression_masks(table, 18, "Foreign", raw_root=raw)
-    assert (foreign / "dataset.json").read_text() == "{}"
+    assert (foreign / "dataset.json").read_text(encoding="utf-8") == "{}"
     folder = convert_expression_masks(table, 18, "Foreign", raw_root=raw, overwrite=True)
     assert (folder / MANIFEST_NAME).is_file()
 

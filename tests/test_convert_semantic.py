@@ -72,7 +72,7 @@ def nouns(template):
 def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_x):
     source = make_nnunet_source(tmp_path / "source", flip_x=flip_x)
     folder = convert_semantic(source, "tumour", "liver", 21, "Blobs", raw_root=tmp_path / "raw")
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, "region_1": 1, "region_2": 2, "region_3": 3}
     region_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "liver_001.nii.gz")))
     if flip_x:
@@ -82,7 +82,7 @@ def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_
         assert (region_map[z:z + edge, y:y + edge, x:x + edge] == region_id).all()
     assert region_map[20, 26, 30] == 0, "specks below min_lesion_voxels are background"
 
-    regions = json.loads((folder / "regions.json").read_text())["cases"]["liver_001"]["regions"]
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))["cases"]["liver_001"]["regions"]
     assert [r["size_voxels"] for r in regions] == [216, 125, 64]
     assert [r["size_rank"] for r in regions] == [1, 2, 3]
     assert regions[0]["size_physical"] == pytest.approx(216 * 2.0 / 1000) and regions[0]["size_unit"] == "mL"
@@ -119,9 +119,9 @@ def test_same_seed_same_phrasing_and_other_seed_same_targets(tmp_path):
     source = make_nnunet_source(tmp_path / "source", cases=("liver_001",))
     first = convert_semantic(source, 2, 1, 22, "SeedA", raw_root=tmp_path / "raw", seed=5)
     again = convert_semantic(source, 2, 1, 22, "SeedA", raw_root=tmp_path / "raw", seed=5, overwrite=True)
-    assert (first / "expressions.json").read_text() == (again / "expressions.json").read_text()
+    assert (first / "expressions.json").read_text(encoding="utf-8") == (again / "expressions.json").read_text(encoding="utf-8")
     other = convert_semantic(source, 2, 1, 23, "SeedB", raw_root=tmp_path / "raw", seed=6)
-    families = [json.loads((folder / "regions.json").read_text())["cases"]["liver_001"]["expressions"]
+    families = [json.loads((folder / "regions.json").read_text(encoding="utf-8"))["cases"]["liver_001"]["expressions"]
                 for folder in (first, other)]
     assert [e["family"] for e in families[0]] == [e["family"] for e in families[1]]
     assert ([e.targets for e in load_expressions(first / "expressions.json")] ==
@@ -141,13 +141,13 @@ def test_plain_folder_2d_uses_8_connectivity_and_organ_halves(tmp_path):
     sitk.WriteImage(sitk.GetImageFromArray(image), str(source / "images" / "slice_0000.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(label), str(source / "labels" / "slice.nii.gz"))
     folder = convert_semantic(source, 3, 1, 24, "Plain", raw_root=tmp_path / "raw", min_lesion_voxels=5)
-    regions = json.loads((folder / "regions.json").read_text())["cases"]["slice"]["regions"]
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))["cases"]["slice"]["regions"]
     assert [r["size_voxels"] for r in regions] == [26, 16] and regions[0]["size_unit"] == "mm2"
     assert [r["side_of_organ"] for r in regions] == ["right", "left"] and regions[0]["lobe"] is None
     by_text = texts_to_targets(load_expressions(folder / "expressions.json"), "slice")
     assert by_text["the lesion in the patient's left half of the organ"] == (2,)
     assert by_text["the hyperdense lesion"] == () and by_text["all hypodense lesions"] == (1, 2)
-    assert json.loads((folder / "dataset.json").read_text())["channel_names"] == {"0": "CT"}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": "CT"}
 
 
 def test_extract_regions_orders_by_size_and_drops_small():
@@ -192,7 +192,7 @@ def test_cli_entry_refuses_existing_dataset_without_overwrite(tmp_path, monkeypa
 
 def test_non_ct_channel_says_intense_and_plain_label_names_become_nouns(tmp_path):
     source = make_nnunet_source(tmp_path / "source", cases=("liver_001",))
-    dataset = json.loads((source / "dataset.json").read_text())
+    dataset = json.loads((source / "dataset.json").read_text(encoding="utf-8"))
     dataset["channel_names"] = {"0": "T1"}
     dataset["labels"] = {"background": 0, "liver": 1, "metastasis": 2}
     (source / "dataset.json").write_text(json.dumps(dataset))
@@ -200,4 +200,4 @@ def test_non_ct_channel_says_intense_and_plain_label_names_become_nouns(tmp_path
     texts = [e.text for e in load_expressions(folder / "expressions.json")]
     assert any("hypointense" in text for text in texts) and not any("dense" in text for text in texts)
     assert any("metastases" in text or "metastasis" in text for text in texts)
-    assert json.loads((folder / "dataset.json").read_text())["channel_names"] == {"0": "T1"}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": "T1"}

@@ -31,7 +31,7 @@ def test_lits_plain_task_with_both_trainers(run, nnunet_dirs, tmp_path):
         assert prediction.GetSize() == reference.GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}
         summary = json.loads((Path(nnunet_dirs["nnUNet_results"]) / raw.name / f"{trainer}__nnUNetPlans_tiny__3d_fullres"
-                              / "fold_0" / "validation" / "summary.json").read_text())
+                              / "fold_0" / "validation" / "summary.json").read_text(encoding="utf-8"))
         assert set(summary["mean"]) == {"1", "2"}
 
 
@@ -45,6 +45,6 @@ def test_lits_referring_dataset_trains_with_lsms(run, nnunet_dirs):
     raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{REFERRING_ID}_*"))
     summary = json.loads((Path(nnunet_dirs["nnUNet_results"]) / raw.name /
                           "LSMSTrainer_test__nnUNetPlans_tiny__3d_fullres" / "fold_0" / "validation" /
-                          "summary.json").read_text())
+                          "summary.json").read_text(encoding="utf-8"))
     assert summary["aggregate"]["n_expressions"] > 0
     assert all(0.0 <= m["dice"] <= 1.0 for m in summary["metric_per_expression"])

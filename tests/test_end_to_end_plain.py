@@ -33,13 +33,13 @@ def plain_models(run, nnunet_dirs):
 
 def test_validation_summary_has_nnunet_format(plain_models):
     summaries = {t: json.loads((plain_models["results"] / f"{t}__nnUNetPlans_tiny__2d" / "fold_0" / "validation" /
-                                "summary.json").read_text()) for t in TRAINERS}
+                                "summary.json").read_text(encoding="utf-8")) for t in TRAINERS}
     vanilla, lsms = summaries["nnUNetTrainer_test"], summaries["LSMSTrainer_test"]
     assert set(lsms) == set(vanilla)
     assert set(lsms["mean"]) == set(vanilla["mean"]) == {"1", "2", "3", "4"}
     assert set(lsms["mean"]["1"]) == set(vanilla["mean"]["1"])
     model = plain_models["results"] / "LSMSTrainer_test__nnUNetPlans_tiny__2d"
-    assert json.loads((model / "dataset.json").read_text())["labels"]["metastasis"] == 4
+    assert json.loads((model / "dataset.json").read_text(encoding="utf-8"))["labels"]["metastasis"] == 4
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
@@ -60,15 +60,24 @@ def test_stock_predict_writes_label_maps_and_probabilities(plain_models, run, tm
         assert np.array_equal(probabilities.argmax(0), prediction.reshape(probabilities.shape[1:]))
     run("nnUNetv2_evaluate_folder", plain_models["raw"] / "labelsTs", out, "-djfile", out / "dataset.json",
         "-pfile", out / "plans.json")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
 
 
 def test_find_best_configuration_runs_over_both_trainers(plain_models, run):
     run("nnUNetv2_find_best_configuration", DATASET, "-c", "2d", "-tr", *TRAINERS, "-p", "nnUNetPlans_tiny", "-f", 0,
         "-np", 1)
-    inference = json.loads((plain_models["results"] / "inference_information.json").read_text())
+    inference = json.loads((plain_models["results"] / "inference_information.json").read_text(encoding="utf-8"))
     for trainer in TRAINERS:
         assert 0.0 <= inference["all_results"][f"{trainer}__nnUNetPlans_tiny__2d"] <= 1.0
     assert any(k.startswith("ensemble___") for k in inference["all_results"])
     assert inference["best_model_or_ensemble"]["selected_model_or_models"]
+
+
+def test_plain_benchmark_reports_both_trainers(plain_models, run):
+    output = run("LSMSv2_benchmark_plain", "-d", DATASET, "-c", "2d", "-p", "nnUNetPlans_tiny", "--epochs", 1,
+                 "--iterations", 2, nnUNet_n_proc_DA="0").stdout
+    rows = [line for line in output.splitlines() if line.startswith("| nnUNetTrainer_budget") or
+            line.startswith("| LSMSTrainer_budget")]
+    assert len(rows) == 2
+    assert all(len(row.split("|")) == 10 for row in rows)  # name, 4 labels, mean, s/iter, ratio

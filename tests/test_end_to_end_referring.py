@@ -47,16 +47,16 @@ def trained(request, trained_models) -> dict:
 
 
 def test_stock_train_writes_per_expression_validation(trained):
-    summary = json.loads((trained["model"] / "fold_0" / "validation" / "summary.json").read_text())
-    expressions = json.loads((trained["raw"] / "expressions.json").read_text())["expressions"]
+    summary = json.loads((trained["model"] / "fold_0" / "validation" / "summary.json").read_text(encoding="utf-8"))
+    expressions = json.loads((trained["raw"] / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     splits = json.loads((Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name / "splits_final.json")
-                        .read_text())
+                        .read_text(encoding="utf-8"))
     validation_cases = set(splits[0]["val"])
     expected = {e["id"] for e in expressions if e["case"] in validation_cases}
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
     assert 0.0 <= summary["aggregate"]["mean_dice"] <= 1.0
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
-    dataset_json = json.loads((trained["model"] / "dataset.json").read_text())
+    dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
 
 
@@ -77,7 +77,7 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
     out = tmp_path / "predictions"
     run("nnUNetv2_predict", "-i", images, "-o", out, "-d", trained["dataset"], "-c", trained["configuration"],
         "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
-    expressions = json.loads((images / "expressions.json").read_text())["expressions"]
+    expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     assert expressions
     for expression in expressions:
         mask_file = out / f"{expression['id']}.nii.gz"
@@ -86,10 +86,10 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
         assert mask.GetSize() == image.GetSize()
         assert np.allclose(mask.GetSpacing(), image.GetSpacing())
         assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
-    index = json.loads((out / "expressions_index.json").read_text())
+    index = json.loads((out / "expressions_index.json").read_text(encoding="utf-8"))
     assert {e["id"] for e in index["expressions"]} == {e["id"] for e in expressions}
     run("LSMSv2_evaluate", "-ref", trained["raw"] / "labelsTs", "-pred", out, "-e", images / "expressions.json")
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["aggregate"]["n_expressions"] == len(expressions)
 
 
@@ -190,7 +190,7 @@ def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, 
     summary_file = trained["model"] / "fold_0" / "validation" / "summary.json"
     summary_file.unlink()
     run("nnUNetv2_train", *common, "--val", nnUNet_n_proc_DA="0")  # loads the checkpoint (and its model card)
-    assert json.loads(summary_file.read_text())["aggregate"]["n_expressions"] > 0
+    assert json.loads(summary_file.read_text(encoding="utf-8"))["aggregate"]["n_expressions"] > 0
     run("nnUNetv2_train", *common, "--c", nnUNet_n_proc_DA="0")  # a finished training resumes as finished
     run("nnUNetv2_train", *common[:2], 1, *common[3:], nnUNet_n_proc_DA="0")
     out = tmp_path / "out"
@@ -198,7 +198,7 @@ def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, 
     folds = arguments.index("-f")
     arguments[folds + 1: folds + 2] = [0, 1]  # two folds averaged
     run("nnUNetv2_predict", *arguments, "--save_probabilities", "-step_size", 0.7)
-    expression = json.loads((trained["raw"] / "imagesTs" / "expressions.json").read_text())["expressions"][0]
+    expression = json.loads((trained["raw"] / "imagesTs" / "expressions.json").read_text(encoding="utf-8"))["expressions"][0]
     probabilities = np.load(out / f"{expression['id']}.npz")["probabilities"]
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{expression['id']}.nii.gz")))
     assert probabilities.shape[0] == 2 and probabilities[0].size == mask.size  # nnU-Net layout: 2D as [C, 1, X, Y]
@@ -213,7 +213,7 @@ def test_lsms_plans_train_with_the_stock_command(trained_models, run):
     import torch
 
     plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name / "nnUNetLSMSPlans.json")
-                       .read_text())
+                       .read_text(encoding="utf-8"))
     checkpoint = torch.load(trained["model"].parent / "LSMSTrainer_test__nnUNetLSMSPlans__2d" / "fold_0" /
                             "checkpoint_final.pth", map_location="cpu", weights_only=False)
     network = checkpoint["network_weights"]["_extra_state"]["network"]

@@ -72,7 +72,7 @@ def folders(tmp_path):
 def _strict_json(path: Path) -> dict:
     def reject(constant):
         raise AssertionError(f"{path} holds {constant}")
-    return json.loads(path.read_text(), parse_constant=reject)
+    return json.loads(path.read_text(encoding="utf-8"), parse_constant=reject)
 
 
 def test_evaluate_folder_per_expression_and_aggregate(folders, tmp_path):
@@ -103,7 +103,7 @@ def test_evaluate_folder_per_expression_and_aggregate(folders, tmp_path):
     assert _strict_json(output_file) == summary
     assert summary["settings"]["nsd_tolerance_mm"] == 1.0
     assert summary["settings"]["expressions"] == str(expressions_file.resolve())
-    table = (tmp_path / "out" / "summary.md").read_text()
+    table = (tmp_path / "out" / "summary.md").read_text(encoding="utf-8")
     assert table == format_summary_table(summary) + "\n"
     assert "| mIoU" in table and "Prec@0.9" in table and "undefined for 2" in table
     assert not [path for path in output_file.parent.iterdir() if path.name.endswith(".tmp")]
@@ -168,7 +168,7 @@ def test_grid_mismatch_and_unknown_targets_name_the_files(folders):
 def _run_cli(*arguments: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", "from lsms_nnunet.evaluation.evaluate import evaluate_entry; "
                                                  "evaluate_entry()", *arguments],
-                          capture_output=True, text=True, timeout=120, cwd=Path(__file__).resolve().parents[1])
+                          capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=Path(__file__).resolve().parents[1])
 
 
 def test_cli_writes_summary_into_prediction_folder_and_prints_table(folders):

@@ -14,7 +14,7 @@ from text_conditioning.expressions import load_expressions
 def test_plain_views_are_crops_of_the_real_volume(tmp_path):
     folder = lits.make_lits_dataset(31, "plain", raw_root=tmp_path, crop=(48, 48, 48), num_cases=5)
     assert folder.name == "Dataset031_LiTS117Views"
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, "liver": 1, "tumour": 2} and dataset["numTraining"] == 5
     assert "5 augmented views of ONE LiTS volume" in dataset["description"]
     assert "not a benchmark" in dataset["description"] and "1 mm isotropic" in dataset["description"]
@@ -42,9 +42,9 @@ def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(str(folder), num_processes=1)
 
-    dataset = json.loads((folder / "dataset.json").read_text())
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert "ONE LiTS volume" in dataset["description"]
-    regions = json.loads((folder / "regions.json").read_text())
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
     assert regions["organ_label"] == 1 and "ONE LiTS volume" in regions["source"]
     expressions = load_expressions(folder / "expressions.json")
     for case, description in regions["cases"].items():

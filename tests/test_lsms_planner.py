@@ -124,7 +124,7 @@ def test_planning_needs_the_fingerprint(datasets, monkeypatch, capsys):
 def test_2d_plans_preprocess_only_what_is_missing_then_reuse_nnunet_data(datasets, monkeypatch, capsys):
     folder = datasets[DATASET_2D]
     _run_cli(monkeypatch, "-d", str(DATASET_2D), "-c", "2d", "-np", "1")
-    plans = json.loads((folder / f"{DEFAULT_PLANS_NAME}.json").read_text())
+    plans = json.loads((folder / f"{DEFAULT_PLANS_NAME}.json").read_text(encoding="utf-8"))
     assert plans["plans_name"] == DEFAULT_PLANS_NAME
     assert plans["experiment_planner_used"] == "LSMSExperimentPlanner"
     assert plans["configurations"]["2d"]["data_identifier"] == f"{DEFAULT_PLANS_NAME}_2d"  # no nnUNetPlans yet
@@ -152,7 +152,7 @@ def plans_3d(datasets) -> dict:
     _run_cli(monkeypatch, "-d", str(DATASET_3D), "--no_pp")
     monkeypatch.undo()
     return {"nnUNetPlans": nnunet_plans,
-            DEFAULT_PLANS_NAME: json.loads((datasets[DATASET_3D] / f"{DEFAULT_PLANS_NAME}.json").read_text())}
+            DEFAULT_PLANS_NAME: json.loads((datasets[DATASET_3D] / f"{DEFAULT_PLANS_NAME}.json").read_text(encoding="utf-8"))}
 
 
 def test_3d_plans_are_valid_share_nnunet_data_and_ask_no_more_than_nnunet(datasets, plans_3d):
@@ -181,7 +181,7 @@ def test_3d_patch_shrinks_more_for_lsms_and_fits_the_target(datasets):
 def test_resenc_preset_m_plans_less_than_nnunet_resenc_m(datasets, monkeypatch):
     _run_cli(monkeypatch, "-d", str(DATASET_3D), "-preset", "M", "--no_pp")
     plans_file = datasets[DATASET_3D] / f"{PRESETS['M'].plans_name}.json"
-    plans = json.loads(plans_file.read_text())
+    plans = json.loads(plans_file.read_text(encoding="utf-8"))
     assert plans["experiment_planner_used"] == LSMSPlannerResEncM.__name__
     nnunet_m = _nnunet_plans(DATASET_3D, nnUNetPlannerResEncM)
     lsms_3d, nnunet_3d = plans["configurations"]["3d_fullres"], nnunet_m["configurations"]["3d_fullres"]

@@ -61,7 +61,7 @@ def region_maps(folder: Path) -> dict[str, np.ndarray]:
 def test_files_and_geometry(datasets, key, shape, dim, names):
     folder = datasets[key]
     assert folder.name == names
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["channel_names"] == {"0": "CT"}
     assert dataset_json["file_ending"] == ".nii.gz"
     assert dataset_json["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)}}
@@ -99,7 +99,7 @@ def test_region_ids_consecutive_and_targets_exist(datasets):
 
 def test_regions_sidecar_describes_the_maps(datasets):
     folder = datasets["3d"]
-    regions = json.loads((folder / "regions.json").read_text())
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
     assert regions["format"] == "lsms-synthetic-regions" and "patient's right" in regions["lobe_convention"]
     maps = region_maps(folder)
     assert sorted(regions["cases"]) == sorted(maps)
@@ -202,7 +202,7 @@ def test_determinism(datasets, tmp_path):
     for path in sorted(original.glob("*s*/*.nii.gz")):
         assert np.array_equal(read_array(path)[0], read_array(again / path.relative_to(original))[0])
     for name in ("expressions.json", "imagesTs/expressions.json", "regions.json", "dataset.json"):
-        assert (original / name).read_text() == (again / name).read_text()
+        assert (original / name).read_text(encoding="utf-8") == (again / name).read_text(encoding="utf-8")
     assert not np.array_equal(generate_case(0, seed=3, shape=SHAPE_2D).image,
                               generate_case(0, seed=4, shape=SHAPE_2D).image)
 
@@ -240,12 +240,12 @@ def test_nnunet_integrity_check_passes(datasets, key):
 
 def test_plain_mode_labels_are_lesion_kinds(datasets):
     plain, referring = datasets["plain"], datasets["2d"]
-    dataset_json = json.loads((plain / "dataset.json").read_text())
+    dataset_json = json.loads((plain / "dataset.json").read_text(encoding="utf-8"))
     assert plain.name == "Dataset503_SynthLiverLesions2D"
     assert dataset_json["labels"] == PLAIN_LABELS == {"background": 0, "cyst": 1, "hemangioma": 2, "hcc": 3,
                                                       "metastasis": 4}
     assert not list(plain.rglob("expressions.json")) and not (plain / "regions.json").exists()
-    regions = json.loads((referring / "regions.json").read_text())["cases"]
+    regions = json.loads((referring / "regions.json").read_text(encoding="utf-8"))["cases"]
     for path in sorted(plain.glob("labels*/*.nii.gz")):
         relative = path.relative_to(plain)
         region_map = read_array(referring / relative)[0]
@@ -301,7 +301,7 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     make_synthetic_entry()
     folder = tmp_path / "Dataset012_Tiny"
     assert str(folder) in capsys.readouterr().out
-    assert json.loads((folder / "dataset.json").read_text())["lsms_synthetic"] == {
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"] == {
         "seed": 5, "dim": 3, "shape": list(SHAPE_3D), "spacing": list(SPACINGS[3]), "mode": "referring"}
     assert read_array(folder / "imagesTs" / "synliver_002_0000.nii.gz")[0].shape == SHAPE_3D
 
@@ -312,4 +312,4 @@ def test_command_line(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setattr(sys, "argv", [*arguments, "--overwrite", "--plain"])
     make_synthetic_entry()
-    assert json.loads((folder / "dataset.json").read_text())["labels"] == PLAIN_LABELS
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"] == PLAIN_LABELS

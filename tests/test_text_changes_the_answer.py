@@ -93,20 +93,20 @@ def test_two_expressions_on_one_image_segment_their_own_lesions(run, nnunet_dirs
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     identity = EncoderIdentity.from_dict(
         json.loads((Path(nnunet_dirs["nnUNet_preprocessed"]) / folder.name / "lsms_text" / "prompts.json")
-                   .read_text())["encoder"])
+                   .read_text(encoding="utf-8"))["encoder"])
     tokens, mask = embed_texts([TEXTS["bright"], TEXTS["dark"]], identity)
     sentences = (tokens * mask.unsqueeze(-1)).sum(1) / mask.sum(1, keepdim=True)
     network = _TextControlledNet(sentences[0] - sentences[1])
     network.model_card = {"mode": "referring", "text_encoder": identity.to_dict(), "constant_text": None}
     plans = PlansManager(str(Path(nnunet_dirs["nnUNet_preprocessed"]) / folder.name / "nnUNetPlans.json"))
-    dataset_json = json.loads((folder / "dataset.json").read_text())
+    dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     predictor = LSMSPredictor(device=torch.device("cpu"), allow_tqdm=False)
     predictor.manual_initialization(network, plans, plans.get_configuration("2d"), None,
                                     {**dataset_json, "labels": {"background": 0, "target": 1}}, "LSMSTrainer", None)
     out = tmp_path / "out"
     predictor.predict_from_files(str(folder / "imagesTs"), str(out), num_processes_preprocessing=1,
                                  num_processes_segmentation_export=1)
-    expressions = json.loads((folder / "imagesTs" / "expressions.json").read_text())["expressions"]
+    expressions = json.loads((folder / "imagesTs" / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     for case in sorted({e["case"] for e in expressions}):
         regions = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTs" / f"{case}.nii.gz")))
         masks = {e["targets"][0]: sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{e['id']}.nii.gz"))) > 0

@@ -119,7 +119,7 @@ def test_visualize_cli(folders):
                                      "visualize_entry()",
                "-i", str(root / "imagesTs"), "-pred", str(root / "predictions"), "-e", str(expressions_file),
                "-o", str(root / "cli"), "-ref", str(root / "labelsTs"), "--ids", "case_a-e0"]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120,
+    result = subprocess.run(command, capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120,
                             cwd=Path(__file__).resolve().parents[1])
     assert result.returncode == 0, result.stderr
     assert sorted(path.name for path in (root / "cli").iterdir()) == ["case_a-e0.png"]

@@ -179,7 +179,7 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
         raise BenchmarkSetupError(f"{plans_file} is missing. Fix: run LSMSv2_plan_and_preprocess -d {dataset} -c "
                                   f"{configuration}" + ("" if plans == "nnUNetPlans" else
                                                         f", then make the plans variant {plans}") + ".")
-    plans_manager = PlansManager(json.loads(plans_file.read_text()))
+    plans_manager = PlansManager(json.loads(plans_file.read_text(encoding="utf-8")))
     if configuration not in plans_manager.available_configurations:
         raise BenchmarkSetupError(f"{plans_file} has no configuration {configuration!r} (it has "
                                   f"{plans_manager.available_configurations}). Fix: pick one of those with -c.")
@@ -209,7 +209,7 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
     output_folder = Path(output_folder) if output_folder else \
         Path(nnUNet_results) / dataset_name / f"lsms_benchmark_{suffix}"
     chosen = tuple(VARIANTS_BY_NAME[name] for name in dict.fromkeys(variants)) if variants else VARIANTS
-    dataset_json = json.loads((preprocessed_folder / "dataset.json").read_text())
+    dataset_json = json.loads((preprocessed_folder / "dataset.json").read_text(encoding="utf-8"))
     return BenchmarkSetup(dataset_name=dataset_name, configuration=configuration, plans=plans, folds=tuple(folds),
                           epochs=epochs, iterations=iterations, device=device, variants=chosen,
                           output_folder=output_folder, preprocessed_folder=preprocessed_folder,
@@ -229,7 +229,7 @@ def ensure_splits(preprocessed_folder: Path, data_folder: Path) -> list[dict]:
         say(f"{splits_file} missing: making nnU-Net's 5-fold split of {len(identifiers)} cases (seed 12345)")
         splits = generate_crossval_split(identifiers, seed=12345, n_splits=5)
         write_file_atomically(splits_file, json.dumps(splits, indent=4).encode("utf-8"))
-    return json.loads(splits_file.read_text())
+    return json.loads(splits_file.read_text(encoding="utf-8"))
 
 
 # ------------------------------------------------------------------------------------------------ 2. training
@@ -242,7 +242,7 @@ def recorded_budget(fold_folder: Path) -> tuple[int, int] | None:
     debug_file = fold_folder / "debug.json"
     if not debug_file.is_file():
         return None
-    debug = json.loads(debug_file.read_text())
+    debug = json.loads(debug_file.read_text(encoding="utf-8"))
     return int(debug["num_epochs"]), int(debug["num_iterations_per_epoch"])
 
 
@@ -378,7 +378,7 @@ def measure_referring(model: _FoldModel) -> dict:
     setup, variant, fold = model.setup, model.variant, model.fold
     validation_folder = setup.fold_folder(variant, fold) / "validation"
     if variant.uses_text:
-        summary = json.loads((validation_folder / "summary.json").read_text())
+        summary = json.loads((validation_folder / "summary.json").read_text(encoding="utf-8"))
     else:
         summary = evaluate_text_blind_answers(validation_folder, setup.gt_folder, setup.validation_expressions(fold),
                                               setup.file_ending, setup.work_folder(variant, fold, "referring"))
@@ -478,7 +478,7 @@ def measure_variant(setup: BenchmarkSetup, variant: Variant, fold: int) -> dict:
     """All measurements of one trained variant and fold; each is saved as soon as it is done and reused later."""
     record_file = setup.output_folder / "records" / f"{variant.name}__fold_{fold}.json"
     signature = checkpoint_signature(setup.fold_folder(variant, fold) / "checkpoint_final.pth")
-    record = json.loads(record_file.read_text()) if record_file.is_file() else {}
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     if record.get("checkpoint") != signature:
         record = {"variant": variant.name, "trainer": variant.trainer, "fold": fold, "checkpoint": signature}
     missing = [section for section in SECTIONS if section not in record]
@@ -498,7 +498,7 @@ def measure_text_blind_ceiling(setup: BenchmarkSetup, fold: int) -> dict:
     """Referring metrics of the perfect all-lesion mask answering every expression (computed once per fold)."""
     record_file = setup.output_folder / "records" / f"text_blind_ceiling__fold_{fold}.json"
     if record_file.is_file():
-        return json.loads(record_file.read_text())
+        return json.loads(record_file.read_text(encoding="utf-8"))
     folder = setup.output_folder / "predictions" / "text_blind_ceiling" / f"fold_{fold}"
     write_all_lesion_reference_masks(setup.gt_folder, setup.validation_cases(fold), setup.file_ending,
                                      folder / "lesion_masks")

@@ -35,7 +35,7 @@ def probe_training(dataset_name: str, configuration: str, fold: int, trainer_nam
                    "--warm_up_steps", str(warm_up_steps), "--timed_steps", str(timed_steps)]
         completed = subprocess.run(command, env={**environment, "nnUNet_results": results_folder,
                                                  "nnUNet_n_proc_DA": "0"},
-                                   capture_output=True, text=True)
+                                   capture_output=True, text=True, encoding="utf-8", errors="replace")
     lines = [line for line in completed.stdout.splitlines() if line.startswith(PROBE_RESULT_PREFIX)]
     if completed.returncode != 0 or not lines:
         raise RuntimeError(f"The training probe for {trainer_name} failed ({completed.returncode}):\n"

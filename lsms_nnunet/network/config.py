@@ -40,6 +40,9 @@ class LSMSConfig:
     contrastive_dim: int = 64
     contrastive_weight: float = 0.1
     strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
+    #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
+    #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
+    language_gate_init: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "max_tokens", "attention_dim", "num_heads", "fsd_channels_per_scale",

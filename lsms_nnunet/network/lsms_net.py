@@ -45,7 +45,7 @@ class LSMSNet(nn.Module):
         self.svla = nn.ModuleDict({
             str(stage): SVLABlock(encoder.output_channels[stage], conv_op, config.attention_dim,
                                   config.attention_dim, config.num_heads, config.strip_kernel_sizes,
-                                  config.visual_branch, config.language_branch)
+                                  config.visual_branch, config.language_branch, config.language_gate_init)
             for stage in config.svla_stage_indices(len(encoder.output_channels))
         })
         self.text_adapter = nn.Sequential(nn.Linear(config.text_dim, config.attention_dim),

@@ -82,11 +82,12 @@ class VisionLanguageAttention(nn.Module):
     """Voxel-to-word cross-attention (voxels query the expression's tokens), scaled by a per-channel tanh gate.
 
     text_dim is the width of the tokens this module receives (the network's adapted tokens). The gate starts at
-    tanh(0.1) ~= 0.1: small, so the pretrained-like encoder path dominates at first, but non-zero, so the attention
-    weights get gradients from the first step. Rows with no real token attend to nothing: their output is zero.
+    tanh(gate_init) (LSMSConfig.language_gate_init): non-zero, so the attention weights get gradients from the first
+    step, and large enough that the text path is used early (the encoder trains from scratch, there is no pretrained
+    path to protect). Rows with no real token attend to nothing: their output is zero.
     """
 
-    def __init__(self, channels: int, text_dim: int, attention_dim: int, num_heads: int, gate_init: float = 0.1):
+    def __init__(self, channels: int, text_dim: int, attention_dim: int, num_heads: int, gate_init: float = 1.0):
         super().__init__()
         if attention_dim % num_heads:
             raise ValueError(f"attention_dim ({attention_dim}) must be divisible by num_heads ({num_heads}).")
@@ -127,13 +128,13 @@ class SVLABlock(nn.Module):
 
     def __init__(self, channels: int, conv_op: Type[_ConvNd], text_dim: int, attention_dim: int, num_heads: int,
                  strip_kernel_sizes: Sequence[int] = (7, 11, 21), visual_branch: bool = True,
-                 language_branch: bool = True):
+                 language_branch: bool = True, language_gate_init: float = 1.0):
         super().__init__()
         if not (visual_branch or language_branch):
             raise ValueError("An SVLA block needs the visual or the language branch; to drop SVLA entirely build "
                              "no block (LSMSConfig.svla_stages=()).")
         self.visual = ScaleAwareVisualAttention(channels, conv_op, strip_kernel_sizes) if visual_branch else None
-        self.language = (VisionLanguageAttention(channels, text_dim, attention_dim, num_heads)
+        self.language = (VisionLanguageAttention(channels, text_dim, attention_dim, num_heads, language_gate_init)
                          if language_branch else None)
         self.modulation = conv_op(channels, channels, 1)
 
