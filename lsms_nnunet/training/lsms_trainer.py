@@ -143,7 +143,10 @@ class LSMSTrainer(nnUNetTrainer):
                                   for i, t in enumerate(texts)})
 
     def get_dataloaders(self):
-        """nnU-Net's loaders (same transforms, patch sizes, oversampling) over (case, prompt) pairs."""
+        """nnU-Net's loaders (same transforms, patch sizes, oversampling) over (case, prompt) pairs.
+
+        Copied from nnU-Net 2.8.1 `nnUNetTrainer.get_dataloaders`, which hard-codes `nnUNetDataLoader`.
+        """
         patch_size = self.configuration_manager.patch_size
         deep_supervision_scales = self._get_deep_supervision_scales()
         rotation_for_DA, do_dummy_2d_data_aug, initial_patch_size, mirror_axes = \
