@@ -13,6 +13,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -199,13 +200,14 @@ def region_map_image(region_map: np.ndarray, reference: sitk.Image, ending: str)
     return sitk.Cast(image, region_map_pixel_type(int(region_map.max(initial=0)), ending))
 
 
-def write_image_atomically(image: sitk.Image, path: Path) -> None:
-    """Write through a temporary file in the same folder so nnU-Net never sees a partial image."""
+@contextmanager
+def _temporary_beside(path: Path, suffix: str) -> Iterator[str]:
+    """A temporary file next to `path`, moved onto it when the block succeeds and removed when it fails."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=f".tmp{image_ending(path)}")
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
     os.close(handle)
     try:
-        sitk.WriteImage(image, temporary, useCompression=True)
+        yield temporary
         os.replace(temporary, path)
     except BaseException:
         if os.path.exists(temporary):
@@ -213,17 +215,15 @@ def write_image_atomically(image: sitk.Image, path: Path) -> None:
         raise
 
 
+def write_image_atomically(image: sitk.Image, path: Path) -> None:
+    """Write through a temporary file in the same folder so nnU-Net never sees a partial image."""
+    with _temporary_beside(path, f".tmp{image_ending(path)}") as temporary:
+        sitk.WriteImage(image, temporary, useCompression=True)
+
+
 def copy_file_atomically(source: Path, destination: Path) -> None:
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp")
-    os.close(handle)
-    try:
+    with _temporary_beside(destination, ".tmp") as temporary:
         shutil.copyfile(source, temporary)
-        os.replace(temporary, destination)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
 
 
 def write_json_atomically(path: Path, content: Any) -> None:
