@@ -55,3 +55,35 @@ def test_loader_oversamples_the_referred_region_and_carries_text():
     # every sample is forced onto the referred region (id 2), which is binarised to 1; region 1 never shows up
     assert all((batch["target"][i] == 1).any() for i in range(4))
     assert set(torch.unique(batch["target"]).tolist()) <= {-1, 0, 1}
+
+
+class _TwoCaseDataset(_FakeDataset):
+    def __init__(self, seg: np.ndarray):
+        super().__init__(seg)
+        self.identifiers = ["case_a", "case_b"]
+        self.loaded: list[str] = []
+
+    def load_case(self, identifier):
+        self.loaded.append(identifier)
+        return super().load_case(identifier)
+
+
+def test_each_drawn_image_is_asked_different_questions_in_one_batch():
+    """prompts_per_image=2: consecutive slots hold the same case with prompts of different targets, so the batch
+    can only be fitted through the text."""
+    texts = ["the top-left lesion", "the bottom-right lesion", "both lesions"]
+    prompts = {case: [Prompt((texts[0],), (1,), f"{case}-e0"), Prompt((texts[1],), (2,), f"{case}-e1"),
+                      Prompt((texts[2],), (1, 2), f"{case}-e2")] for case in ("case_a", "case_b")}
+    bank = TextEmbeddingBank({t: (np.full((4, 8), i, np.float32), np.ones(4, bool), np.zeros(8))
+                              for i, t in enumerate(texts)})
+    dataset = _TwoCaseDataset(_region_map())
+    loader = LSMSDataLoader(dataset, 6, (64, 64), (64, 64), LabelManager({"background": 0, "target": 1}, None),
+                            prompts_by_case=prompts, text_bank=bank, prompts_per_image=2)
+    for _ in range(20):
+        dataset.loaded.clear()
+        batch = loader.generate_train_batch()
+        assert dataset.loaded[0::2] == dataset.loaded[1::2]
+        for first, second in zip(batch["text_keys"][0::2], batch["text_keys"][1::2]):
+            assert first != second
+        for first, second in zip(batch["target"][0::2], batch["target"][1::2]):
+            assert not torch.equal(first, second)  # same image (whole-image patch), different answers

@@ -15,7 +15,7 @@ from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
 from lsms_nnunet.network import (ABLATIONS, DepthwiseStripConv, FullScaleDecoder, LSMSConfig, LSMSNet,
-                                 VisionLanguageContrastiveLoss, build_lsms_network)
+                                 TextConditionedHead, VisionLanguageContrastiveLoss, build_lsms_network)
 
 TINY = LSMSConfig(text_dim=16, max_tokens=6, attention_dim=8, num_heads=2, contrastive_dim=8,
                   fsd_channels_per_scale=4)
@@ -99,6 +99,7 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_ablations_switch_exactly_their_flag():
     expected_changes = {"full": {}, "no_visual": {"visual_branch": False}, "no_language": {"language_branch": False},
+                        "static_head": {"text_conditioned_head": False},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False}}
     assert set(ABLATIONS) == set(expected_changes)
     for name, changes in expected_changes.items():
@@ -164,6 +165,34 @@ def test_different_texts_give_different_outputs():
         first = network(x, *random_text(2, 0))[0]
         second = network(x, *random_text(2, 1))[0]
     assert not torch.allclose(first, second)
+
+
+def test_text_conditioned_head_starts_as_the_static_head_and_then_follows_the_sentence():
+    static = nn.Conv2d(4, 2, 1)
+    head = TextConditionedHead(static, sentence_dim=3)
+    features = torch.randn(2, 4, 5, 5)
+    with pytest.raises(RuntimeError, match="no sentence bound"):
+        head(features)
+    head.sentence = torch.randn(2, 3)
+    assert torch.allclose(head(features), static(features))  # zero controller: nnU-Net's head
+    with torch.no_grad():
+        head.controller.weight.normal_()
+    moved = head(features)
+    head.sentence = head.sentence.flip(0)
+    assert not torch.allclose(head(features), moved)
+    assert not torch.allclose(moved, static(features))
+    with pytest.raises(ValueError, match="do not match the batch"):
+        head.sentence = torch.randn(3, 3)
+        head(features)
+
+
+def test_every_deep_supervision_head_is_text_conditioned_unless_ablated():
+    for decoder in ("fsd", "unet"):
+        config = dataclasses.replace(TINY, decoder=decoder)
+        assert all(isinstance(h, TextConditionedHead) for h in build(plans_architecture(2, False), config=config)
+                   .decoder.seg_layers)
+        static = build(plans_architecture(2, False), config=config.with_ablation("static_head"))
+        assert not any(isinstance(h, TextConditionedHead) for h in static.decoder.seg_layers)
 
 
 def test_padding_tokens_do_not_influence_the_output():

@@ -74,6 +74,8 @@ VARIANTS = (
     Variant("lsms_no_language", "LSMSTrainer_budget_no_language", "LSMS without the SVLA vision-language branch"),
     Variant("lsms_unet_decoder", "LSMSTrainer_budget_unet_decoder", "LSMS with a plain U-Net decoder instead of FSD"),
     Variant("lsms_no_contrastive", "LSMSTrainer_budget_no_contrastive", "LSMS without the contrastive loss term"),
+    Variant("lsms_static_head", "LSMSTrainer_budget_static_head",
+            "LSMS with nnU-Net's static output heads (text through SVLA only)"),
 )
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 

@@ -14,6 +14,7 @@ ABLATIONS: dict[str, dict] = {
     "no_language": {"language_branch": False},
     "unet_decoder": {"decoder": "unet"},
     "no_contrastive": {"contrastive": False},
+    "static_head": {"text_conditioned_head": False},
 }
 
 
@@ -35,6 +36,9 @@ class LSMSConfig:
     visual_branch: bool = True
     language_branch: bool = True
     decoder: str = "fsd"
+    #: Output heads whose weights the sentence shifts (network/text_head.py); False = nnU-Net's static heads, the
+    #: text then enters through SVLA only.
+    text_conditioned_head: bool = True
     fsd_channels_per_scale: int = 16
     contrastive: bool = True
     contrastive_dim: int = 64
@@ -50,7 +54,7 @@ class LSMSConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("visual_branch", "language_branch", "contrastive"):
+        for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LSMSConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.attention_dim % self.num_heads:

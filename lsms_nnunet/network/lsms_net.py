@@ -19,6 +19,7 @@ from torch import nn
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.full_scale_decoder import FullScaleDecoder
 from lsms_nnunet.network.svla import SVLABlock
+from lsms_nnunet.network.text_head import TextConditionedHead
 
 SUPPORTED_ARCHITECTURES = (PlainConvUNet, ResidualEncoderUNet)
 INITIAL_TEMPERATURE = 0.07  # CLIP's starting temperature
@@ -55,6 +56,9 @@ class LSMSNet(nn.Module):
                                             config.fsd_channels_per_scale)
         else:
             self.decoder = UNetDecoder(encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
+        if config.text_conditioned_head:  # every deep-supervision head, so each output level answers the text
+            self.decoder.seg_layers = nn.ModuleList(TextConditionedHead(layer, config.attention_dim)
+                                                    for layer in self.decoder.seg_layers)
         if config.contrastive:
             self.voxel_projection = conv_op(encoder.output_channels[0], config.contrastive_dim, 1)
             self.sentence_projection = nn.Linear(config.attention_dim, config.contrastive_dim)
@@ -99,7 +103,9 @@ class LSMSNet(nn.Module):
             skips.append(x)
         if prompts_per_image > 1:
             _, skips = self._repeat_for_prompts(x, skips, prompts_per_image)
-        logits = self.decoder(skips)
+        real = text_mask.unsqueeze(-1).to(tokens.dtype)
+        sentence = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
+        logits = self._decode(skips, sentence)
         if not self.config.contrastive:
             if return_aux:
                 raise ValueError("return_aux=True needs LSMSConfig.contrastive=True (the network has no "
@@ -108,14 +114,23 @@ class LSMSNet(nn.Module):
         features = self._decoder_features.pop("highest_resolution")
         if not return_aux:
             return logits
-        real = text_mask.unsqueeze(-1).to(tokens.dtype)
-        pooled = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
         aux = {
             "voxel_embedding": F.normalize(self.voxel_projection(features), dim=1),
-            "sentence_embedding": F.normalize(self.sentence_projection(pooled), dim=1),
+            "sentence_embedding": F.normalize(self.sentence_projection(sentence), dim=1),
             "logit_scale": self.log_logit_scale.clamp(0, math.log(MAX_LOGIT_SCALE)).exp(),
         }
         return logits, aux
+
+    def _decode(self, skips: list[torch.Tensor], sentence: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The decoder, with the sentence bound to the text-conditioned heads for this pass only."""
+        heads = [head for head in self.decoder.seg_layers if isinstance(head, TextConditionedHead)]
+        for head in heads:
+            head.sentence = sentence
+        try:
+            return self.decoder(skips)
+        finally:
+            for head in heads:
+                head.sentence = None
 
     def _match_text_to_images(self, x: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor
                               ) -> tuple[torch.Tensor, torch.Tensor]:

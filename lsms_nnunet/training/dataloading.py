@@ -3,7 +3,8 @@
 nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `load_case` draws one prompt of the
 case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
 (referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path. The loader subclass
-then adds the text tensors of the drawn prompts to the batch.
+draws each case `prompts_per_image` times per batch, each time with a prompt of different targets, and adds the text
+tensors of the drawn prompts to the batch.
 """
 from __future__ import annotations
 
@@ -40,21 +41,35 @@ class ReferredSegmentation:
 
 
 class PromptSamplingDataset:
-    """Wraps an nnU-Net dataset; every `load_case` draws one prompt of the case and records it."""
+    """Wraps an nnU-Net dataset; every `load_case` draws one prompt of the case and records it.
 
-    def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float):
+    The loader fills a batch in groups of `prompts_per_image` slots holding the same case; `drawn` is cleared per
+    batch, so its length is the slot being filled.
+    """
+
+    def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float,
+                 prompts_per_image: int = 1):
         self.dataset = dataset
         self.identifiers = dataset.identifiers
         self.prompts_by_case = prompts_by_case
         self.present_label_bias = present_label_bias
-        self.drawn: list[tuple[Prompt, str]] = []
+        self.prompts_per_image = prompts_per_image
+        self.drawn: list[tuple[Prompt, str]] = []  # (prompt, text) per slot of the batch being built
 
     def _draw(self, case: str, class_locations: Mapping) -> Prompt:
-        prompts = self.prompts_by_case[case]
+        prompts = self._not_yet_answered(case)
         present = [p for p in prompts if any(len(class_locations.get(t, ())) for t in p.targets)]
         if present and random.random() < self.present_label_bias:
             return random.choice(present)
         return random.choice(prompts)
+
+    def _not_yet_answered(self, case: str) -> Sequence[Prompt]:
+        """The case's prompts whose targets differ from those already drawn for its image group (all prompts, if
+        none differ): one image asked different questions can only be answered through the text."""
+        group_start = len(self.drawn) - len(self.drawn) % self.prompts_per_image
+        answered = {tuple(prompt.targets) for prompt, _ in self.drawn[group_start:]}
+        different = [p for p in self.prompts_by_case[case] if tuple(p.targets) not in answered]
+        return different or self.prompts_by_case[case]
 
     def load_case(self, identifier: str):
         data, seg, seg_prev, properties = self.dataset.load_case(identifier)
@@ -80,14 +95,25 @@ class TextEmbeddingBank:
 
 
 class LSMSDataLoader(nnUNetDataLoader):
-    """nnU-Net's loader over a prompt-sampling dataset; batches carry `text_tokens`, `text_mask`, `text_keys`."""
+    """nnU-Net's loader over a prompt-sampling dataset; batches carry `text_tokens`, `text_mask`, `text_keys`.
+
+    Each drawn case fills `prompts_per_image` consecutive batch slots (own crop and augmentation, different prompts).
+    """
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
-                 present_label_bias: float = 0.0, **kwargs):
-        super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias), batch_size, patch_size,
-                         final_patch_size, label_manager, **kwargs)
+                 present_label_bias: float = 0.0, prompts_per_image: int = 1, **kwargs):
+        if prompts_per_image < 1:
+            raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}.")
+        super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image),
+                         batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
+        self.prompts_per_image = prompts_per_image
+
+    def get_indices(self) -> list:
+        images = -(-self.batch_size // self.prompts_per_image)
+        cases = np.random.choice(self.indices, images, replace=True, p=self.sampling_probabilities)
+        return list(np.repeat(cases, self.prompts_per_image)[:self.batch_size])
 
     def generate_train_batch(self) -> dict:
         self._data.drawn.clear()

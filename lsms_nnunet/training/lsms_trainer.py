@@ -72,6 +72,9 @@ class LSMSTrainer(nnUNetTrainer):
     use_constant_text: bool = False
     #: Plain tasks: probability of drawing a label present in the sampled case (others teach "not here").
     present_label_bias: float = 0.75
+    #: Batch slots per drawn case, each with a prompt of different targets: one image asked different questions in
+    #: the same step, so the loss can only fall through the text (see the issue-2 note for the measurement).
+    prompts_per_image: int = 2
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -164,6 +167,7 @@ class LSMSTrainer(nnUNetTrainer):
         prompts_by_case = self._prompts_by_case(dataset_tr.identifiers + dataset_val.identifiers)
         bias = self.present_label_bias if self.prompt_set.mode == PLAIN else 0.0
         common = dict(prompts_by_case=prompts_by_case, text_bank=text_bank, present_label_bias=bias,
+                      prompts_per_image=min(self.prompts_per_image, self.batch_size),
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,

@@ -86,6 +86,10 @@ class LSMSTrainer_budget_no_contrastive(LSMSTrainer_budget):
     lsms_config_overrides = {"contrastive": False}
 
 
+class LSMSTrainer_budget_static_head(LSMSTrainer_budget):
+    lsms_config_overrides = {"text_conditioned_head": False}
+
+
 class LSMSTrainer_budget_constant_text(LSMSTrainer_budget):
     use_constant_text = True
 
