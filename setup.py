@@ -53,6 +53,7 @@ setup(
             "LSMSv2_encode_text=lsms_nnunet.preprocessing.encode_text:encode_text_entry",
             "LSMSv2_plan_and_preprocess=lsms_nnunet.preprocessing.encode_text:plan_and_preprocess_entry",
             "LSMSv2_plan_experiment=plans.lsms_planner:plan_experiment_entry",
+            "LSMSv2_plans_variant=plans.variants:plans_variant_entry",
             "LSMSv2_train=lsms_nnunet.training.train_entry:train_entry",
             "LSMSv2_predict=lsms_nnunet.inference.predict_entry:predict_entry",
             "LSMSv2_evaluate=lsms_nnunet.evaluation.evaluate:evaluate_entry",
