@@ -1,4 +1,5 @@
-"""LSMS network: the planned nnU-Net encoder with SVLA blocks, a full-scale (or U-Net) decoder and contrastive heads."""
+"""LSMS network: the planned nnU-Net encoder with SVLA blocks, a full-scale (or U-Net) decoder with text-conditioned
+output heads, and contrastive projection heads."""
 from __future__ import annotations
 
 import math
