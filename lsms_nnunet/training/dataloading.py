@@ -3,8 +3,8 @@
 nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `load_case` draws one prompt of the
 case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
 (referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path. The loader subclass
-draws each case `prompts_per_image` times per batch, each time with a prompt of different targets, and adds the text
-tensors of the drawn prompts to the batch.
+adds the text tensors of the drawn prompts to the batch and, with `prompts_per_image` > 1, fills consecutive slots
+with one case, each slot with a prompt of different targets.
 """
 from __future__ import annotations
 
