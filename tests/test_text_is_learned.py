@@ -12,6 +12,7 @@ import torch
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
 from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 
+from lsms_nnunet.evaluation.metrics import dice_score
 from lsms_nnunet.network.config import LSMSConfig
 from test_network import build, plans_architecture
 
@@ -45,11 +46,6 @@ def _batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(images), torch.from_numpy(targets), asked
 
 
-def _dice(prediction: torch.Tensor, target: torch.Tensor) -> float:
-    intersection = (prediction & target).sum().item()
-    return 2 * intersection / max(prediction.sum().item() + target.sum().item(), 1)
-
-
 @pytest.mark.parametrize("decoder", ["fsd", "unet"])
 def test_training_teaches_the_network_to_answer_the_text(decoder):
     torch.manual_seed(0)
@@ -73,7 +69,7 @@ def test_training_teaches_the_network_to_answer_the_text(decoder):
         answer = network(images, tokens[asked], mask[asked]).argmax(1, keepdim=True).bool()
         opposite = asked ^ 1  # the other kind: the other blob
         swapped = network(images, tokens[opposite], mask[opposite]).argmax(1, keepdim=True).bool()
-    dice = np.mean([_dice(answer[i], targets[i].bool()) for i in range(len(asked))])
-    swapped_dice = np.mean([_dice(swapped[i], targets[i].bool()) for i in range(len(asked))])
+    dice = np.mean([dice_score(answer[i].numpy(), targets[i].numpy()) for i in range(len(asked))])
+    swapped_dice = np.mean([dice_score(swapped[i].numpy(), targets[i].numpy()) for i in range(len(asked))])
     assert dice > 0.85, f"mean Dice {dice:.3f}: the network did not learn to follow the text (text-blind <= 0.67)"
     assert swapped_dice < 0.2, f"asking for the other blob still gives Dice {swapped_dice:.3f} on this one"

@@ -108,12 +108,12 @@ class LSMSDataLoader(nnUNetDataLoader):
         super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image),
                          batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
-        self.prompts_per_image = prompts_per_image
 
     def get_indices(self) -> list:
-        images = -(-self.batch_size // self.prompts_per_image)
+        prompts_per_image = self._data.prompts_per_image
+        images = -(-self.batch_size // prompts_per_image)
         cases = np.random.choice(self.indices, images, replace=True, p=self.sampling_probabilities)
-        return list(np.repeat(cases, self.prompts_per_image)[:self.batch_size])
+        return list(np.repeat(cases, prompts_per_image)[:self.batch_size])
 
     def generate_train_batch(self) -> dict:
         self._data.drawn.clear()
