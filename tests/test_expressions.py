@@ -222,3 +222,30 @@ def test_expressions_by_case_groups_in_file_order():
     grouped = expressions_by_case(expressions)
     assert list(grouped) == ["c2", "c1"]
     assert [expression.id for expression in grouped["c2"]] == ["a", "c"]
+
+
+def test_category_and_phrasing_are_optional_and_round_trip(tmp_path):
+    expressions = [Expression("c1-e0", "c1", "the largest cyst", (1,), category="size"),
+                   Expression("c1-e1-h", "c1", "the most sizeable cyst", (1,), category="size", phrasing="heldout"),
+                   Expression("c1-e2", "c1", "all lesions", (1, 2))]
+    path = tmp_path / "expressions.json"
+    save_expressions(path, expressions)
+    entries = json.loads(path.read_text(encoding="utf-8"))["expressions"]
+    assert entries[0]["category"] == "size" and "phrasing" not in entries[0]
+    assert entries[1]["phrasing"] == "heldout"
+    assert "category" not in entries[2] and "phrasing" not in entries[2]  # absent stays absent
+    assert load_expressions(path) == expressions
+    assert Expression("a", "c", "t", (1,)).category is None  # the four-field form still works
+
+
+@pytest.mark.parametrize("key, value, complaint", [
+    ("category", "Size", "short lowercase identifier"),
+    ("category", "size rank", "short lowercase identifier"),
+    ("category", 3, "short lowercase identifier"),
+    ("category", "x" * 41, "short lowercase identifier"),
+    ("phrasing", "unseen", "seen, heldout"),
+])
+def test_bad_category_or_phrasing_is_rejected(tmp_path, key, value, complaint):
+    path = _write(tmp_path / "expressions.json", [{**_entry(), key: value}])
+    message = _error_of(path)
+    assert f"has {key} {value!r}" in message and complaint in message and "Fix" in message

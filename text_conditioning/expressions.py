@@ -20,9 +20,12 @@ EXPRESSIONS_VERSION = 1
 SUPPORTED_EXPRESSIONS_VERSIONS = (1,)
 SAFE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_LISTED_PROBLEMS = 20
+CATEGORY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+SEEN_PHRASING, HELDOUT_PHRASING = "seen", "heldout"
+PHRASINGS = (SEEN_PHRASING, HELDOUT_PHRASING)
 
 _REQUIRED_KEYS = ("id", "case", "text")
-_ALLOWED_KEYS = ("id", "case", "text", "targets")
+_ALLOWED_KEYS = ("id", "case", "text", "targets", "category", "phrasing")
 _SCHEMA_EXAMPLE = ('{"format": "lsms-expressions", "version": 1, "expressions": [{"id": "liver_003-e0", '
                    '"case": "liver_003", "text": "the largest cyst in the right lobe", "targets": [2]}]}')
 
@@ -33,20 +36,36 @@ class ExpressionsError(ValueError):
 
 @dataclass(frozen=True)
 class Expression:
-    """One referring expression. ``targets`` is None when unknown (inference files may omit it)."""
+    """One referring expression. ``targets`` is None when unknown (inference files may omit it).
+
+    ``category`` (e.g. "size", "no_target") and ``phrasing`` ("heldout" for wordings never used in training) only
+    group expressions in evaluation reports; training and inference ignore them. None means absent from the file.
+    """
 
     id: str
     case: str
     text: str
     targets: tuple[int, ...] | None
+    category: str | None = None
+    phrasing: str | None = None
 
 
 def expression_to_dict(expression: Expression) -> dict[str, Any]:
-    """The JSON form of one expression; ``targets`` is left out when unknown."""
+    """The JSON form of one expression; ``targets``, ``category`` and ``phrasing`` are left out when absent."""
     entry: dict[str, Any] = {"id": expression.id, "case": expression.case, "text": expression.text}
     if expression.targets is not None:
         entry["targets"] = list(expression.targets)
+    for key in ("category", "phrasing"):
+        if getattr(expression, key) is not None:
+            entry[key] = getattr(expression, key)
     return entry
+
+
+def expression_from_dict(entry: Mapping[str, Any]) -> Expression:
+    """The expression of one already checked JSON entry (the inverse of expression_to_dict)."""
+    return Expression(id=entry["id"], case=entry["case"], text=entry["text"],
+                      targets=tuple(entry["targets"]) if "targets" in entry else None,
+                      category=entry.get("category"), phrasing=entry.get("phrasing"))
 
 
 def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
@@ -130,6 +149,18 @@ def _entry_problems(index: int, entry: Any, require_targets: bool) -> list[str]:
         elif len(set(targets)) != len(targets):
             repeated = sorted({target for target in targets if targets.count(target) > 1})
             problems.append(f"{where} repeats target id(s) {repeated}. Fix: list each region id once.")
+    return problems + _label_problems(where, entry)
+
+
+def _label_problems(where: str, entry: dict) -> list[str]:
+    """The optional report labels: a category groups expressions in summaries, so it must be a plain identifier."""
+    problems = []
+    if "category" in entry and not (isinstance(entry["category"], str) and CATEGORY_PATTERN.match(entry["category"])):
+        problems.append(f"{where} has category {entry['category']!r}. Fix: use a short lowercase identifier (letters, "
+                        "digits, '_', starting with a letter, at most 40 characters), e.g. \"size\", or leave it out.")
+    if "phrasing" in entry and entry["phrasing"] not in PHRASINGS:
+        problems.append(f"{where} has phrasing {entry['phrasing']!r}. Fix: use one of {', '.join(PHRASINGS)}, or leave "
+                        f"it out (absent means {SEEN_PHRASING!r}).")
     return problems
 
 
@@ -158,9 +189,7 @@ def _expressions_from_entries(entries: Sequence[Any], source: str, require_targe
     if problems:
         raise ExpressionsError(_format_problems(f"Expressions file {source} has {len(problems)} problem(s):",
                                                problems))
-    return [Expression(id=entry["id"], case=entry["case"], text=entry["text"],
-                       targets=tuple(entry["targets"]) if "targets" in entry else None)
-            for entry in entries]
+    return [expression_from_dict(entry) for entry in entries]
 
 
 def _read_document(path: Path) -> Any:

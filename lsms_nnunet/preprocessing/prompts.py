@@ -16,8 +16,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from text_conditioning.expressions import (Expression, ExpressionsError, expression_to_dict, load_expressions,
-                                           validate_against_cases)
+from text_conditioning.expressions import (Expression, ExpressionsError, expression_from_dict, expression_to_dict,
+                                           load_expressions, validate_against_cases)
 
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
@@ -68,8 +68,7 @@ class PromptSet:
     @classmethod
     def from_dict(cls, content: Mapping) -> "PromptSet":
         if content["mode"] == REFERRING:
-            expressions = tuple(Expression(e["id"], e["case"], e["text"], tuple(e["targets"]))
-                                for e in content["expressions"])
+            expressions = tuple(expression_from_dict(e) for e in content["expressions"])
             return cls(REFERRING, expressions=expressions)
         labels = tuple((l["name"], int(l["value"]), tuple(l["prompts"])) for l in content["labels"])
         return cls(PLAIN, label_prompts=labels)
