@@ -13,14 +13,29 @@ import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from lsms_nnunet.datasets import synthetic
-from lsms_nnunet.datasets.synthetic import (ATTRIBUTE_KINDS, DEFAULT_SHAPES, KINDS, MAX_LESIONS, MIN_SIZE_RATIO,
-                                            PLAIN_LABELS, SPACINGS, generate_case, make_synthetic_dataset,
-                                            make_synthetic_entry)
+from lsms_nnunet.datasets.synthetic import (ATTRIBUTE_KINDS, DEFAULT_SHAPES, HELDOUT_SYNONYMS, KINDS, MAX_LESIONS,
+                                            MIN_SIZE_RATIO, PLAIN_LABELS, SPACINGS, generate_case,
+                                            make_synthetic_dataset, make_synthetic_entry)
 from text_conditioning.expressions import load_expressions, validate_against_cases
 
 SHAPE_2D, SHAPE_3D = (64, 64), (16, 32, 32)
+CATEGORIES = {"kind", "kind_lobe", "lobe", "attribute", "plural", "size", "no_target"}
 KIND_WORDS = {"cyst": ("cyst",), "hemangioma": ("hemangioma",), "hcc": ("hcc", "hepatocellular carcinoma"),
               "metastasis": ("metastasis", "metastases", "metastatic")}
+SEEN_WORDS = {"kinds": KIND_WORDS, "attributes": {adjective: (adjective,) for adjective in ATTRIBUTE_KINDS},
+              "second": ("second largest",), "first": ("largest", "biggest"), "last": ("smallest", "tiniest")}
+# An independent reading of the held-out wording, written from the radiology meaning rather than from the generator.
+HELDOUT_WORDS = {"kinds": {"cyst": ("cyst",), "hemangioma": ("vascular tumour", "haemangioma"),
+                           "hcc": ("primary liver cancer", "hepatoma"), "metastasis": ("deposit",)},
+                 "attributes": {"hypodense": ("hypoattenuating", "low-attenuation"),
+                                "hyperdense": ("hyperattenuating", "high-attenuation"),
+                                "fluid-density": ("water-attenuation",),
+                                "peripherally enhancing": ("globularly", "nodular"),
+                                "heterogeneous": ("inhomogeneous", "mosaic"), "encapsulated": ("capsule",),
+                                "ring-enhancing": ("rim-enhancing",), "target-like": ("targetoid", "bull's-eye")},
+                 "second": ("second most sizeable", "second in size"),
+                 "first": ("largest", "most sizeable", "greatest"),
+                 "last": ("smallest", "least voluminous", "diminutive")}
 
 
 def read_array(path: Path) -> tuple[np.ndarray, tuple[float, ...]]:
@@ -142,44 +157,92 @@ def test_lesion_looks_match_the_attribute_words(many_cases):
 
 
 def test_no_target_expressions_make_about_an_eighth(many_cases):
-    targets = [targets for case in many_cases for _, targets in case.expressions]
+    targets = [expression.targets for case in many_cases for expression in case.expressions]
     no_target = sum(1 for target in targets if not target)
     assert 0.07 < no_target / len(targets) < 0.18
     assert all(5 <= len(case.expressions) <= 8 for case in many_cases)
 
 
-def test_expressions_are_unambiguous(many_cases):
+@pytest.mark.parametrize("wording", ["text", "heldout_text"])
+def test_expressions_are_unambiguous(many_cases, wording):
     for case in many_cases:
-        texts = [text for text, _ in case.expressions]
+        texts = [getattr(expression, wording) for expression in case.expressions]
         assert len(set(texts)) == len(texts), case.case_id
-        for text, targets in case.expressions:
-            if text.startswith("the ") and "lesions" not in text:
-                assert len(targets) <= 1, (case.case_id, text, targets)
+        for text, expression in zip(texts, case.expressions):
+            singular = re.match(r"(the|find the|segment the|show me the|which lesion) ", text) and "lesions" not in text
+            if singular:
+                assert len(expression.targets) <= 1, (case.case_id, text, expression.targets)
 
 
-def expected_targets(text: str, lesions: tuple[synthetic.SyntheticLesion, ...]) -> tuple[int, ...]:
+def expected_targets(text: str, lesions: tuple[synthetic.SyntheticLesion, ...], words: dict) -> tuple[int, ...]:
     """An independent reading of the phrase: filter by kind, lobe and attribute words, then apply the size word."""
     lowered = text.lower()
     matching = [lesion for lesion in lesions if
-                all(any(word in lowered for word in KIND_WORDS[kind]) <= (lesion.kind == kind) for kind in KINDS)
+                all(any(word in lowered for word in words["kinds"][kind]) <= (lesion.kind == kind) for kind in KINDS)
                 and all((f"{lobe} " in lowered or f"{lobe}-" in lowered) <= (lesion.lobe == lobe)
                         for lobe in ("right", "left"))
-                and all((adjective in lowered) <= (lesion.kind in kinds)
-                        for adjective, kinds in ATTRIBUTE_KINDS.items())]
+                and all(any(word in lowered for word in synonyms) <= (lesion.kind in ATTRIBUTE_KINDS[adjective])
+                        for adjective, synonyms in words["attributes"].items())]
     matching.sort(key=lambda lesion: lesion.size_rank)
-    if "second largest" in lowered:
+    if any(word in lowered for word in words["second"]):
         matching = matching[1:2]
-    elif "largest" in lowered or "biggest" in lowered:
+    elif any(word in lowered for word in words["first"]):
         matching = matching[:1]
-    elif "smallest" in lowered or "tiniest" in lowered:
+    elif any(word in lowered for word in words["last"]):
         matching = matching[-1:]
     return tuple(sorted(lesion.region_id for lesion in matching))
 
 
-def test_targets_are_what_the_text_says(many_cases):
+@pytest.mark.parametrize("wording, words", [("text", SEEN_WORDS), ("heldout_text", HELDOUT_WORDS)])
+def test_targets_are_what_the_text_says(many_cases, wording, words):
     for case in many_cases:
-        for text, targets in case.expressions:
-            assert targets == expected_targets(text, case.lesions), (case.case_id, text, case.lesions)
+        for expression in case.expressions:
+            text = getattr(expression, wording)
+            assert expression.targets == expected_targets(text, case.lesions, words), (case.case_id, text,
+                                                                                       case.lesions)
+
+
+def expected_category(text: str, targets: tuple[int, ...]) -> str:
+    """The category from the seen wording alone, by the order of precedence the categories are defined with."""
+    lowered = text.lower()
+    if not targets:
+        return "no_target"
+    if any(word in lowered for word in ("largest", "biggest", "smallest", "tiniest")):
+        return "size"
+    if any(adjective in lowered for adjective in ATTRIBUTE_KINDS):
+        return "attribute"
+    names_kind = any(word in lowered for words in KIND_WORDS.values() for word in words)
+    names_lobe = "lobe" in lowered
+    if names_kind and names_lobe:
+        return "kind_lobe"
+    if names_lobe:
+        return "lobe"
+    if names_kind and not re.match(r"(all|every) ", lowered):
+        return "kind"
+    return "plural"
+
+
+def test_categories_follow_the_wording(many_cases):
+    found = set()
+    for case in many_cases:
+        for expression in case.expressions:
+            assert expression.category == expected_category(expression.text, expression.targets), expression
+            found.add(expression.category)
+    assert found == CATEGORIES
+
+
+def test_heldout_wording_is_never_a_training_wording(many_cases):
+    """Held-out texts must differ from every seen text and use synonyms that no seen text contains."""
+    seen = {expression.text.lower() for case in many_cases for expression in case.expressions}
+    heldout = {expression.heldout_text.lower() for case in many_cases for expression in case.expressions}
+    assert not seen & heldout
+    synonyms = {word.lower() for table in HELDOUT_SYNONYMS.values() for words in table.values() for word in words}
+    synonyms |= {"most sizeable", "least voluminous", "diminutive", "greatest", "sole", "located within",
+                 "within the", "of the liver", "find", "segment", "show me", "which lesion", "each and every",
+                 "lesions of the"}
+    for word in sorted(synonyms):
+        assert not [text for text in seen if word in text], word
+    assert all(any(word in text for word in synonyms) for text in heldout)
 
 
 def test_text_is_necessary(datasets):
@@ -313,3 +376,36 @@ def test_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", [*arguments, "--overwrite", "--plain"])
     make_synthetic_entry()
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["labels"] == PLAIN_LABELS
+
+
+def test_default_files_carry_categories_and_no_heldout_phrasing(datasets):
+    folder = datasets["2d"]
+    for path in (folder / "expressions.json", folder / "imagesTs" / "expressions.json"):
+        for expression in load_expressions(path):
+            assert expression.category in CATEGORIES and expression.phrasing is None
+            assert (expression.category == "no_target") == (not expression.targets)
+    assert not (folder / "expressions_heldout.json").exists()
+    assert "heldout_phrasing" not in json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"]
+
+
+def test_heldout_phrasing_flag_rewords_test_cases_and_writes_training_heldout_file(datasets, tmp_path, monkeypatch):
+    """Training expressions stay exactly the default ones; the test cases and the extra file are reworded only."""
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_make_synthetic", "-d", "501", "--cases", "4", "--test-cases", "2",
+                                      "--seed", "3", "--shape", *map(str, SHAPE_2D), "--heldout_phrasing"])
+    make_synthetic_entry()
+    folder, default = tmp_path / "Dataset501_SynthLiverRLS2D", datasets["2d"]
+    assert (folder / "expressions.json").read_bytes() == (default / "expressions.json").read_bytes()
+    seen = load_expressions(folder / "expressions.json")
+    heldout = load_expressions(folder / "expressions_heldout.json")
+    assert [(e.id + "-h", e.case, e.targets, e.category) for e in seen] == [
+        (e.id, e.case, e.targets, e.category) for e in heldout]
+    assert all(e.phrasing == "heldout" for e in heldout)
+    assert not {e.text for e in seen} & {e.text for e in heldout}
+    default_test = load_expressions(default / "imagesTs" / "expressions.json")
+    reworded_test = load_expressions(folder / "imagesTs" / "expressions.json")
+    assert [(e.case, e.targets, e.category) for e in default_test] == [
+        (e.case, e.targets, e.category) for e in reworded_test]
+    assert all(e.phrasing == "heldout" and e.id.endswith("-h") for e in reworded_test)
+    assert not {e.text for e in seen} & {e.text for e in reworded_test}
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"]["heldout_phrasing"]

@@ -4,6 +4,9 @@ Each image holds 2-5 liver lesions of four kinds with distinct looks (cyst, hema
 clearly different sizes. Each expression refers to a subset of them by kind, lobe, size rank, attribute or count, and
 about one in eight refers to nothing in the image; a model that ignores the text therefore cannot reach a high Dice.
 The dataset lets the whole pipeline (planning, text encoding, training, inference, evaluation) run offline in minutes.
+Every expression carries a report category (kind, kind_lobe, lobe, attribute, plural, size, no_target). With
+--heldout_phrasing, a second phrasebook of synonyms and templates never used in training words the test cases and a
+copy of the training expressions (expressions_heldout.json), so that generalisation to new wording can be measured.
 
 Lobe convention (radiological display): arrays have the x axis last and SimpleITK's identity direction (LPS), so a
 low x index, the image's left side, is the patient's right. The liver sits on the patient's right. A thin dark
@@ -18,16 +21,17 @@ import os
 import re
 import shutil
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
-from text_conditioning.expressions import Expression, save_expressions
+from text_conditioning.expressions import HELDOUT_PHRASING, Expression, save_expressions
 
 from lsms_nnunet.datasets.geometry import resolve_raw_root
 
@@ -70,6 +74,98 @@ ATTRIBUTE_KINDS = {"hypodense": ("cyst", "metastasis"),
                    "ring-enhancing": ("metastasis",),
                    "target-like": ("metastasis",)}
 LOBE_PHRASES = ("in the {lobe} lobe", "in the {lobe} hepatic lobe", "in the {lobe} liver lobe")
+NO_TARGET_CATEGORY = "no_target"  # whatever its wording, an expression that refers to nothing is reported as this
+HELDOUT_STREAM = 1  # the held-out wording draws from its own random stream: [seed, case index, HELDOUT_STREAM]
+HELDOUT_EXPRESSIONS_FILE = "expressions_heldout.json"
+HELDOUT_ID_SUFFIX = "-h"
+
+
+@dataclass(frozen=True)
+class Phrasebook:
+    """The words and templates of one phrasing set. Templates use {noun}, {plural}, {lobe}, {adjective} and {where}
+    (a lobe phrase); a slot with one template draws no random number, so the seen dataset stays reproducible."""
+
+    kind_singular: Mapping[str, tuple[str, ...]]
+    kind_plural: Mapping[str, tuple[str, ...]]
+    attribute_words: Mapping[str, tuple[str, ...]]  # per ATTRIBUTE_KINDS key
+    lobe_phrases: tuple[str, ...]
+    the_kind: tuple[str, ...]  # the only lesion of a kind (or none)
+    largest_kind: tuple[str, ...]
+    smallest_kind: tuple[str, ...]
+    all_kind: tuple[str, ...]
+    kind_in_lobe: tuple[str, ...]  # 0 or 1 lesion of a kind in a lobe
+    kinds_in_lobe: tuple[str, ...]  # 2 or more
+    largest: tuple[str, ...]
+    smallest: tuple[str, ...]
+    second_largest: tuple[str, ...]
+    all_lesions: tuple[str, ...]
+    no_lesion_in_lobe: tuple[str, ...]
+    lesion_in_lobe: tuple[str, ...]
+    lesions_in_lobe: tuple[str, ...]
+    largest_in_lobe: tuple[str, ...]
+    smallest_in_lobe: tuple[str, ...]
+    attribute_one: tuple[str, ...]  # 0 or 1 lesion with the attribute
+    attribute_all: tuple[str, ...]
+    attribute_in_lobe: tuple[str, ...]
+
+
+SEEN_PHRASEBOOK = Phrasebook(
+    kind_singular=KIND_SINGULAR, kind_plural=KIND_PLURAL,
+    attribute_words={adjective: (adjective,) for adjective in ATTRIBUTE_KINDS}, lobe_phrases=LOBE_PHRASES,
+    the_kind=("the {noun}",), largest_kind=("the largest {noun}",), smallest_kind=("the smallest {noun}",),
+    all_kind=("all {plural}", "all the {plural}", "every {noun}"),
+    kind_in_lobe=("the {noun} {where}", "the {lobe}-lobe {noun}"), kinds_in_lobe=("all {plural} {where}",),
+    largest=("the largest lesion", "the biggest lesion", "the largest liver lesion"),
+    smallest=("the smallest lesion", "the tiniest lesion", "the smallest liver lesion"),
+    second_largest=("the second largest lesion",),
+    all_lesions=("all lesions", "every liver lesion", "all focal liver lesions"),
+    no_lesion_in_lobe=("any lesion {where}", "the lesion {where}"),
+    lesion_in_lobe=("the lesion {where}", "the only lesion {where}"),
+    lesions_in_lobe=("all lesions {where}", "every lesion {where}"),
+    largest_in_lobe=("the largest lesion {where}",), smallest_in_lobe=("the smallest lesion {where}",),
+    attribute_one=("the {adjective} lesion",), attribute_all=("all {adjective} lesions",),
+    attribute_in_lobe=("the {adjective} lesion {where}",))
+
+# Validation and test wordings only (--heldout_phrasing): every synonym below is absent from the seen phrasebook, and
+# every template differs from the seen ones, so a model can only answer them by generalising.
+HELDOUT_SYNONYMS = {
+    "kind_singular": {"cyst": ("fluid-filled cyst", "benign cyst"), "hemangioma": ("vascular tumour", "haemangioma"),
+                      "hcc": ("primary liver cancer", "hepatoma"),
+                      "metastasis": ("secondary deposit", "metastatic deposit")},
+    "kind_plural": {"cyst": ("fluid-filled cysts", "benign cysts"),
+                    "hemangioma": ("vascular tumours", "haemangiomas"),
+                    "hcc": ("primary liver cancers", "hepatomas"),
+                    "metastasis": ("secondary deposits", "metastatic deposits")},
+    "attribute_words": {"hypodense": ("hypoattenuating", "low-attenuation"),
+                        "hyperdense": ("hyperattenuating", "high-attenuation"),
+                        "fluid-density": ("water-attenuation",),
+                        "peripherally enhancing": ("globularly enhancing", "peripherally nodular"),
+                        "heterogeneous": ("inhomogeneous", "mosaic-pattern"),
+                        "encapsulated": ("capsule-bearing",),
+                        "ring-enhancing": ("rim-enhancing",),
+                        "target-like": ("targetoid", "bull's-eye")},
+}
+HELDOUT_PHRASEBOOK = Phrasebook(
+    **HELDOUT_SYNONYMS,
+    lobe_phrases=("located within the {lobe} lobe", "within the {lobe} lobe of the liver"),
+    the_kind=("find the {noun}", "segment the {noun}", "show me the {noun}"),
+    largest_kind=("the most sizeable {noun}", "the {noun} greatest in size"),
+    smallest_kind=("the least voluminous {noun}", "the most diminutive {noun}"),
+    all_kind=("show me every {noun}", "segment each {noun}", "find all {plural}"),
+    kind_in_lobe=("find the {noun} {where}", "the {noun} {where}"),
+    kinds_in_lobe=("every {noun} {where}", "{plural} of the {lobe} lobe"),
+    largest=("which lesion is the largest?", "the lesion of greatest volume", "the most sizeable lesion"),
+    smallest=("which lesion is the smallest?", "the least voluminous lesion", "the most diminutive lesion"),
+    second_largest=("the second most sizeable lesion", "the lesion second in size"),
+    all_lesions=("show me all lesions", "segment every lesion in the liver", "each and every lesion"),
+    no_lesion_in_lobe=("find any lesion {where}", "lesions of the {lobe} lobe"),
+    lesion_in_lobe=("segment the lesion {where}", "the sole lesion {where}"),
+    lesions_in_lobe=("lesions of the {lobe} lobe", "show me every lesion {where}"),
+    largest_in_lobe=("the most sizeable lesion {where}", "which lesion {where} is the largest?"),
+    smallest_in_lobe=("the least voluminous lesion {where}", "which lesion {where} is the smallest?"),
+    attribute_one=("find the {adjective} lesion", "segment the {adjective} lesion"),
+    attribute_all=("show me every {adjective} lesion", "find all {adjective} lesions"),
+    attribute_in_lobe=("find the {adjective} lesion {where}", "the {adjective} lesion {where}"))
 
 
 @dataclass(frozen=True)
@@ -86,14 +182,24 @@ class SyntheticLesion:
 
 
 @dataclass(frozen=True)
+class SyntheticExpression:
+    """One chosen expression: its report category, its seen and held-out wordings, and the region ids it means."""
+
+    category: str
+    text: str
+    heldout_text: str
+    targets: tuple[int, ...]
+
+
+@dataclass(frozen=True)
 class SyntheticCase:
-    """A generated image with its region map, lesion attributes and referring expressions (text, target ids)."""
+    """A generated image with its region map, lesion attributes and referring expressions."""
 
     case_id: str
     image: np.ndarray  # int16 HU, array axis order
     region_map: np.ndarray  # uint8: 0 background, 1..k one id per lesion
     lesions: tuple[SyntheticLesion, ...]
-    expressions: tuple[tuple[str, tuple[int, ...]], ...]
+    expressions: tuple[SyntheticExpression, ...]
 
     def semantic_map(self) -> np.ndarray:
         """The plain-task label map: each lesion labelled with its kind (PLAIN_LABELS)."""
@@ -326,87 +432,92 @@ def _lesion_profile(kind: str, normalized: list[np.ndarray], rng: np.random.Gene
                      rng.uniform(25.0, 35.0))
 
 
-def _expression_candidates(lesions: Sequence[SyntheticLesion],
-                           rng: np.random.Generator) -> list[tuple[str, str, tuple[int, ...]]]:
-    """Every unambiguous (category, text, targets) for this case; singular phrases only where 0 or 1 lesion fits."""
+class _Candidate(NamedTuple):
+    """One thing this case may be asked: its category, one wording, and the region ids it means."""
+
+    category: str
+    text: str
+    targets: tuple[int, ...]
+
+
+def _expression_candidates(lesions: Sequence[SyntheticLesion], book: Phrasebook,
+                           rng: np.random.Generator) -> list[_Candidate]:
+    """Every unambiguous (category, text, targets) for this case; singular phrases only where 0 or 1 lesion fits.
+
+    The list's order, categories and targets depend on the lesions only, so the seen and held-out phrasebooks give
+    aligned lists: entry i of one says in other words what entry i of the other says.
+    """
     def ids(predicate: Callable[[SyntheticLesion], bool]) -> tuple[int, ...]:
         return tuple(sorted(lesion.region_id for lesion in lesions if predicate(lesion)))
 
     def pick(options: Sequence[str]) -> str:
-        return options[int(rng.integers(len(options)))]
+        """One option; a single option draws nothing, so adding a slot to a phrasebook keeps older draws."""
+        return options[int(rng.integers(len(options)))] if len(options) > 1 else options[0]
 
-    def in_lobe(lobe: str) -> str:
-        return pick(LOBE_PHRASES).format(lobe=lobe)
+    def say(templates: Sequence[str], **values: str) -> str:
+        """Fill every template (a fresh lobe phrase for each "{where}", drawn in template order), then pick one."""
+        return pick([template.format(where=pick(book.lobe_phrases).format(lobe=values["lobe"])
+                                     if "{where}" in template else "", **values) for template in templates])
 
     def by_size(predicate: Callable[[SyntheticLesion], bool]) -> list[SyntheticLesion]:
         return sorted((lesion for lesion in lesions if predicate(lesion)), key=lambda lesion: lesion.size_rank)
 
     candidates = []
     for kind in KINDS:
-        noun, plural = pick(KIND_SINGULAR[kind]), pick(KIND_PLURAL[kind])
+        noun, plural = pick(book.kind_singular[kind]), pick(book.kind_plural[kind])
         of_kind = by_size(lambda lesion: lesion.kind == kind)
         if len(of_kind) <= 1:
-            candidates.append(("kind", f"the {noun}", ids(lambda lesion: lesion.kind == kind)))
+            candidates.append(_Candidate("kind", say(book.the_kind, noun=noun), ids(lambda lesion: lesion.kind == kind)))
         else:
-            candidates.append(("size", f"the largest {noun}", (of_kind[0].region_id,)))
-            candidates.append(("size", f"the smallest {noun}", (of_kind[-1].region_id,)))
-        candidates.append(("plural", pick((f"all {plural}", f"all the {plural}", f"every {noun}")),
-                           ids(lambda lesion: lesion.kind == kind)))
+            candidates.append(_Candidate("size", say(book.largest_kind, noun=noun), (of_kind[0].region_id,)))
+            candidates.append(_Candidate("size", say(book.smallest_kind, noun=noun), (of_kind[-1].region_id,)))
+        candidates.append(_Candidate("plural", say(book.all_kind, noun=noun, plural=plural),
+                                     ids(lambda lesion: lesion.kind == kind)))
         for lobe in LOBES:
             targets = ids(lambda lesion: lesion.kind == kind and lesion.lobe == lobe)
-            if len(targets) <= 1:
-                candidates.append(("kind_lobe", pick((f"the {noun} {in_lobe(lobe)}", f"the {lobe}-lobe {noun}")),
-                                   targets))
-            else:
-                candidates.append(("kind_lobe", f"all {plural} {in_lobe(lobe)}", targets))
+            templates = book.kind_in_lobe if len(targets) <= 1 else book.kinds_in_lobe
+            candidates.append(_Candidate("kind_lobe", say(templates, noun=noun, plural=plural, lobe=lobe), targets))
 
     ranked = by_size(lambda lesion: True)
-    candidates.append(("size", pick(("the largest lesion", "the biggest lesion", "the largest liver lesion")),
-                       (ranked[0].region_id,)))
-    candidates.append(("size", pick(("the smallest lesion", "the tiniest lesion", "the smallest liver lesion")),
-                       (ranked[-1].region_id,)))
+    candidates.append(_Candidate("size", say(book.largest), (ranked[0].region_id,)))
+    candidates.append(_Candidate("size", say(book.smallest), (ranked[-1].region_id,)))
     if len(ranked) >= 3:
-        candidates.append(("size", "the second largest lesion", (ranked[1].region_id,)))
-    candidates.append(("plural", pick(("all lesions", "every liver lesion", "all focal liver lesions")),
-                       ids(lambda lesion: True)))
+        candidates.append(_Candidate("size", say(book.second_largest), (ranked[1].region_id,)))
+    candidates.append(_Candidate("plural", say(book.all_lesions), ids(lambda lesion: True)))
     for lobe in LOBES:
         lobe_ranked = by_size(lambda lesion: lesion.lobe == lobe)
         targets = tuple(sorted(lesion.region_id for lesion in lobe_ranked))
-        if len(lobe_ranked) == 0:
-            candidates.append(("lobe", pick((f"any lesion {in_lobe(lobe)}", f"the lesion {in_lobe(lobe)}")), ()))
-        elif len(lobe_ranked) == 1:
-            candidates.append(("lobe", pick((f"the lesion {in_lobe(lobe)}", f"the only lesion {in_lobe(lobe)}")),
-                               targets))
-        else:
-            candidates.append(("lobe", pick((f"all lesions {in_lobe(lobe)}", f"every lesion {in_lobe(lobe)}")),
-                               targets))
-            candidates.append(("size", f"the largest lesion {in_lobe(lobe)}", (lobe_ranked[0].region_id,)))
-            candidates.append(("size", f"the smallest lesion {in_lobe(lobe)}", (lobe_ranked[-1].region_id,)))
+        templates = {0: book.no_lesion_in_lobe, 1: book.lesion_in_lobe}.get(len(lobe_ranked), book.lesions_in_lobe)
+        candidates.append(_Candidate("lobe", say(templates, lobe=lobe), targets))
+        if len(lobe_ranked) > 1:
+            candidates.append(_Candidate("size", say(book.largest_in_lobe, lobe=lobe), (lobe_ranked[0].region_id,)))
+            candidates.append(_Candidate("size", say(book.smallest_in_lobe, lobe=lobe),
+                                         (lobe_ranked[-1].region_id,)))
 
     for adjective, kinds in ATTRIBUTE_KINDS.items():
+        word = pick(book.attribute_words[adjective])
         targets = ids(lambda lesion: lesion.kind in kinds)
-        text = f"the {adjective} lesion" if len(targets) <= 1 else f"all {adjective} lesions"
-        candidates.append(("attribute", text, targets))
+        candidates.append(_Candidate("attribute", say(book.attribute_one if len(targets) <= 1 else book.attribute_all,
+                                                      adjective=word), targets))
         for lobe in LOBES:
             targets = ids(lambda lesion: lesion.kind in kinds and lesion.lobe == lobe)
             if len(targets) == 1:
-                candidates.append(("attribute", f"the {adjective} lesion {in_lobe(lobe)}", targets))
+                candidates.append(_Candidate("attribute", say(book.attribute_in_lobe, adjective=word, lobe=lobe),
+                                             targets))
     return candidates
 
 
-def _choose_expressions(lesions: Sequence[SyntheticLesion],
-                        rng: np.random.Generator) -> tuple[tuple[str, tuple[int, ...]], ...]:
-    """5-8 expressions spread over the phrasing categories, at most one referring to nothing."""
-    candidates = _expression_candidates(lesions, rng)
+def _choose_candidates(candidates: Sequence[_Candidate], rng: np.random.Generator) -> list[int]:
+    """Indices of 5-8 candidates spread over the phrasing categories, at most one referring to nothing."""
     wanted = int(rng.integers(EXPRESSIONS_PER_CASE[0], EXPRESSIONS_PER_CASE[1] + 1))
-    no_target = [(text, targets) for _, text, targets in candidates if not targets]
+    no_target = [index for index, candidate in enumerate(candidates) if not candidate.targets]
     chosen = []
     if no_target and rng.random() < NO_TARGET_CASE_PROBABILITY:
         chosen.append(no_target[int(rng.integers(len(no_target)))])
-    by_category: dict[str, list[tuple[str, tuple[int, ...]]]] = {}
-    for category, text, targets in candidates:
-        if targets:
-            by_category.setdefault(category, []).append((text, targets))
+    by_category: dict[str, list[int]] = {}
+    for index, candidate in enumerate(candidates):
+        if candidate.targets:
+            by_category.setdefault(candidate.category, []).append(index)
     pools = [by_category[category] for category in sorted(by_category)]
     for pool in pools:
         rng.shuffle(pool)
@@ -416,7 +527,18 @@ def _choose_expressions(lesions: Sequence[SyntheticLesion],
             if pool and len(chosen) < wanted:
                 chosen.append(pool.pop())
     order = rng.permutation(len(chosen))
-    return tuple(chosen[index] for index in order)
+    return [chosen[index] for index in order]
+
+
+def _choose_expressions(lesions: Sequence[SyntheticLesion], rng: np.random.Generator,
+                        heldout_rng: np.random.Generator) -> tuple[SyntheticExpression, ...]:
+    """The case's expressions, each in seen and in held-out wording (the latter drawn from its own random stream,
+    so that the seen dataset does not depend on the held-out phrasebook)."""
+    seen = _expression_candidates(lesions, SEEN_PHRASEBOOK, rng)
+    heldout = _expression_candidates(lesions, HELDOUT_PHRASEBOOK, heldout_rng)
+    chosen = _choose_candidates(seen, rng)
+    return tuple(SyntheticExpression(NO_TARGET_CATEGORY if not seen[index].targets else seen[index].category,
+                                     seen[index].text, heldout[index].text, seen[index].targets) for index in chosen)
 
 
 def generate_case(case_index: int, seed: int = 0, dim: int = 2,
@@ -453,7 +575,8 @@ def generate_case(case_index: int, seed: int = 0, dim: int = 2,
             centre=tuple(round(float(value), 2) for value in voxels.mean(axis=0)), size_voxels=sizes[index],
             size_rank=rank_of[index], mean_intensity=round(float(image[region_map == region_id].mean()), 1)))
     lesions.sort(key=lambda lesion: lesion.region_id)
-    return SyntheticCase(case_id, image, region_map, tuple(lesions), _choose_expressions(lesions, rng))
+    heldout_rng = np.random.default_rng([seed, case_index, HELDOUT_STREAM])
+    return SyntheticCase(case_id, image, region_map, tuple(lesions), _choose_expressions(lesions, rng, heldout_rng))
 
 
 def _write_image(array: np.ndarray, spacing: Sequence[float], path: Path) -> None:
@@ -488,8 +611,10 @@ def _regions_entry(case: SyntheticCase, split: str) -> dict:
         "size_rank": lesion.size_rank, "mean_intensity": lesion.mean_intensity} for lesion in case.lesions}}
 
 
-def _dataset_json(name: str, dim: int, shape: tuple[int, ...], seed: int, num_cases: int, plain: bool) -> dict:
-    """nnU-Net's dataset.json, plus the generator settings so that the dataset can be regenerated."""
+def _dataset_json(name: str, dim: int, shape: tuple[int, ...], seed: int, num_cases: int, plain: bool,
+                  heldout_phrasing: bool) -> dict:
+    """nnU-Net's dataset.json, plus the generator settings so that the dataset can be regenerated (the held-out
+    phrasing flag only when set, so a default dataset.json stays as it was)."""
     if plain:
         labels = dict(PLAIN_LABELS)
         task = "plain semantic lesion segmentation (label = lesion kind)"
@@ -497,6 +622,10 @@ def _dataset_json(name: str, dim: int, shape: tuple[int, ...], seed: int, num_ca
         labels = {"background": 0, **{f"region_{index}": index for index in range(1, MAX_LESIONS + 1)}}
         task = ("referring lesion segmentation: labels are region maps (one id per lesion) and expressions.json says "
                 "which regions each text refers to")
+    settings = {"seed": seed, "dim": dim, "shape": list(shape), "spacing": list(SPACINGS[dim]),
+                "mode": "plain" if plain else "referring"}
+    if heldout_phrasing:
+        settings["heldout_phrasing"] = True
     return {
         "name": name,
         "description": f"Synthetic CT-like {dim}D liver lesion dataset generated by LSMSv2_make_synthetic (not "
@@ -505,8 +634,7 @@ def _dataset_json(name: str, dim: int, shape: tuple[int, ...], seed: int, num_ca
         "labels": labels,
         "numTraining": num_cases,
         "file_ending": FILE_ENDING,
-        "lsms_synthetic": {"seed": seed, "dim": dim, "shape": list(shape), "spacing": list(SPACINGS[dim]),
-                           "mode": "plain" if plain else "referring"},
+        "lsms_synthetic": settings,
     }
 
 
@@ -514,11 +642,26 @@ def _write_json(path: Path, content: dict) -> None:
     path.write_text(json.dumps(content, indent=1) + "\n", encoding="utf-8")
 
 
+def _case_expressions(case: SyntheticCase, heldout: bool) -> list[Expression]:
+    """The case's expressions in seen wording, or in held-out wording (marked, ids suffixed with HELDOUT_ID_SUFFIX)."""
+    if not heldout:
+        return [Expression(f"{case.case_id}-e{index}", case.case_id, expression.text, expression.targets,
+                           expression.category) for index, expression in enumerate(case.expressions)]
+    return [Expression(f"{case.case_id}-e{index}{HELDOUT_ID_SUFFIX}", case.case_id, expression.heldout_text,
+                       expression.targets, expression.category, HELDOUT_PHRASING)
+            for index, expression in enumerate(case.expressions)]
+
+
 def _write_dataset(folder: Path, dataset_name: str, dim: int, shape: tuple[int, ...], num_cases: int,
-                   num_test_cases: int, seed: int, plain: bool) -> None:
-    """Write every file of the dataset into folder (a staging folder that is renamed once complete)."""
+                   num_test_cases: int, seed: int, plain: bool, heldout_phrasing: bool) -> None:
+    """Write every file of the dataset into folder (a staging folder that is renamed once complete).
+
+    With heldout_phrasing the test cases are asked in held-out wording only, and the training cases' held-out
+    wordings go to HELDOUT_EXPRESSIONS_FILE beside expressions.json: nnU-Net's folds are drawn at random from the
+    training cases, so the benchmark scores each fold's validation cases on that file, never training on it.
+    """
     splits = {"Tr": range(num_cases), "Ts": range(num_cases, num_cases + num_test_cases)}
-    expressions: dict[str, list[Expression]] = {"Tr": [], "Ts": []}
+    expressions: dict[str, list[Expression]] = {"Tr": [], "Ts": [], "heldout": []}
     regions = {}
     for split in ("Tr", "Ts") if num_test_cases else ("Tr",):
         (folder / f"images{split}").mkdir()
@@ -532,13 +675,17 @@ def _write_dataset(folder: Path, dataset_name: str, dim: int, shape: tuple[int, 
                 labels = case.semantic_map() if plain else case.region_map
                 _write_image(labels, SPACINGS[dim], folder / f"labels{split}" / f"{case.case_id}{FILE_ENDING}")
                 regions[case.case_id] = _regions_entry(case, "train" if split == "Tr" else "test")
-                expressions[split].extend(Expression(f"{case.case_id}-e{index}", case.case_id, text, targets)
-                                          for index, (text, targets) in enumerate(case.expressions))
+                expressions[split].extend(_case_expressions(case, heldout_phrasing and split == "Ts"))
+                if heldout_phrasing and split == "Tr":
+                    expressions["heldout"].extend(_case_expressions(case, True))
                 progress.update()
-    _write_json(folder / "dataset.json", _dataset_json(dataset_name, dim, shape, seed, num_cases, plain))
+    _write_json(folder / "dataset.json", _dataset_json(dataset_name, dim, shape, seed, num_cases, plain,
+                                                       heldout_phrasing))
     if plain:
         return
     save_expressions(folder / "expressions.json", expressions["Tr"])
+    if heldout_phrasing:
+        save_expressions(folder / HELDOUT_EXPRESSIONS_FILE, expressions["heldout"])
     if num_test_cases:
         save_expressions(folder / "imagesTs" / "expressions.json", expressions["Ts"])
     _write_json(folder / "regions.json", {
@@ -571,7 +718,7 @@ def _swap_in(staging: Path, target: Path, replaced: Sequence[Path]) -> None:
 def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, num_test_cases: int = 6,
                            seed: int = 0, shape: tuple[int, ...] | None = None, name: str | None = None,
                            plain: bool = False, overwrite: bool = False,
-                           raw_root: str | os.PathLike | None = None) -> Path:
+                           raw_root: str | os.PathLike | None = None, heldout_phrasing: bool = False) -> Path:
     """Write the synthetic dataset to raw_root (default $nnUNet_raw)/DatasetXXX_Name and return that folder.
 
     The dataset is written to a hidden staging folder next to it and renamed at the end, so a failed or interrupted
@@ -591,7 +738,7 @@ def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, n
     staging = root / f".{target.name}.partial-{uuid.uuid4().hex}"
     staging.mkdir()
     try:
-        _write_dataset(staging, target.name, dim, shape, num_cases, num_test_cases, seed, plain)
+        _write_dataset(staging, target.name, dim, shape, num_cases, num_test_cases, seed, plain, heldout_phrasing)
         _swap_in(staging, target, existing)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -618,12 +765,16 @@ def make_synthetic_entry() -> None:
     parser.add_argument("--plain", action="store_true",
                         help="plain semantic task (labels cyst, hemangioma, hcc, metastasis), no expressions")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
+    parser.add_argument("--heldout_phrasing", action="store_true",
+                        help=f"ask the test cases in wordings never used in training, and write the training cases' "
+                             f"held-out wordings to {HELDOUT_EXPRESSIONS_FILE} (scored by LSMSv2_benchmark)")
     args = parser.parse_args()
     try:
         folder = make_synthetic_dataset(args.dataset_id, dim=args.dim, num_cases=args.cases,
                                         num_test_cases=args.test_cases, seed=args.seed,
                                         shape=tuple(args.shape) if args.shape else None, name=args.name,
-                                        plain=args.plain, overwrite=args.overwrite)
+                                        plain=args.plain, overwrite=args.overwrite,
+                                        heldout_phrasing=args.heldout_phrasing)
     except (ValueError, FileExistsError) as error:
         parser.exit(1, f"{parser.prog}: error: {error}\n")
     print(f"Wrote {folder}")
