@@ -68,6 +68,20 @@ def nouns(template):
     return [template.format(noun=noun, nouns=noun + "s") for noun in ("lesion", "tumour")]
 
 
+def expected_category(text, targets):
+    """The report category read off the wording, in the precedence the converter documents."""
+    if not targets:
+        return "no_target"
+    if any(word in text for word in ("largest", "biggest", "smallest", "tiniest")):
+        return "size"
+    if any(word in text for word in ("superior", "uppermost", "highest", "inferior", "lowest", "right-sided",
+                                     "left-sided", "furthest", "anterior", "posterior", "closest", "half of")):
+        return "position"
+    if "dense" in text or "intense" in text:
+        return "attribute"
+    return "lobe" if "lobe" in text else "plural"
+
+
 @pytest.mark.parametrize("flip_x", [False, True])
 def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_x):
     source = make_nnunet_source(tmp_path / "source", flip_x=flip_x)
@@ -108,6 +122,8 @@ def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_
                       *nouns("the most right-sided {noun}")) == (1,)
     assert any(targets == () for targets in by_text.values())
     assert {e.id for e in expressions if e.case == "liver_001"} == {f"liver_001-e{k}" for k in range(len(by_text))}
+    for expression in expressions:
+        assert expression.category == expected_category(expression.text, expression.targets), expression
 
     image = sitk.ReadImage(str(folder / "imagesTr" / "liver_001_0000.nii.gz"))
     assert image.GetDirection()[0] == (-1.0 if flip_x else 1.0)

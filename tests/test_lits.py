@@ -62,6 +62,9 @@ def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp
         right_lobe = tuple(region["id"] for region in description["regions"] if region["lobe"] == "right")
         assert any(targets == right_lobe and "right lobe" in text for text, targets in by_text.items())
         assert any(targets == () for targets in by_text.values()), "each view has a no-target expression"
+    assert {e.category for e in expressions} <= {"plural", "size", "lobe", "attribute", "position", "no_target"}
+    assert {"lobe", "no_target"} <= {e.category for e in expressions}
+    assert all((e.category == "no_target") == (not e.targets) for e in expressions)
     shown = [f"{e.id}: {e.text!r} -> {list(e.targets)}" for e in expressions[:12]]
     print("\n".join(shown))
 

@@ -19,6 +19,10 @@ Rules (all recorded in regions.json):
 - intensity: (lesion mean - organ mean) / organ standard deviation, in channel 0; below -INTENSITY_THRESHOLD is
   hypodense, above +INTENSITY_THRESHOLD hyperdense, else isodense ("-intense" instead of "-dense" unless the channel
   is CT).
+
+Every expression carries a report category, named as in the synthetic generator: plural (all lesions, the only
+lesion), size (size ranks, also the largest of a lobe or intensity group), lobe (lesions in a liver lobe), attribute
+(intensity, also within a lobe), position (extremes, organ halves) and no_target (refers to nothing).
 """
 from __future__ import annotations
 
@@ -42,8 +46,8 @@ from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_reg
                                            physical_points, publish_dataset, read_image, refuse_existing_dataset,
                                            region_map_image, resolve_raw_root, staging_folder, write_image_atomically,
                                            write_json_atomically)
-from text_conditioning.expressions import (SAFE_ID_PATTERN, Expression, ExpressionsError, save_expressions,
-                                          validate_against_cases)
+from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression, ExpressionsError,
+                                           save_expressions, validate_against_cases)
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"
 REGIONS_FORMAT = "lsms-regions"
@@ -274,11 +278,18 @@ def describe_regions(image: sitk.Image, intensities: np.ndarray, label: np.ndarr
 
 @dataclass(frozen=True)
 class Candidate:
-    """One thing an expression may refer to: a family, phrasing templates ({noun}/{nouns}) and its targets."""
+    """One thing an expression may refer to: a family, phrasing templates ({noun}/{nouns}), its targets, and the
+    report category of the expressions file (the synthetic generator's names, plus "position" for extremes and
+    organ halves; an expression without targets is reported as "no_target" whatever its category here)."""
 
     family: str
     templates: tuple[str, ...]
     targets: tuple[int, ...]
+    category: str
+
+    @property
+    def report_category(self) -> str:
+        return NO_TARGET_CATEGORY if not self.targets else self.category
 
 
 def _clear_maximum(values: Sequence[float], margin: float) -> int | None:
@@ -295,7 +306,7 @@ def _clear_size_rank(sizes: Sequence[int], rank: int) -> bool:
     return clear_above and clear_below
 
 
-def _group_candidates(family: str, members: list[RegionAttributes], singular: tuple[str, ...],
+def _group_candidates(family: str, category: str, members: list[RegionAttributes], singular: tuple[str, ...],
                       plural_templates: tuple[str, ...], largest: tuple[str, ...]) -> list[Candidate]:
     """A subset by some attribute: singular when it has 0 (no-target) or 1 member, plural and largest when more.
 
@@ -303,12 +314,12 @@ def _group_candidates(family: str, members: list[RegionAttributes], singular: tu
     """
     ids = tuple(region.id for region in members)
     if not members:
-        return [Candidate(family, singular[:1], ids)]
+        return [Candidate(family, singular[:1], ids, category)]
     if len(members) == 1:
-        return [Candidate(family, singular, ids)]
-    candidates = [Candidate(family, plural_templates, ids)]
+        return [Candidate(family, singular, ids, category)]
+    candidates = [Candidate(family, plural_templates, ids, category)]
     if _clear_size_rank([region.size_voxels for region in members], 1):
-        candidates.append(Candidate(family, largest, (members[0].id,)))
+        candidates.append(Candidate(family, largest, (members[0].id,), "size"))
     return candidates
 
 
@@ -316,24 +327,25 @@ def candidate_expressions(regions: list[RegionAttributes], vocabulary: Vocabular
                           ) -> list[Candidate]:
     """Every unambiguous referent of this case under the module's rules, including no-target ones."""
     all_ids = tuple(region.id for region in regions)
-    candidates = [Candidate("count", ("all {nouns}", "every {noun}", "all the {nouns}"), all_ids)]
+    candidates = [Candidate("count", ("all {nouns}", "every {noun}", "all the {nouns}"), all_ids, "plural")]
     if len(regions) == 1:
-        candidates.append(Candidate("count", ("the {noun}", "the only {noun}"), all_ids))
+        candidates.append(Candidate("count", ("the {noun}", "the only {noun}"), all_ids, "plural"))
     sizes = [region.size_voxels for region in regions]
     for rank in range(1, min(MAX_SIZE_RANK_EXPRESSED, len(regions)) + 1):
         if len(regions) > 1 and _clear_size_rank(sizes, rank):
             ordinal = ORDINALS[rank]
             candidates.append(Candidate("size", (f"the {ordinal}largest {{noun}}", f"the {ordinal}biggest {{noun}}"),
-                                        (regions[rank - 1].id,)))
+                                        (regions[rank - 1].id,), "size"))
     if len(regions) > 1 and _clear_size_rank(sizes, len(regions)):
-        candidates.append(Candidate("size", ("the smallest {noun}", "the tiniest {noun}"), (regions[-1].id,)))
+        candidates.append(Candidate("size", ("the smallest {noun}", "the tiniest {noun}"), (regions[-1].id,),
+                                    "size"))
     if len(regions) > 1:
         margin = max(EXTREME_MARGIN_MM, 2 * max(spacing))
         for _, axis, sign, templates in EXTREME_DIRECTIONS:
             if axis < len(spacing):
                 winner = _clear_maximum([sign * region.centroid_mm_lps[axis] for region in regions], margin)
                 if winner is not None:
-                    candidates.append(Candidate("extreme", templates, (regions[winner].id,)))
+                    candidates.append(Candidate("extreme", templates, (regions[winner].id,), "position"))
     if vocabulary.organ is not None and regions and regions[0].side_of_organ is not None:
         candidates += _location_candidates(regions, vocabulary)
     if regions and regions[0].intensity_class is not None:
@@ -352,7 +364,8 @@ def _location_candidates(regions: list[RegionAttributes], vocabulary: Vocabulary
             members = [region for region in regions if region.side_of_organ == side]
             where = f"in the patient's {side} half of the {vocabulary.organ}"
             singular = (f"the {{noun}} {where}",)
-        candidates += _group_candidates("location", members, singular,
+        category = "lobe" if vocabulary.has_lobes else "position"
+        candidates += _group_candidates("location", category, members, singular,
                                         (f"all {{nouns}} {where}", f"every {{noun}} {where}"),
                                         (f"the largest {{noun}} {where}", f"the biggest {{noun}} {where}"))
     return candidates
@@ -363,7 +376,8 @@ def _intensity_candidates(regions: list[RegionAttributes], vocabulary: Vocabular
     for intensity_class in INTENSITY_CLASSES:
         word = vocabulary.intensity_word(intensity_class)
         members = [region for region in regions if region.intensity_class == intensity_class]
-        candidates += _group_candidates("intensity", members, (f"the {word} {{noun}}", f"the only {word} {{noun}}"),
+        candidates += _group_candidates("intensity", "attribute", members,
+                                        (f"the {word} {{noun}}", f"the only {word} {{noun}}"),
                                         (f"all {word} {{nouns}}", f"every {word} {{noun}}"),
                                         (f"the largest {word} {{noun}}",))
         if not members or not vocabulary.has_lobes:
@@ -375,7 +389,8 @@ def _intensity_candidates(regions: list[RegionAttributes], vocabulary: Vocabular
                 where = f"in the {side} lobe"
                 templates = ((f"the {word} {{noun}} {where}",) if len(subset) == 1 else
                              (f"all {word} {{nouns}} {where}", f"every {word} {{noun}} {where}"))
-                candidates.append(Candidate("combination", templates, tuple(region.id for region in subset)))
+                candidates.append(Candidate("combination", templates, tuple(region.id for region in subset),
+                                            "attribute"))
     return candidates
 
 
@@ -400,7 +415,7 @@ class _CaseJob:
 class _CaseResult:
     case: str
     num_regions: int
-    expressions: list[tuple[str, tuple[int, ...], str]]
+    expressions: list[tuple[str, tuple[int, ...], str, str]]  # text, targets, family, report category
     description: dict = field(default_factory=dict)
 
 
@@ -425,7 +440,7 @@ def _convert_case(job: _CaseJob) -> _CaseResult:
         text = phrase(candidate, job.vocabulary, rng)
         if text not in seen:
             seen.add(text)
-            expressions.append((text, candidate.targets, candidate.family))
+            expressions.append((text, candidate.targets, candidate.family, candidate.report_category))
     for channel, (path, image) in enumerate(zip(source.images, images)):
         output = job.output_folder / "imagesTr" / f"{source.case}_{channel:04d}.nii.gz"
         if image_ending(path) == ".nii.gz":
@@ -477,8 +492,9 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
     if max_regions == 0:
         raise ConversionError(f"No case in {source.folder} has a component of label {lesion_value} with at least "
                               f"{min_lesion_voxels} voxels. Fix: check --lesion_label or lower --min_lesion_voxels.")
-    expressions = [Expression(id=f"{result.case}-e{index}", case=result.case, text=text, targets=targets)
-                   for result in results for index, (text, targets, _) in enumerate(result.expressions)]
+    expressions = [Expression(id=f"{result.case}-e{index}", case=result.case, text=text, targets=targets,
+                              category=category)
+                   for result in results for index, (text, targets, _, category) in enumerate(result.expressions)]
     validate_against_cases(expressions, {result.case: range(1, result.num_regions + 1) for result in results},
                            folder / "expressions.json")
     save_expressions(folder / "expressions.json", expressions)
@@ -502,7 +518,7 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
                   "intensity_threshold_in_organ_std": INTENSITY_THRESHOLD, "coordinates": "ITK physical LPS mm"},
         "cases": {result.case: {**result.description,
                                 "expressions": [{"id": f"{result.case}-e{index}", "family": family}
-                                                for index, (_, _, family) in enumerate(result.expressions)]}
+                                                for index, (_, _, family, _) in enumerate(result.expressions)]}
                   for result in results},
     })
 

@@ -31,7 +31,7 @@ import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
-from text_conditioning.expressions import HELDOUT_PHRASING, Expression, save_expressions
+from text_conditioning.expressions import HELDOUT_PHRASING, NO_TARGET_CATEGORY, Expression, save_expressions
 
 from lsms_nnunet.datasets.geometry import resolve_raw_root
 
@@ -74,7 +74,6 @@ ATTRIBUTE_KINDS = {"hypodense": ("cyst", "metastasis"),
                    "ring-enhancing": ("metastasis",),
                    "target-like": ("metastasis",)}
 LOBE_PHRASES = ("in the {lobe} lobe", "in the {lobe} hepatic lobe", "in the {lobe} liver lobe")
-NO_TARGET_CATEGORY = "no_target"  # whatever its wording, an expression that refers to nothing is reported as this
 HELDOUT_STREAM = 1  # the held-out wording draws from its own random stream: [seed, case index, HELDOUT_STREAM]
 HELDOUT_EXPRESSIONS_FILE = "expressions_heldout.json"
 HELDOUT_ID_SUFFIX = "-h"
