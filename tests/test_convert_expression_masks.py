@@ -95,6 +95,7 @@ def test_3d_nifti_round_trip_with_overlaps_and_empty_mask(tmp_path):
     assert [e.id for e in expressions] == ["patient_one-e0", "patient_one-e1", "patient_one-e2", "patient-2-e0",
                                            "patient-2-e1"]
     assert expressions[4].targets == () and expressions[3].targets == (1,)
+    assert all(e.category is None for e in expressions), "no category column, no category"
     region_map = sitk.ReadImage(str(folder / "labelsTr" / "patient_one.nii.gz"))
     assert region_map.GetSpacing() == pytest.approx(SPACING) and region_map.GetOrigin() == pytest.approx(ORIGIN)
     assert region_map.GetDirection() == pytest.approx(DIRECTION)
@@ -262,6 +263,19 @@ def test_table_problems_are_reported_before_any_work(tmp_path):
                         columns=("image", "text", "mask", "id"))
     with pytest.raises(ConversionError, match="row 2 .*repeats expression id 'same'"):
         convert_expression_masks(fixed, 16, "Broken", raw_root=tmp_path / "raw")
+
+
+def test_optional_category_column_fills_the_category(tmp_path):
+    image, mask_paths = make_3d_case(tmp_path, "case", venn_masks()[:2])
+    table = write_table(tmp_path / "t.csv", [[image.name, "the left box", mask_paths[0].name, "size"],
+                                             [image.name, "the right box", mask_paths[1].name, ""]],
+                        columns=("image", "text", "mask", "category"))
+    folder = convert_expression_masks(table, 17, "Categories", raw_root=tmp_path / "raw")
+    assert [e.category for e in load_expressions(folder / "expressions.json")] == ["size", None]
+    bad = write_table(tmp_path / "bad.csv", [[image.name, "a", mask_paths[0].name, "Size Rank"]],
+                      columns=("image", "text", "mask", "category"))
+    with pytest.raises(ConversionError, match="row 1 .*category 'Size Rank'.*lowercase identifier"):
+        convert_expression_masks(bad, 18, "Broken", raw_root=tmp_path / "raw")
 
 
 def test_rerun_redoes_only_changed_cases_and_guards_foreign_datasets(tmp_path, capsys):

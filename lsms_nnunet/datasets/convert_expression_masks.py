@@ -30,26 +30,27 @@ from lsms_nnunet.datasets.geometry import (ConversionError, Geometry, binary_mas
                                            geometry_mismatches, image_ending, map_with_progress, publish_dataset,
                                            read_image, region_map_image, resample_like, resolve_raw_root,
                                            staging_folder, stored_grid, write_image_atomically, write_json_atomically)
-from text_conditioning.expressions import (SAFE_ID_PATTERN, Expression, ExpressionsError, load_expressions,
-                                          save_expressions)
+from text_conditioning.expressions import (CATEGORY_PATTERN, SAFE_ID_PATTERN, Expression, ExpressionsError,
+                                           load_expressions, save_expressions)
 
 MANIFEST_NAME = ".lsms_convert.json"
 CONVERTER_NAME = "LSMSv2_convert_expression_masks"
 MANIFEST_VERSION = 1
 REQUIRED_COLUMNS = ("image", "text", "mask")
-ALLOWED_COLUMNS = REQUIRED_COLUMNS + ("id",)
+ALLOWED_COLUMNS = REQUIRED_COLUMNS + ("id", "category")  # category: optional report group of the expression
 RESAMPLE_FIX = ("export the mask on the image's voxel grid, or pass resample_masks=True (--resample_masks) to "
                 "resample masks onto their image with nearest neighbour.")
 
 
 @dataclass(frozen=True)
 class ExpressionSpec:
-    """One table row: where it is (for messages), its expression id, text and mask file."""
+    """One table row: where it is (for messages), its expression id, text, mask file and optional category."""
 
     where: str
     expression_id: str
     text: str
     mask: Path
+    category: str | None = None
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class TableRow:
     text: str
     mask: Path
     expression_id: str | None
+    category: str | None = None
 
 
 def _resolve(table: Path, value: str) -> Path:
@@ -85,7 +87,7 @@ def _rows_from_csv(table: Path) -> Iterator[tuple[str, dict]]:
         unknown = [column for column in columns if column not in ALLOWED_COLUMNS]
         if missing or unknown:
             raise ConversionError(f"Table {table} has columns {columns}; missing {missing}, unknown {unknown}. Fix: "
-                                  "use the header 'image,text,mask' (optionally ',id').")
+                                  "use the header 'image,text,mask' (optionally ',id' and ',category').")
         reader.fieldnames = columns
         for row_number, row in enumerate(reader, start=1):
             yield f"{table} row {row_number} (line {reader.line_num})", row
@@ -128,12 +130,17 @@ def read_table(table: str | os.PathLike) -> list[TableRow]:
         if expression_id is not None and not SAFE_ID_PATTERN.match(expression_id):
             problems.append(f"{where} has the unsafe id {expression_id!r}. Fix: use letters, digits, '.', '_', '-' "
                             "(it names output files), or leave it empty for '<case>-e<k>'.")
+        category = values["category"].strip() if isinstance(values["category"], str) and values["category"].strip() \
+            else None
+        if category is not None and not CATEGORY_PATTERN.match(category):
+            problems.append(f"{where} has the category {category!r}. Fix: use a short lowercase identifier (e.g. "
+                            "'size'), or leave it empty.")
         image, mask = _resolve(table, values["image"].strip()), _resolve(table, values["mask"].strip())
         for kind, path in (("image", image), ("mask", mask)):
             if not path.exists():
                 problems.append(f"{where}: {kind} {path} does not exist. Fix: correct the path (relative paths start "
                                 f"at {table.parent}).")
-        rows.append(TableRow(where, image, values["text"].strip(), mask, expression_id))
+        rows.append(TableRow(where, image, values["text"].strip(), mask, expression_id, category))
     if not rows and not problems:
         problems.append(f"{table} has no rows. Fix: add one row per (image, expression, mask).")
     if problems:
@@ -154,8 +161,8 @@ def plan_cases(rows: Sequence[TableRow]) -> list[CaseSpec]:
         while case in used_cases:
             case, suffix = f"{stem}_{suffix}", suffix + 1
         used_cases.add(case)
-        expressions = tuple(ExpressionSpec(row.where, row.expression_id or f"{case}-e{index}", row.text, row.mask)
-                            for index, row in enumerate(image_rows))
+        expressions = tuple(ExpressionSpec(row.where, row.expression_id or f"{case}-e{index}", row.text, row.mask,
+                                           row.category) for index, row in enumerate(image_rows))
         cases.append(CaseSpec(case, image_rows[0].image, expressions))
     first_row_of_id: dict[str, str] = {}
     problems = []
@@ -375,7 +382,8 @@ def convert_expression_masks(table: str | os.PathLike, dataset_id: int, name: st
 def _write_dataset_files(folder: Path, cases: Sequence[CaseSpec], records: dict[str, dict], ending: str,
                          channel_name: str, table: Path, resample_masks: bool) -> None:
     expressions = [Expression(id=expression.expression_id, case=spec.case, text=expression.text,
-                              targets=tuple(records[spec.case]["targets"][expression.expression_id]))
+                              targets=tuple(records[spec.case]["targets"][expression.expression_id]),
+                              category=expression.category)
                    for spec in cases for expression in spec.expressions]
     save_expressions(folder / "expressions.json", expressions)
     max_regions = max(record["num_atoms"] for record in records.values())
