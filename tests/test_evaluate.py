@@ -109,6 +109,37 @@ def test_evaluate_folder_per_expression_and_aggregate(folders, tmp_path):
     assert not [path for path in output_file.parent.iterdir() if path.name.endswith(".tmp")]
 
 
+def test_per_category_and_per_phrasing_scores_on_a_hand_made_example(folders, tmp_path):
+    reference_dir, prediction_dir, _ = folders
+    labelled = [Expression(e.id, e.case, e.text, e.targets, category, phrasing) for e, category, phrasing in zip(
+        EXPRESSIONS, ("size", None, "no_target", "size", "no_target"), (None, None, None, "heldout", None))]
+    summary = evaluate_referring_folder(reference_dir, prediction_dir, labelled, output_file=tmp_path / "summary.json")
+    assert [entry["category"] for entry in summary["metric_per_expression"]] == [
+        "size", None, "no_target", "size", "no_target"]
+    # size: exact (Dice 1) + missed (0); no_target: both empty (1) + spurious (0); uncategorized: lesion 1 found
+    # shifted by one row (12 of its 18 voxels) and lesion 2 (32 voxels) missed: Dice 24/68, IoU 12/56.
+    assert summary["per_category"] == {
+        "size": {"n_expressions": 2, "mean_dice": 0.5, "mIoU": 0.5, "no_target_accuracy": None},
+        "no_target": {"n_expressions": 2, "mean_dice": 0.5, "mIoU": 0.5, "no_target_accuracy": 0.5},
+        "uncategorized": {"n_expressions": 1, "mean_dice": pytest.approx(24 / 68), "mIoU": pytest.approx(12 / 56),
+                          "no_target_accuracy": None}}
+    assert list(summary["per_category"]) == ["size", "no_target", "uncategorized"]
+    assert summary["per_phrasing"]["heldout"] == {"n_expressions": 1, "mean_dice": 0.0, "mIoU": 0.0,
+                                                  "no_target_accuracy": None}
+    assert summary["per_phrasing"]["seen"]["n_expressions"] == 4
+    table = (tmp_path / "summary.md").read_text(encoding="utf-8")
+    assert "| Category      | Expressions | Mean Dice | mIoU   | No-target accuracy |" in table
+    assert "| size          | 2           | 0.5000    | 0.5000 | n/a                |" in table
+    assert "| no_target     | 2           | 0.5000    | 0.5000 | 0.5000             |" in table
+    assert "| heldout  | 1           | 0.0000    | 0.0000 | n/a                |" in table
+
+
+def test_without_heldout_expressions_there_is_no_phrasing_split(folders):
+    reference_dir, prediction_dir, _ = folders
+    summary = evaluate_referring_folder(reference_dir, prediction_dir, EXPRESSIONS)
+    assert "per_phrasing" not in summary and list(summary["per_category"]) == ["uncategorized"]
+
+
 def test_evaluate_with_worker_processes_matches_serial(folders):
     reference_dir, prediction_dir, expressions_file = folders
     serial = evaluate_referring_folder(reference_dir, prediction_dir, EXPRESSIONS)

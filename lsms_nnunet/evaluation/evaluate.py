@@ -3,6 +3,8 @@
 One prediction per expression (`<pred_dir>/<expression id><ending>`, foreground > 0) is compared with the union of
 the expression's target regions in the case's region map (`<ref_dir>/<case><ending>`). The result is a summary.json
 in the spirit of nnU-Net's (`metric_per_expression`, `aggregate`, `settings`) plus a Markdown table next to it.
+`per_category` scores each expression category (the expressions file's optional `category`; "uncategorized" when
+absent) and, when some expressions are marked `phrasing: "heldout"`, `per_phrasing` scores seen vs held-out wording.
 """
 import argparse
 import json
@@ -19,9 +21,9 @@ from tqdm import tqdm
 
 from lsms_nnunet.evaluation.metrics import (DEFAULT_DETECTION_MIN_OVERLAP, HAUSDORFF_PERCENTILE,
                                             PRECISION_IOU_THRESHOLDS, aggregate_metrics, expression_metrics,
-                                            lesion_detection)
-from text_conditioning.expressions import (Expression, ExpressionsError, expressions_by_case, load_expressions,
-                                           write_file_atomically)
+                                            lesion_detection, per_category_metrics, per_phrasing_metrics)
+from text_conditioning.expressions import (HELDOUT_PHRASING, Expression, ExpressionsError, expressions_by_case,
+                                           load_expressions, write_file_atomically)
 
 MAX_LISTED_MISSING = 20
 SPACING_RELATIVE_TOLERANCE = 1e-3
@@ -101,6 +103,7 @@ def _evaluate_case(reference_file: Path, expressions_with_predictions: list[tupl
         referred = np.isin(region_map, expression.targets)
         entries.append({
             "id": expression.id, "case": expression.case, "text": expression.text,
+            "category": expression.category, "phrasing": expression.phrasing,
             "reference_file": str(reference_file), "prediction_file": str(prediction_file),
             **expression_metrics(predicted, referred, spacing, nsd_tolerance_mm),
             **lesion_detection(predicted, np.where(referred, region_map, 0)),
@@ -152,6 +155,9 @@ def evaluate_referring_folder(ref_dir: str | os.PathLike, pred_dir: str | os.Pat
     summary = {
         "metric_per_expression": per_expression,
         "aggregate": aggregate_metrics(per_expression),
+        "per_category": per_category_metrics(per_expression),
+        **({"per_phrasing": per_phrasing_metrics(per_expression)}
+           if any(expression.phrasing == HELDOUT_PHRASING for expression in expressions) else {}),
         "settings": {
             "reference_folder": str(ref_dir), "prediction_folder": str(pred_dir), "expressions": expressions_source,
             "file_ending": file_ending, "reader_writer": reader_class.__name__,
@@ -203,7 +209,22 @@ def format_summary_table(summary: dict) -> str:
     width = max(len(name) for name, _ in rows)
     lines = [f"| {'Metric'.ljust(width)} | Value |", f"|{'-' * (width + 2)}|-------|"]
     lines.extend(f"| {name.ljust(width)} | {value} |" for name, value in rows)
+    lines += ["", *_group_table("Category", summary.get("per_category", {}))]
+    if "per_phrasing" in summary:
+        lines += ["", *_group_table("Phrasing", summary["per_phrasing"])]
     return "\n".join(lines)
+
+
+def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
+    """One row per expression group, so nobody has to sort expressions by type by hand."""
+    header = (title, "Expressions", "Mean Dice", "mIoU", "No-target accuracy")
+    rows = [header, *((name, str(group["n_expressions"]), _format_value(group["mean_dice"]),
+                       _format_value(group["mIoU"]), _format_value(group["no_target_accuracy"]))
+                      for name, group in groups.items())]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
+    lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
+    lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return lines
 
 
 def evaluate_entry() -> None:

@@ -21,6 +21,11 @@ PRESENCE_CATEGORIES = ("both_empty", "ref_empty", "pred_empty", "both_present")
 PRECISION_IOU_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 HAUSDORFF_PERCENTILE = 95
 DEFAULT_DETECTION_MIN_OVERLAP = 0.1
+UNCATEGORIZED = "uncategorized"
+# Report order of the expression categories (the synthetic generator's and the semantic converter's); others follow.
+CATEGORY_ORDER = ("kind", "kind_lobe", "lobe", "attribute", "plural", "size", "position", "no_target")
+PHRASING_ORDER = ("seen", "heldout")
+GROUP_METRICS = ("n_expressions", "mean_dice", "mIoU", "no_target_accuracy")
 REQUIRED_PER_EXPRESSION_KEYS = ("presence", "dice", "iou", "hd95", "nsd", "intersection_voxels", "union_voxels",
                                 "tp", "fp", "fn")
 
@@ -179,3 +184,32 @@ def aggregate_metrics(per_expression: list[dict]) -> dict:
         "detection_recall": _ratio_or_none(tp, tp + fn),
         "detection_f1": _ratio_or_none(2 * tp, 2 * tp + fp + fn),
     }
+
+
+def grouped_metrics(per_expression: list[dict], key: str, default: str, order: Sequence[str]) -> dict[str, dict]:
+    """aggregate_metrics' n_expressions, mean_dice, mIoU and no_target_accuracy for each value of an entry's `key`.
+
+    Entries without the key (or with None) count as `default`. Groups come in `order`, then any other value
+    alphabetically, with `default` last unless `order` places it, so tables line up across runs.
+    """
+    groups: dict[str, list[dict]] = {}
+    for entry in per_expression:
+        groups.setdefault(entry.get(key) or default, []).append(entry)
+
+    def rank(name: str) -> tuple[int, str]:
+        if name in order:
+            return order.index(name), ""
+        return len(order) + (name == default), name
+
+    return {name: {metric: aggregate_metrics(groups[name])[metric] for metric in GROUP_METRICS}
+            for name in sorted(groups, key=rank)}
+
+
+def per_category_metrics(per_expression: list[dict]) -> dict[str, dict]:
+    """Scores per expression category ("size", "no_target", ...); entries without one are "uncategorized"."""
+    return grouped_metrics(per_expression, "category", UNCATEGORIZED, CATEGORY_ORDER)
+
+
+def per_phrasing_metrics(per_expression: list[dict]) -> dict[str, dict]:
+    """Scores on seen wording (no phrasing mark) vs held-out wording (phrasing "heldout")."""
+    return grouped_metrics(per_expression, "phrasing", PHRASING_ORDER[0], PHRASING_ORDER)
