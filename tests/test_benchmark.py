@@ -24,7 +24,7 @@ def _checkpoint_times(results_folder: Path) -> dict:
 @pytest.fixture(scope="module")
 def benchmarked(run, nnunet_dirs):
     run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test-cases", 1, "--shape", 64, 64,
-        "--seed", 3)
+        "--seed", 3, "--heldout_phrasing")
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     make_plans_variant(DATASET, PLANS, max_features=16, batch_size=2)
     first = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
@@ -84,6 +84,27 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
         assert text_model["cost"]["gflops_per_patch"] > vanilla["cost"]["gflops_per_patch"]
 
 
+def test_results_report_categories_and_heldout_wording(benchmarked):
+    results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
+    validation = _validation_expressions(benchmarked)
+    categories = {e["category"] for e in validation}
+    for variant in results["variants"]:
+        per_category = variant["referring_per_category"]
+        assert set(per_category) == categories
+        assert sum(group["n_expressions"] for group in per_category.values()) == len(validation)
+        seen, heldout = variant["referring_per_phrasing"]["seen"], variant["referring_per_phrasing"]["heldout"]
+        assert seen["n_expressions"] == heldout["n_expressions"] == len(validation)
+        assert seen["mean_dice"] == variant["referring"]["mean_dice"]
+        if heldout["mean_dice"] and seen["mean_dice"]:
+            assert variant["heldout_vs_seen_dice"] == pytest.approx(heldout["mean_dice"] / seen["mean_dice"])
+    vanilla = results["variants"][0]  # text-blind: the wording cannot change its answer
+    assert vanilla["referring_per_phrasing"]["heldout"]["mean_dice"] == pytest.approx(vanilla["referring"]["mean_dice"])
+    heldout_masks = benchmarked["out"] / "predictions" / "lsms" / "fold_0" / "heldout"
+    assert sorted(p.name for p in heldout_masks.glob("*.nii.gz")) == sorted(f"{e['id']}-h.nii.gz" for e in validation)
+    markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
+    assert "Mean Dice per expression category" in markdown and "held-out / seen" in markdown
+
+
 def test_vanilla_is_trained_on_merged_labels_and_answers_every_expression_with_its_lesion_mask(benchmarked):
     model = benchmarked["results_folder"] / f"{TRAINERS['nnunet_merged']}__{PLANS}__2d"
     raw_labels = json.loads((benchmarked["raw"] / "dataset.json").read_text(encoding="utf-8"))["labels"]
@@ -109,7 +130,10 @@ def test_results_md_table_and_plots(benchmarked):
     for column in ("mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
                    "s/iter vs vanilla", "probe s/iter", "GFLOPs", "params", "peak mem"):
         assert column in header
-    rows = [line for line in markdown.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    lines = markdown.splitlines()
+    first_table = lines[lines.index(header):]
+    first_table = first_table[:first_table.index("")]
+    rows = [line for line in first_table if line.startswith("| ") and not line.startswith("| variant")]
     assert [row.split("|")[1].strip() for row in rows] == list(VARIANTS)
     assert "1.00x" in rows[0] and "frozen" in rows[1]
     assert "ad hoc" in markdown and "\"all lesions\"" in markdown and "Text-blind ceiling" in markdown
@@ -163,6 +187,37 @@ def test_unprepared_dataset_gets_an_error_naming_the_fix(nnunet_dirs):
         prepare_benchmark(598, "2d", [0], 1, 2)
     with pytest.raises(BenchmarkSetupError, match="Unknown variant"):
         prepare_benchmark(598, "2d", [0], 1, 2, variants=["lsms_typo"])
+
+
+def _variant_summary(name: str, dice_by_category: dict, heldout: tuple | None = None) -> dict:
+    groups = {category: {"n_expressions": 2, "mean_dice": dice, "mIoU": dice, "no_target_accuracy": None}
+              for category, dice in dice_by_category.items()}
+    summary = {"name": name, "referring_per_category": groups}
+    if heldout:
+        summary["referring_per_phrasing"] = {phrasing: {"n_expressions": 4, "mean_dice": dice, "mIoU": dice,
+                                                        "no_target_accuracy": None}
+                                             for phrasing, dice in zip(("seen", "heldout"), heldout)}
+        summary["heldout_vs_seen_dice"] = heldout[1] / heldout[0]
+    return summary
+
+
+def test_results_md_category_table_has_a_column_per_category_and_a_row_per_variant():
+    from lsms_nnunet.benchmark.report import format_category_table, format_phrasing_table
+
+    results = {"variants": [_variant_summary("nnunet_merged", {"size": 0.25, "no_target": 0.0}, (0.5, 0.5)),
+                            _variant_summary("lsms", {"size": 0.75, "no_target": 1.0, "uncategorized": 0.5},
+                                             (0.8, 0.6))],
+               "text_blind_ceiling_per_category": {"size": {"n_expressions": 2, "mean_dice": 0.4, "mIoU": 0.4,
+                                                            "no_target_accuracy": None}}}
+    table = format_category_table(results)
+    assert table[2].split("|")[1:-1] == [" variant            ", " size (n=2) ", " no_target (n=2) ",
+                                         " uncategorized (n=2) "]
+    rows = {line.split("|")[1].strip(): [cell.strip() for cell in line.split("|")[2:-1]] for line in table[4:]}
+    assert rows == {"nnunet_merged": ["0.250", "0.000", "n/a"], "lsms": ["0.750", "1.000", "0.500"],
+                    "text-blind ceiling": ["0.400", "n/a", "n/a"]}
+    phrasing = format_phrasing_table(results)
+    assert [cell.strip() for cell in phrasing[-1].split("|")[1:-1]] == ["lsms", "0.8000", "0.6000", "0.75x", "4"]
+    assert format_phrasing_table({"variants": [_variant_summary("lsms", {"size": 1.0})]}) == []
 
 
 def test_seconds_per_iteration_leaves_out_the_warm_up_epoch():

@@ -22,6 +22,7 @@ SAFE_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 MAX_LISTED_PROBLEMS = 20
 CATEGORY_PATTERN = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
 SEEN_PHRASING, HELDOUT_PHRASING = "seen", "heldout"
+HELDOUT_EXPRESSIONS_FILE = "expressions_heldout.json"  # at a dataset root: held-out wordings, scored, never trained
 NO_TARGET_CATEGORY = "no_target"  # the category of every expression that refers to nothing, whatever its wording
 PHRASINGS = (SEEN_PHRASING, HELDOUT_PHRASING)
 

@@ -5,8 +5,10 @@
 2. Trains every variant and fold with the stock `nnUNetv2_train` in a subprocess, all with the same budget
    (`*_budget` trainers read LSMS_BUDGET_EPOCHS / LSMS_BUDGET_ITERATIONS). The baseline is vanilla nnU-Net on the
    plain view of the dataset (every region merged into one lesion label): the best a text-blind model can do.
-3. Scores every model on the referring expressions of its validation cases and on plain all-lesion segmentation,
-   and measures its costs (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
+3. Scores every model on the referring expressions of its validation cases (per expression category too) and on
+   plain all-lesion segmentation; when the raw dataset has expressions_heldout.json (LSMSv2_make_synthetic
+   --heldout_phrasing), also on the held-out wordings of the same validation expressions; and measures its costs
+   (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
    The text-blind ceiling (a perfect all-lesion mask answering every expression) is scored too, as a reference.
 4. Writes results.json, results.md (one table) and plots.
 
@@ -32,7 +34,8 @@ import torch
 from tqdm import tqdm
 
 from text_conditioning.encoders import EncoderIdentity
-from text_conditioning.expressions import Expression, write_file_atomically
+from text_conditioning.expressions import (HELDOUT_EXPRESSIONS_FILE, Expression, ExpressionsError, expressions_by_case,
+                                           load_expressions, write_file_atomically)
 
 from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_blind_answers, plain_lesion_dice,
                                             write_all_lesion_reference_masks)
@@ -40,7 +43,8 @@ from lsms_nnunet.benchmark.costs import (forward_gflops, parameter_counts, secon
                                          text_encoder_parameters, time_cases)
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.training_probe import probe_training
-from lsms_nnunet.evaluation.metrics import aggregate_metrics
+from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
@@ -49,6 +53,7 @@ RESULTS_FORMAT, RESULTS_VERSION = "lsms-benchmark", 1
 DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 20, 50
 PROGRESS_POLL_SECONDS = 2.0
 SECTIONS = ("training", "referring", "plain", "network", "inference", "probe")
+HELDOUT_SECTION = "heldout"
 
 
 @dataclass(frozen=True)
@@ -105,6 +110,12 @@ class BenchmarkSetup:
     text_cache_folder: Path
     file_ending: str
     splits: tuple[dict, ...]
+    heldout_expressions: tuple[Expression, ...] = ()
+
+    @property
+    def sections(self) -> tuple[str, ...]:
+        """What is measured per model: held-out wording only where the dataset has it."""
+        return SECTIONS + ((HELDOUT_SECTION,) if self.heldout_expressions else ())
 
     @property
     def gt_folder(self) -> Path:
@@ -128,6 +139,10 @@ class BenchmarkSetup:
     def validation_expressions(self, fold: int) -> list[Expression]:
         cases = set(self.validation_cases(fold))
         return [e for e in self.expressions if e.case in cases]
+
+    def validation_heldout_expressions(self, fold: int) -> list[Expression]:
+        cases = set(self.validation_cases(fold))
+        return [e for e in self.heldout_expressions if e.case in cases]
 
     def work_folder(self, variant: Variant, fold: int, kind: str) -> Path:
         return self.output_folder / "predictions" / variant.name / f"fold_{fold}" / kind
@@ -211,13 +226,31 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
     output_folder = Path(output_folder) if output_folder else \
         Path(nnUNet_results) / dataset_name / f"lsms_benchmark_{suffix}"
     chosen = tuple(VARIANTS_BY_NAME[name] for name in dict.fromkeys(variants)) if variants else VARIANTS
+    heldout = read_heldout_expressions(raw_folder, prompt_set.cases())
     dataset_json = json.loads((preprocessed_folder / "dataset.json").read_text(encoding="utf-8"))
     return BenchmarkSetup(dataset_name=dataset_name, configuration=configuration, plans=plans, folds=tuple(folds),
                           epochs=epochs, iterations=iterations, device=device, variants=chosen,
                           output_folder=output_folder, preprocessed_folder=preprocessed_folder,
                           expressions=tuple(prompt_set.expressions),
                           text_cache_folder=preprocessed_folder / TEXT_FOLDER / EncoderIdentity.from_dict(encoder).slug,
-                          file_ending=dataset_json["file_ending"], splits=tuple(splits))
+                          file_ending=dataset_json["file_ending"], splits=tuple(splits), heldout_expressions=heldout)
+
+
+def read_heldout_expressions(raw_folder: Path, known_cases: set[str]) -> tuple[Expression, ...]:
+    """The held-out wordings of the training cases' expressions, or () when the dataset has none."""
+    path = raw_folder / HELDOUT_EXPRESSIONS_FILE
+    if not path.is_file():
+        return ()
+    try:
+        expressions = tuple(load_expressions(path))
+    except ExpressionsError as error:
+        raise BenchmarkSetupError(str(error)) from None
+    unknown = sorted({e.case for e in expressions} - known_cases)
+    if unknown:
+        raise BenchmarkSetupError(f"{path} names cases {unknown[:10]} that have no expression in "
+                                  f"{raw_folder / 'expressions.json'}. Fix: regenerate the dataset "
+                                  f"(LSMSv2_make_synthetic --heldout_phrasing) or remove {path.name}.")
+    return expressions
 
 
 def ensure_splits(preprocessed_folder: Path, data_folder: Path) -> list[dict]:
@@ -462,9 +495,37 @@ def measure_probe(model: _FoldModel) -> dict:
                           setup.device, setup.training_environment())
 
 
+def measure_heldout(model: _FoldModel) -> dict:
+    """The validation cases' expressions in held-out wording, predicted as measure_plain predicts (one pass per case,
+    no mirroring); a text-blind model answers with its validation label maps, as for the seen wording."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    expressions = setup.validation_heldout_expressions(fold)
+    folder = setup.work_folder(variant, fold, HELDOUT_SECTION)
+    if not variant.uses_text:
+        summary = evaluate_text_blind_answers(setup.fold_folder(variant, fold) / "validation", setup.gt_folder,
+                                              expressions, setup.file_ending, folder)
+        return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+    from lsms_nnunet.inference.predictor import export_expression_masks
+
+    predictor = model.predictor
+    folder.mkdir(parents=True, exist_ok=True)
+    reader_writer = predictor.plans_manager.image_reader_writer_class()
+    by_case = expressions_by_case(expressions)
+    for case, case_expressions in tqdm(by_case.items(), desc=f"{variant.name}: held-out wording", unit="case"):
+        data, properties = model.load_case(case)
+        logits = predictor.predict_prompt_logits(data, [e.text for e in case_expressions])
+        export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
+                                predictor.plans_manager, reader_writer, [e.id for e in case_expressions], folder,
+                                setup.file_ending)
+    summary = evaluate_referring_folder(setup.gt_folder, folder, expressions, file_ending=setup.file_ending,
+                                        output_file=folder / "summary.json")
+    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+
+
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
     "training": measure_training, "referring": measure_referring, "plain": measure_plain,
-    "network": measure_network, "inference": measure_inference, "probe": measure_probe}
+    "network": measure_network, "inference": measure_inference, "probe": measure_probe,
+    HELDOUT_SECTION: measure_heldout}
 
 
 def checkpoint_signature(checkpoint: Path) -> dict:
@@ -483,7 +544,7 @@ def measure_variant(setup: BenchmarkSetup, variant: Variant, fold: int) -> dict:
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     if record.get("checkpoint") != signature:
         record = {"variant": variant.name, "trainer": variant.trainer, "fold": fold, "checkpoint": signature}
-    missing = [section for section in SECTIONS if section not in record]
+    missing = [section for section in setup.sections if section not in record]
     if not missing:
         say(f"{variant.name} fold {fold}: all measurements recorded earlier, reused")
         return record
@@ -524,6 +585,8 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
         "name": variant.name, "trainer": variant.trainer, "description": variant.description,
         "model_folder": str(setup.model_folder(variant)), "folds": [record["fold"] for record in records],
         "referring": aggregate_metrics(per_expression),
+        "referring_per_category": per_category_metrics(per_expression),
+        **phrasing_summary(records, per_expression),
         "plain_lesion": {"mean_dice": float(np.mean(list(plain.values()))), "cases": len(plain),
                          "prompt": records[0]["plain"]["prompt"]},
         "cost": {
@@ -542,9 +605,22 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
     }
 
 
+def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dict:
+    """Seen vs held-out wording of the same validation expressions, and their Dice ratio; {} without held-out."""
+    heldout = [entry for record in records for entry in record.get(HELDOUT_SECTION, {}).get("per_expression", ())]
+    if not heldout:
+        return {}
+    per_phrasing = per_phrasing_metrics(per_expression + heldout)
+    seen_dice, heldout_dice = per_phrasing["seen"]["mean_dice"], per_phrasing["heldout"]["mean_dice"]
+    return {"referring_per_phrasing": per_phrasing,
+            "heldout_vs_seen_dice": heldout_dice / seen_dice if seen_dice else None,
+            "heldout_per_category": per_category_metrics(heldout)}
+
+
 def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling_records: Sequence[dict],
                   wall_seconds: float) -> dict:
     variants = [summarize_variant(setup, variant, records[variant.name]) for variant in setup.variants]
+    ceiling = [entry for record in ceiling_records for entry in record["per_expression"]]
     vanilla = next((v for v in variants if v["name"] == VANILLA.name), None)
     for summary in variants:
         for key in ("seconds_per_iteration", "probe_seconds_per_iteration"):
@@ -554,7 +630,8 @@ def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling
         "configuration": setup.configuration, "plans": setup.plans, "folds": list(setup.folds),
         "budget": {"epochs": setup.epochs, "iterations_per_epoch": setup.iterations}, "device": setup.device,
         "splits_file": str(setup.splits_file), "wall_seconds_of_this_run": wall_seconds,
-        "text_blind_ceiling": aggregate_metrics([e for record in ceiling_records for e in record["per_expression"]]),
+        "text_blind_ceiling": aggregate_metrics(ceiling),
+        "text_blind_ceiling_per_category": per_category_metrics(ceiling),
         "variants": variants,
     }
 

@@ -43,12 +43,52 @@ def _row(variant: dict) -> list[str]:
             _number(cost["inference_seconds_per_expression"], 3)]
 
 
-def format_results_table(results: dict) -> str:
-    """results.md: the table (one row per variant) and what every number means."""
-    rows = [list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])]
-    widths = [max(len(row[i]) for row in rows) for i in range(len(TABLE_COLUMNS))]
+def _markdown_table(rows: list[list[str]]) -> list[str]:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
+    return lines
+
+
+def format_category_table(results: dict) -> list[str]:
+    """Mean Dice per expression category: one column per category, one row per variant and the text-blind ceiling."""
+    rows_by_name = {variant["name"]: variant.get("referring_per_category", {}) for variant in results["variants"]}
+    rows_by_name["text-blind ceiling"] = results.get("text_blind_ceiling_per_category", {})
+    categories = list(dict.fromkeys(category for groups in rows_by_name.values() for category in groups))
+    if not categories:
+        return []
+    counts = {}
+    for groups in rows_by_name.values():
+        for category, group in groups.items():
+            counts.setdefault(category, group["n_expressions"])
+    header = ["variant", *(f"{category} (n={counts[category]})" for category in categories)]
+    rows = [[name, *(_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
+                     for category in categories)] for name, groups in rows_by_name.items()]
+    return ["Mean Dice per expression category (the expressions file's `category`; \"uncategorized\" when absent):",
+            "", *_markdown_table([header, *rows])]
+
+
+def format_phrasing_table(results: dict) -> list[str]:
+    """Seen vs held-out wording of the same validation expressions; empty when the dataset has no held-out file."""
+    variants = [variant for variant in results["variants"] if "referring_per_phrasing" in variant]
+    if not variants:
+        return []
+    header = ["variant", "seen mean Dice", "held-out mean Dice", "held-out / seen", "expressions (each)"]
+    rows = [[variant["name"], _number(variant["referring_per_phrasing"]["seen"]["mean_dice"], 4),
+             _number(variant["referring_per_phrasing"]["heldout"]["mean_dice"], 4),
+             _ratio(variant["heldout_vs_seen_dice"]),
+             str(variant["referring_per_phrasing"]["heldout"]["n_expressions"])] for variant in variants]
+    return ["Phrasing never seen in training (expressions_heldout.json: the same validation expressions and targets "
+            "in held-out wording, predicted in one pass per case without mirroring):", "",
+            *_markdown_table([header, *rows])]
+
+
+def format_results_table(results: dict) -> str:
+    """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
+    lines = _markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
+    for extra in (format_category_table(results), format_phrasing_table(results)):
+        if extra:
+            lines += ["", *extra]
     first = results["variants"][0] if results["variants"] else None
     expressions = first["referring"]["n_expressions"] if first else 0
     cases = first["plain_lesion"]["cases"] if first else 0

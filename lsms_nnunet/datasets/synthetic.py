@@ -31,7 +31,8 @@ import SimpleITK as sitk
 from scipy.ndimage import distance_transform_edt
 from tqdm import tqdm
 
-from text_conditioning.expressions import HELDOUT_PHRASING, NO_TARGET_CATEGORY, Expression, save_expressions
+from text_conditioning.expressions import (HELDOUT_EXPRESSIONS_FILE, HELDOUT_PHRASING, NO_TARGET_CATEGORY, Expression,
+                                           save_expressions)
 
 from lsms_nnunet.datasets.geometry import resolve_raw_root
 
@@ -75,7 +76,6 @@ ATTRIBUTE_KINDS = {"hypodense": ("cyst", "metastasis"),
                    "target-like": ("metastasis",)}
 LOBE_PHRASES = ("in the {lobe} lobe", "in the {lobe} hepatic lobe", "in the {lobe} liver lobe")
 HELDOUT_STREAM = 1  # the held-out wording draws from its own random stream: [seed, case index, HELDOUT_STREAM]
-HELDOUT_EXPRESSIONS_FILE = "expressions_heldout.json"
 HELDOUT_ID_SUFFIX = "-h"
 
 
@@ -466,7 +466,8 @@ def _expression_candidates(lesions: Sequence[SyntheticLesion], book: Phrasebook,
         noun, plural = pick(book.kind_singular[kind]), pick(book.kind_plural[kind])
         of_kind = by_size(lambda lesion: lesion.kind == kind)
         if len(of_kind) <= 1:
-            candidates.append(_Candidate("kind", say(book.the_kind, noun=noun), ids(lambda lesion: lesion.kind == kind)))
+            candidates.append(_Candidate("kind", say(book.the_kind, noun=noun),
+                                         ids(lambda lesion: lesion.kind == kind)))
         else:
             candidates.append(_Candidate("size", say(book.largest_kind, noun=noun), (of_kind[0].region_id,)))
             candidates.append(_Candidate("size", say(book.smallest_kind, noun=noun), (of_kind[-1].region_id,)))
