@@ -232,3 +232,18 @@ class LSMSTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
+
+    # ---------------------------------------------------------------- checkpoints that survive a kill
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed: a kill mid-write leaves the previous one."""
+        from lsms_nnunet.training.checkpoints import save_atomically
+
+        save_atomically(super().save_checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """`--c` continues from the last readable checkpoint (an unreadable checkpoint_latest -> checkpoint_best)."""
+        from lsms_nnunet.training.checkpoints import readable_checkpoint
+
+        if isinstance(filename_or_checkpoint, str):
+            filename_or_checkpoint = readable_checkpoint(filename_or_checkpoint, self.print_to_log_file)
+        super().load_checkpoint(filename_or_checkpoint)
