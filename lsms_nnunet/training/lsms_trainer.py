@@ -184,6 +184,8 @@ class LSMSTrainer(nnUNetTrainer):
                                                         wait_time=0.002)
             mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4),
                                                       None, pin, wait_time=0.002)
+        from lsms_nnunet.training.worker_lifetime import exit_with_trainer
+        exit_with_trainer(mt_gen_train, mt_gen_val)  # workers of a killed trainer exit too
         next(mt_gen_train), next(mt_gen_val)
         return mt_gen_train, mt_gen_val
 
