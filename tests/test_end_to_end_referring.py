@@ -155,6 +155,24 @@ def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, r
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_prediction_never_writes_over_the_input_images(trained_models, run_failing, tmp_path):
+    trained = trained_models["2d"]
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    (images / case.name).write_bytes(case.read_bytes())
+    case_id = case.name[: -len("_0000.nii.gz")]
+    (images / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
+        {"id": f"{case_id}_0000", "case": case_id, "text": "the largest lesion"}]}))
+    before = {path.name: path.read_bytes() for path in images.iterdir()}
+    output = run_failing("LSMSv2_predict", *_predict_args(trained, images, images))
+    assert "is the input folder" in output and "Fix: pass an output folder (-o) outside" in output
+    output = run_failing("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "out"))
+    assert f"would write masks named like input images in {images} (e.g. {case.name})" in output
+    assert {path.name: path.read_bytes() for path in images.iterdir()} == before
+    assert not any((tmp_path / "out").iterdir())
+
+
 def test_geometry_round_trip_with_rotated_anisotropic_input(trained_models, run, tmp_path):
     trained = trained_models["3d_fullres"]
     source = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]

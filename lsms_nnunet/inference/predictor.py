@@ -3,7 +3,8 @@
 `LSMSPredictor` subclasses `nnUNetPredictor` and keeps its whole pipeline (reading, preprocessing workers, sliding
 window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue_prediction`):
 - the expressions come from the companion `expressions.json` in the input folder (or `LSMS_EXPRESSIONS` /
-  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written;
+  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written, as is the output:
+  never the input folder or inside it, no expression id named like an input image;
 - each image is preprocessed once; all of its expressions are bound to the network as prompts, so every sliding-window
   patch runs once for all of them, batched;
 - the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
@@ -43,6 +44,10 @@ TEXT_ENCODER_ENV = "LSMS_TEXT_ENCODER"
 TEXT_CACHE_ENV = "LSMS_TEXT_CACHE"
 EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
 INDEX_FILE = "expressions_index.json"
+
+
+class UnsafeOutputError(ValueError):
+    """A referring prediction whose masks would overwrite input images or mix with them."""
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -185,13 +190,38 @@ class LSMSPredictor(nnUNetPredictor):
                     f"Fix: put a companion {EXPRESSIONS_FILE} next to the images, or use LSMSv2_predict -e FILE / "
                     f"--text \"...\".")
             bind_label_prompts(self.network)
-        else:  # encode (and check the encoder) before nnU-Net writes anything into the output folder
+        else:  # check the output and encode (checking the encoder) before nnU-Net writes anything
+            self._refuse_unsafe_output(list_of_lists_or_source_folder,
+                                       output_folder_or_list_of_truncated_output_files)
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
         return super().predict_from_files(list_of_lists_or_source_folder,
                                           output_folder_or_list_of_truncated_output_files, save_probabilities,
                                           overwrite, num_processes_preprocessing, num_processes_segmentation_export,
                                           folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def _refuse_unsafe_output(self, source: str, output) -> None:
+        """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal
+        to an image's name) and are taken for image channels by the next run, so refuse both before writing."""
+        if isinstance(output, str):
+            source_path, output_path = Path(source).resolve(), Path(output).resolve()
+            if output_path == source_path or source_path in output_path.parents:
+                where = "is the input folder" if output_path == source_path else f"is inside the input folder {source}"
+                raise UnsafeOutputError(
+                    f"The output folder {output} {where}: referring masks written there can replace input images and "
+                    f"are read as images by the next prediction. Fix: pass an output folder (-o) outside {source}.")
+        ending = self.dataset_json["file_ending"]
+        inputs = {name for name in os.listdir(source) if name.endswith(ending)}
+        clashes = sorted(e.id for e in self._expressions if e.id + ending in inputs)
+        if clashes:
+            raise UnsafeOutputError(
+                f"{self._expressions_file(source)}: expression ids {clashes[:10]} ({len(clashes)} in all) would write "
+                f"masks named like input images in {source} (e.g. {clashes[0]}{ending}). Fix: rename these ids in "
+                f"the expressions file, e.g. to {clashes[0]}_mask.")
+
+    @staticmethod
+    def _expressions_file(source: str) -> str:
+        return os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
 
     def _requested_expressions(self, source) -> list[Expression] | None:
         """The expressions asked for, validated against the images present; None when nothing was asked."""
@@ -202,7 +232,7 @@ class LSMSPredictor(nnUNetPredictor):
         if os.environ.get(TEXT_ENV):
             text = os.environ[TEXT_ENV]
             return [Expression(f"{case}-text", case, text, None) for case in cases]
-        file = os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
+        file = self._expressions_file(source)
         if not os.path.isfile(file):
             if os.environ.get(EXPRESSIONS_ENV):
                 raise ExpressionsError(f"{file} is missing. Fix: point -e at an existing expressions file.")
