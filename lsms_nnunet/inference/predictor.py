@@ -176,29 +176,75 @@ class LSMSPredictor(nnUNetPredictor):
             chunks.append(logits[1:])
         return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
 
-    # -- stock entry: predict_from_files(...) -------------------------------------------------------------------
+    # -- stock entries: predict_from_files(...), its sequential twin (-npp 0 -nps 0) and the numpy entries --------
     def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                            save_probabilities: bool = False, overwrite: bool = True,
                            num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
                            folder_with_segs_from_prev_stage: str | None = None, num_parts: int = 1, part_id: int = 0):
-        self._expressions = self._requested_expressions(list_of_lists_or_source_folder)
+        self._prepare_prompts(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str | None = None):
+        """nnU-Net's loop writes one label map per image; expressions go through `predict_from_data_iterator`."""
+        self._prepare_prompts(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
+        if self._expressions is None:
+            return super().predict_from_files_sequential(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
+                overwrite, folder_with_segs_from_prev_stage)
+        inputs, outputs, previous = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        with torch.inference_mode():
+            return self.predict_from_data_iterator(self._preprocessed_in_this_process(inputs, outputs, previous),
+                                                   save_probabilities)
+
+    def _preprocessed_in_this_process(self, inputs: list, outputs: list, previous: list):
+        """nnU-Net's sequential preprocessing, yielding the items `predict_from_data_iterator` takes."""
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
+        for files, ofile, previous_stage in zip(inputs, outputs, previous):
+            data, _, properties = preprocessor.run_case(files, previous_stage, self.plans_manager,
+                                                        self.configuration_manager, self.dataset_json)
+            yield {"data": torch.from_numpy(data), "data_properties": properties, "ofile": ofile}
+
+    def predict_from_list_of_npy_arrays(self, *args, **kwargs):
+        self._bind_label_prompts_or_refuse("predict_from_list_of_npy_arrays")
+        return super().predict_from_list_of_npy_arrays(*args, **kwargs)
+
+    def predict_single_npy_array(self, *args, **kwargs):
+        self._bind_label_prompts_or_refuse("predict_single_npy_array")
+        return super().predict_single_npy_array(*args, **kwargs)
+
+    def _bind_label_prompts_or_refuse(self, entry: str) -> None:
+        """The numpy entries take no expressions: fine for a plain-task model, refused for a referring one."""
+        if self.model_card["mode"] != PLAIN:
+            raise ExpressionsError(
+                f"nnUNetPredictor.{entry} has no way to pass expressions to this referring model. Fix: use "
+                f"predict_from_files with an {EXPRESSIONS_FILE} next to the images (or LSMSv2_predict -e FILE / "
+                f"--text), or LSMSPredictor.predict_prompt_logits(preprocessed_data, texts).")
+        self._expressions = None
+        bind_label_prompts(self.network)
+
+    def _prepare_prompts(self, source, output) -> None:
+        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, before nnU-Net
+        writes anything."""
+        self._expressions = self._requested_expressions(source)
         if self._expressions is None:
             if self.model_card["mode"] != PLAIN:
-                source = list_of_lists_or_source_folder
                 raise ExpressionsError(
                     f"This is a referring model: it needs expressions. None found: no {EXPRESSIONS_FILE} in {source}. "
                     f"Fix: put a companion {EXPRESSIONS_FILE} next to the images, or use LSMSv2_predict -e FILE / "
                     f"--text \"...\".")
             bind_label_prompts(self.network)
-        else:  # check the output and encode (checking the encoder) before nnU-Net writes anything
-            self._refuse_unsafe_output(list_of_lists_or_source_folder,
-                                       output_folder_or_list_of_truncated_output_files)
+        else:
+            self._refuse_unsafe_output(source, output)
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
-        return super().predict_from_files(list_of_lists_or_source_folder,
-                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
-                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
-                                          folder_with_segs_from_prev_stage, num_parts, part_id)
 
     def _refuse_unsafe_output(self, source: str, output) -> None:
         """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal
