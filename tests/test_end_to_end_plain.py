@@ -86,3 +86,30 @@ def test_plain_benchmark_reports_both_trainers(plain_models, run):
             line.startswith("| LSMSTrainer_budget")]
     assert len(rows) == 2
     assert all(len(row.split("|")) == 10 for row in rows)  # name, 4 labels, mean, s/iter, ratio
+
+
+def test_sequential_and_numpy_entries_predict_a_plain_lsms_model(plain_models, run, tmp_path):
+    import torch
+    import lsms_nnunet_ext_hook  # noqa: F401  (nnU-Net finds the trainer named in the checkpoint)
+    from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    images = plain_models["raw"] / "imagesTs"
+    for mode, processes in (("sequential", 0), ("multiprocess", 1)):
+        run("nnUNetv2_predict", "-i", images, "-o", tmp_path / mode, "-d", DATASET, "-c", "2d", "-tr",
+            "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", processes, "-nps",
+            processes)
+    image_file = sorted(images.glob("*_0000.nii.gz"))[0]
+    case = image_file.name[: -len("_0000.nii.gz")]
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "multiprocess" / f"{case}.nii.gz")))
+    sequential = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "sequential" / f"{case}.nii.gz")))
+    assert np.array_equal(sequential, expected)
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(
+        str(plain_models["results"] / "LSMSTrainer_test__nnUNetPlans_tiny__2d"), (0,), "checkpoint_final.pth")
+    image, properties = SimpleITKIO().read_images([str(image_file)])
+    single = predictor.predict_single_npy_array(image, properties)
+    assert np.array_equal(single.reshape(expected.shape), expected)
+    listed = predictor.predict_from_list_of_npy_arrays([image], None, [properties], None, num_processes=1)
+    assert np.array_equal(np.asarray(listed[0]).reshape(expected.shape), expected)

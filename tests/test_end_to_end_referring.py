@@ -155,6 +155,57 @@ def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, r
     assert not out.exists() or not any(out.iterdir())
 
 
+def test_prediction_never_writes_over_the_input_images(trained_models, run_failing, tmp_path):
+    trained = trained_models["2d"]
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    (images / case.name).write_bytes(case.read_bytes())
+    case_id = case.name[: -len("_0000.nii.gz")]
+    (images / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
+        {"id": f"{case_id}_0000", "case": case_id, "text": "the largest lesion"}]}))
+    before = {path.name: path.read_bytes() for path in images.iterdir()}
+    output = run_failing("LSMSv2_predict", *_predict_args(trained, images, images))
+    assert "is the input folder" in output and "Fix: pass an output folder (-o) outside" in output
+    output = run_failing("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "out"))
+    assert f"would write masks named like input images in {images} (e.g. {case.name})" in output
+    assert {path.name: path.read_bytes() for path in images.iterdir()} == before
+    assert not any((tmp_path / "out").iterdir())
+
+
+def test_sequential_prediction_answers_like_the_multiprocess_one(trained_models, run, tmp_path):
+    trained = trained_models["2d"]
+    images = trained["raw"] / "imagesTs"
+    arguments = {}
+    for mode, processes in (("sequential", 0), ("multiprocess", 1)):
+        arguments[mode] = _predict_args(trained, images, tmp_path / mode)
+        for flag in ("-npp", "-nps"):
+            arguments[mode][arguments[mode].index(flag) + 1] = processes
+        run("nnUNetv2_predict", *arguments[mode])
+    expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
+    for expression in expressions:
+        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mode / f"{expression['id']}.nii.gz")))
+                 for mode in arguments]
+        assert np.array_equal(*masks)
+    index = json.loads((tmp_path / "sequential" / "expressions_index.json").read_text(encoding="utf-8"))
+    assert {e["id"] for e in index["expressions"]} == {e["id"] for e in expressions}
+
+
+def test_numpy_entries_refuse_a_referring_model_clearly(trained_models):
+    import torch
+    import lsms_nnunet_ext_hook  # noqa: F401  (nnU-Net finds the trainer named in the checkpoint)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+    from text_conditioning.expressions import ExpressionsError
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False)
+    predictor.initialize_from_trained_model_folder(str(trained_models["2d"]["model"]), (0,), "checkpoint_final.pth")
+    image, properties = np.zeros((1, 1, 64, 64), np.float32), {"spacing": [999.0, 1.0, 1.0]}
+    with pytest.raises(ExpressionsError, match="predict_single_npy_array has no way to pass expressions.* Fix: "):
+        predictor.predict_single_npy_array(image, properties)
+    with pytest.raises(ExpressionsError, match="predict_from_list_of_npy_arrays has no way to pass expressions"):
+        predictor.predict_from_list_of_npy_arrays([image], None, [properties], None, num_processes=1)
+
+
 def test_geometry_round_trip_with_rotated_anisotropic_input(trained_models, run, tmp_path):
     trained = trained_models["3d_fullres"]
     source = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]

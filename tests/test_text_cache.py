@@ -83,6 +83,35 @@ def test_update_is_idempotent_and_encodes_only_new_texts(tmp_path, counting_enco
     assert len(counting_encoder.calls) == 2
 
 
+class InterruptedEncoder(CountingEncoder):
+    """Stands for a run killed mid-way: the ``interrupt_at``-th call to encode raises KeyboardInterrupt."""
+
+    def __init__(self, encoder: TextEncoder, interrupt_at: int) -> None:
+        super().__init__(encoder)
+        self.interrupt_at = interrupt_at
+
+    def encode(self, texts, batch_size=64, progress=True):
+        if len(self.calls) + 1 == self.interrupt_at:
+            raise KeyboardInterrupt("killed mid-way")
+        return super().encode(texts, batch_size=batch_size, progress=progress)
+
+
+def test_interrupted_update_keeps_finished_shards_and_a_rerun_encodes_only_the_rest(tmp_path, tiny_encoder):
+    texts = [f"lesion {index} in the left lobe" for index in range(10)]
+    resumed = TextEmbeddingCache(tmp_path / "resumed", tiny_encoder.identity)
+    with pytest.raises(KeyboardInterrupt):
+        resumed.update(texts, InterruptedEncoder(tiny_encoder, interrupt_at=3), progress=False, shard_size=3)
+    assert resumed.missing(texts) == texts[6:]  # the two finished shards survived the interruption
+    rerun = CountingEncoder(tiny_encoder)
+    assert resumed.update(texts, rerun, progress=False, shard_size=3) == 4
+    assert rerun.calls == [texts[6:9], texts[9:]]
+    clean = TextEmbeddingCache(tmp_path / "clean", tiny_encoder.identity)
+    clean.update(texts, tiny_encoder, progress=False, shard_size=3)
+    for name in ("tokens", "mask", "pooled"):
+        np.testing.assert_array_equal(getattr(resumed.load(texts), name), getattr(clean.load(texts), name))
+    assert sorted(os.listdir(tmp_path / "resumed")) == sorted(os.listdir(tmp_path / "clean"))
+
+
 def test_missing_is_deduplicated_in_first_seen_order(tmp_path, counting_encoder):
     cache = TextEmbeddingCache(tmp_path / "cache", counting_encoder.identity)
     cache.update([TEXTS[1]], counting_encoder)

@@ -2,7 +2,8 @@
 
 nnU-Net may train its five folds at the same time; all of them read the same embeddings, and any of them (or the
 text-encoding command) may add new ones. So the cache is append-only shards plus an index written last: a writer
-holds a file lock, writes a new shard atomically and then the index atomically, and a reader that sees an index
+holds a file lock, writes a new shard atomically and then the index atomically (every ``shard_size`` texts while
+encoding, so an interrupted encoding keeps its finished shards), and a reader that sees an index
 only ever finds shards that are complete. Each shard records the keys of its rows and the encoder's hash, so a
 reader that raced a rewrite notices and reads again instead of mixing texts or models.
 
@@ -23,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from filelock import FileLock
+from tqdm import tqdm
 
 from text_conditioning.encoders import EncodedTexts, EncoderIdentity, TextEncoder, TextEncoderError
 from text_conditioning.expressions import write_file_atomically
@@ -35,6 +37,8 @@ LOCK_FILE_NAME = ".lock"
 SHARD_FILE_PATTERN = re.compile(r"^shard_(\d{4,})\.npz$")
 DEFAULT_MISSING_FIX = ("encode them into this cache first (run the dataset's text-encoding step, e.g. "
                        "LSMSv2_encode_text -d DATASET_ID, or call TextEmbeddingCache.update)")
+#: Texts per shard while encoding: what an interrupted encoding can lose (about 25 s of MiniLM on 2 CPU cores).
+DEFAULT_SHARD_SIZE = 1024
 _READ_ATTEMPTS = 5
 _LISTED_MISSING_TEXTS = 5
 
@@ -91,8 +95,13 @@ class TextEmbeddingCache:
         index = self._read_index()
         return [text for text in _unique_texts(texts) if text_key(text) not in index]
 
-    def update(self, texts: Iterable[str], encoder: TextEncoder, progress: bool = True) -> int:
-        """Encode and store the texts not cached yet; returns how many were encoded (0 when all were there)."""
+    def update(self, texts: Iterable[str], encoder: TextEncoder, progress: bool = True,
+               shard_size: int = DEFAULT_SHARD_SIZE) -> int:
+        """Encode and store the texts not cached yet; returns how many were encoded (0 when all were there).
+
+        Every ``shard_size`` texts are stored (shard, then index) as soon as they are encoded, so an interrupted
+        run keeps what it did and the next one encodes only the rest.
+        """
         if not encoder.identity.same_model(self.identity):
             raise TextEncoderError(f"Text embedding cache {self.folder} holds embeddings of {self._describe()}, but "
                                    f"the encoder given is {encoder.identity.name} (sha256 "
@@ -108,16 +117,11 @@ class TextEmbeddingCache:
             missing = [text for text in texts if text_key(text) not in index]
             if not missing:
                 return 0
-            encoded = encoder.encode(missing, progress=progress)
-            expected_shape = (len(missing), self.identity.max_tokens, self.identity.dim)
-            if encoded.tokens.shape != expected_shape:
-                raise TextEncoderError(f"Encoder {encoder.identity.name} returned tokens of shape "
-                                       f"{encoded.tokens.shape}, expected {expected_shape}. Fix: use an encoder "
-                                       "that pads/truncates to identity.max_tokens (TextEncoder does).")
-            shard_name = self._write_shard(missing, encoded)
-            for row, text in enumerate(missing):
-                index[text_key(text)] = {"text": text, "shard": shard_name, "row": row}
-            self._write_index(index)
+            with tqdm(total=len(missing), desc=f"Encoding texts with {self.identity.slug}", unit="text",
+                      disable=not progress) as bar:
+                for start in range(0, len(missing), shard_size):
+                    self._encode_into_shard(missing[start:start + shard_size], encoder, index)
+                    bar.update(len(missing[start:start + shard_size]))
         return len(missing)
 
     def load(self, texts: Sequence[str]) -> EncodedTexts:
@@ -164,6 +168,20 @@ class TextEmbeddingCache:
         return len(dropped)
 
     # ----- internals -----
+
+    def _encode_into_shard(self, texts: Sequence[str], encoder: TextEncoder,
+                           index: dict[str, dict[str, Any]]) -> None:
+        """Encode ``texts``, write them as one new shard and add them to ``index`` on disk. Needs the lock."""
+        encoded = encoder.encode(texts, progress=False)
+        expected_shape = (len(texts), self.identity.max_tokens, self.identity.dim)
+        if encoded.tokens.shape != expected_shape:
+            raise TextEncoderError(f"Encoder {encoder.identity.name} returned tokens of shape "
+                                   f"{encoded.tokens.shape}, expected {expected_shape}. Fix: use an encoder "
+                                   "that pads/truncates to identity.max_tokens (TextEncoder does).")
+        shard_name = self._write_shard(texts, encoded)
+        for row, text in enumerate(texts):
+            index[text_key(text)] = {"text": text, "shard": shard_name, "row": row}
+        self._write_index(index)
 
     def _describe(self, identity: EncoderIdentity | None = None) -> str:
         identity = identity or self.identity

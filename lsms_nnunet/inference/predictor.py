@@ -3,7 +3,8 @@
 `LSMSPredictor` subclasses `nnUNetPredictor` and keeps its whole pipeline (reading, preprocessing workers, sliding
 window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue_prediction`):
 - the expressions come from the companion `expressions.json` in the input folder (or `LSMS_EXPRESSIONS` /
-  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written;
+  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written, as is the output:
+  never the input folder or inside it, no expression id named like an input image;
 - each image is preprocessed once; all of its expressions are bound to the network as prompts, so every sliding-window
   patch runs once for all of them, batched;
 - the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
@@ -43,6 +44,10 @@ TEXT_ENCODER_ENV = "LSMS_TEXT_ENCODER"
 TEXT_CACHE_ENV = "LSMS_TEXT_CACHE"
 EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
 INDEX_FILE = "expressions_index.json"
+
+
+class UnsafeOutputError(ValueError):
+    """A referring prediction whose masks would overwrite input images or mix with them."""
 
 
 # ------------------------------------------------------------------------------------------------ text
@@ -171,27 +176,98 @@ class LSMSPredictor(nnUNetPredictor):
             chunks.append(logits[1:])
         return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
 
-    # -- stock entry: predict_from_files(...) -------------------------------------------------------------------
+    # -- stock entries: predict_from_files(...), its sequential twin (-npp 0 -nps 0) and the numpy entries --------
     def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
                            save_probabilities: bool = False, overwrite: bool = True,
                            num_processes_preprocessing: int = 3, num_processes_segmentation_export: int = 3,
                            folder_with_segs_from_prev_stage: str | None = None, num_parts: int = 1, part_id: int = 0):
-        self._expressions = self._requested_expressions(list_of_lists_or_source_folder)
+        self._prepare_prompts(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
+        return super().predict_from_files(list_of_lists_or_source_folder,
+                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
+                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
+                                          folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def predict_from_files_sequential(self, list_of_lists_or_source_folder,
+                                      output_folder_or_list_of_truncated_output_files,
+                                      save_probabilities: bool = False, overwrite: bool = True,
+                                      folder_with_segs_from_prev_stage: str | None = None):
+        """nnU-Net's loop writes one label map per image; expressions go through `predict_from_data_iterator`."""
+        self._prepare_prompts(list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files)
+        if self._expressions is None:
+            return super().predict_from_files_sequential(
+                list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files, save_probabilities,
+                overwrite, folder_with_segs_from_prev_stage)
+        inputs, outputs, previous = self._manage_input_and_output_lists(
+            list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
+            folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        with torch.inference_mode():
+            return self.predict_from_data_iterator(self._preprocessed_in_this_process(inputs, outputs, previous),
+                                                   save_probabilities)
+
+    def _preprocessed_in_this_process(self, inputs: list, outputs: list, previous: list):
+        """nnU-Net's sequential preprocessing, yielding the items `predict_from_data_iterator` takes."""
+        preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
+        for files, ofile, previous_stage in zip(inputs, outputs, previous):
+            data, _, properties = preprocessor.run_case(files, previous_stage, self.plans_manager,
+                                                        self.configuration_manager, self.dataset_json)
+            yield {"data": torch.from_numpy(data), "data_properties": properties, "ofile": ofile}
+
+    def predict_from_list_of_npy_arrays(self, *args, **kwargs):
+        self._bind_label_prompts_or_refuse("predict_from_list_of_npy_arrays")
+        return super().predict_from_list_of_npy_arrays(*args, **kwargs)
+
+    def predict_single_npy_array(self, *args, **kwargs):
+        self._bind_label_prompts_or_refuse("predict_single_npy_array")
+        return super().predict_single_npy_array(*args, **kwargs)
+
+    def _bind_label_prompts_or_refuse(self, entry: str) -> None:
+        """The numpy entries take no expressions: fine for a plain-task model, refused for a referring one."""
+        if self.model_card["mode"] != PLAIN:
+            raise ExpressionsError(
+                f"nnUNetPredictor.{entry} has no way to pass expressions to this referring model. Fix: use "
+                f"predict_from_files with an {EXPRESSIONS_FILE} next to the images (or LSMSv2_predict -e FILE / "
+                f"--text), or LSMSPredictor.predict_prompt_logits(preprocessed_data, texts).")
+        self._expressions = None
+        bind_label_prompts(self.network)
+
+    def _prepare_prompts(self, source, output) -> None:
+        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, before nnU-Net
+        writes anything."""
+        self._expressions = self._requested_expressions(source)
         if self._expressions is None:
             if self.model_card["mode"] != PLAIN:
-                source = list_of_lists_or_source_folder
                 raise ExpressionsError(
                     f"This is a referring model: it needs expressions. None found: no {EXPRESSIONS_FILE} in {source}. "
                     f"Fix: put a companion {EXPRESSIONS_FILE} next to the images, or use LSMSv2_predict -e FILE / "
                     f"--text \"...\".")
             bind_label_prompts(self.network)
-        else:  # encode (and check the encoder) before nnU-Net writes anything into the output folder
+        else:
+            self._refuse_unsafe_output(source, output)
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
-        return super().predict_from_files(list_of_lists_or_source_folder,
-                                          output_folder_or_list_of_truncated_output_files, save_probabilities,
-                                          overwrite, num_processes_preprocessing, num_processes_segmentation_export,
-                                          folder_with_segs_from_prev_stage, num_parts, part_id)
+
+    def _refuse_unsafe_output(self, source: str, output) -> None:
+        """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal
+        to an image's name) and are taken for image channels by the next run, so refuse both before writing."""
+        if isinstance(output, str):
+            source_path, output_path = Path(source).resolve(), Path(output).resolve()
+            if output_path == source_path or source_path in output_path.parents:
+                where = "is the input folder" if output_path == source_path else f"is inside the input folder {source}"
+                raise UnsafeOutputError(
+                    f"The output folder {output} {where}: referring masks written there can replace input images and "
+                    f"are read as images by the next prediction. Fix: pass an output folder (-o) outside {source}.")
+        ending = self.dataset_json["file_ending"]
+        inputs = {name for name in os.listdir(source) if name.endswith(ending)}
+        clashes = sorted(e.id for e in self._expressions if e.id + ending in inputs)
+        if clashes:
+            raise UnsafeOutputError(
+                f"{self._expressions_file(source)}: expression ids {clashes[:10]} ({len(clashes)} in all) would write "
+                f"masks named like input images in {source} (e.g. {clashes[0]}{ending}). Fix: rename these ids in "
+                f"the expressions file, e.g. to {clashes[0]}_mask.")
+
+    @staticmethod
+    def _expressions_file(source: str) -> str:
+        return os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
 
     def _requested_expressions(self, source) -> list[Expression] | None:
         """The expressions asked for, validated against the images present; None when nothing was asked."""
@@ -202,7 +278,7 @@ class LSMSPredictor(nnUNetPredictor):
         if os.environ.get(TEXT_ENV):
             text = os.environ[TEXT_ENV]
             return [Expression(f"{case}-text", case, text, None) for case in cases]
-        file = os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
+        file = self._expressions_file(source)
         if not os.path.isfile(file):
             if os.environ.get(EXPRESSIONS_ENV):
                 raise ExpressionsError(f"{file} is missing. Fix: point -e at an existing expressions file.")

@@ -2,7 +2,8 @@
 
 Expressions (or label prompts) are validated against the raw dataset, encoded once with the frozen text encoder and
 cached at dataset level (`nnUNet_preprocessed/DatasetXXX/lsms_text/<encoder>/`, never inside a configuration folder,
-where nnU-Net expects one file type only). Re-running encodes only new texts.
+where nnU-Net expects one file type only). Re-running encodes only new texts, also after an interrupted run (the cache
+stores shards as it encodes).
 """
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from text_conditioning.cache import TextEmbeddingCache
+from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
 
 from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, save_prompt_set
@@ -38,7 +39,8 @@ def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None 
     texts = prompt_set.all_texts()
     missing = cache.missing(texts)
     if missing:
-        print(f"{name}: encoding {len(missing)} of {len(texts)} texts with {identity.name}")
+        print(f"{name}: encoding {len(missing)} of {len(texts)} texts with {identity.name} (stored every "
+              f"{DEFAULT_SHARD_SIZE}: if interrupted, rerun to encode only the rest)")
         cache.update(missing, TextEncoder(text_encoder, max_tokens=max_tokens))
     else:
         print(f"{name}: all {len(texts)} texts already encoded with {identity.name}")

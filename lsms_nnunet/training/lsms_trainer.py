@@ -184,6 +184,8 @@ class LSMSTrainer(nnUNetTrainer):
                                                         wait_time=0.002)
             mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4),
                                                       None, pin, wait_time=0.002)
+        from lsms_nnunet.training.worker_lifetime import exit_with_trainer
+        exit_with_trainer(mt_gen_train, mt_gen_val)  # workers of a killed trainer exit too
         next(mt_gen_train), next(mt_gen_val)
         return mt_gen_train, mt_gen_val
 
@@ -232,3 +234,18 @@ class LSMSTrainer(nnUNetTrainer):
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
+
+    # ---------------------------------------------------------------- checkpoints that survive a kill
+    def save_checkpoint(self, filename: str) -> None:
+        """nnU-Net's checkpoint, written to a temporary file and renamed: a kill mid-write leaves the previous one."""
+        from lsms_nnunet.training.checkpoints import save_atomically
+
+        save_atomically(super().save_checkpoint, filename)
+
+    def load_checkpoint(self, filename_or_checkpoint: dict | str) -> None:
+        """`--c` continues from the last readable checkpoint (an unreadable checkpoint_latest -> checkpoint_best)."""
+        from lsms_nnunet.training.checkpoints import readable_checkpoint
+
+        if isinstance(filename_or_checkpoint, str):
+            filename_or_checkpoint = readable_checkpoint(filename_or_checkpoint, self.print_to_log_file)
+        super().load_checkpoint(filename_or_checkpoint)
