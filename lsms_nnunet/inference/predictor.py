@@ -150,6 +150,16 @@ def write_index(output_folder: Path, entries: list[dict]) -> None:
     os.replace(tmp, target)
 
 
+def empty_where_absent(prompt_logits: torch.Tensor, case_existence: torch.Tensor | None) -> torch.Tensor:
+    """The existence decision, taken once per image: a prompt whose referred object no patch of the image (and no
+    fold) judged present gets an empty mask, not a thresholded speckle. Its logits are only pushed below 0, so saved
+    probabilities still rank voxels."""
+    if case_existence is None:
+        return prompt_logits
+    absent = (case_existence.to(prompt_logits.device) < 0).view(-1, *([1] * (prompt_logits.ndim - 1)))
+    return torch.where(absent, prompt_logits.clamp(max=-1.0), prompt_logits)
+
+
 # ------------------------------------------------------------------------------------------------ predictor
 class LSMSPredictor(nnUNetPredictor):
     """nnUNetPredictor that answers referring expressions (see module docstring)."""
@@ -169,11 +179,12 @@ class LSMSPredictor(nnUNetPredictor):
         for start in range(0, len(texts), self.expression_batch_size):
             chunk = slice(start, start + self.expression_batch_size)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
+            self.network.start_case()
             self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in
                                                                    range(len(tokens[chunk]))}}, None)
             logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \
                 else self.predict_sliding_window_return_logits(data).cpu()
-            chunks.append(logits[1:])
+            chunks.append(empty_where_absent(logits[1:], self.network.case_existence))
         return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
 
     # -- stock entries: predict_from_files(...), its sequential twin (-npp 0 -nps 0) and the numpy entries --------

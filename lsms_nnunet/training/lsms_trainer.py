@@ -31,6 +31,7 @@ from text_conditioning.encoders import EncoderIdentity
 
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
+from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
@@ -41,8 +42,9 @@ BINARY_LABELS = {"background": 0, "target": 1}
 REFERRING_MAX_ROTATION = math.radians(15)
 
 
-class SegmentationPlusContrastiveLoss(nn.Module):
-    """nnU-Net's deep-supervised Dice+CE plus the (lambda-weighted) vision-language contrastive term of the last forward."""
+class LSMSLoss(nn.Module):
+    """nnU-Net's deep-supervised Dice+CE, plus the terms of LSMS's auxiliary outputs of the last forward:
+    lambda * vision-language contrast and the weighted existence BCE ("is the referred object in this patch")."""
 
     def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None,
                  network: PromptableLSMSNet):
@@ -55,12 +57,18 @@ class SegmentationPlusContrastiveLoss(nn.Module):
     def forward(self, output, target) -> torch.Tensor:
         loss = self.segmentation_loss(output, target)
         network = self.network[0]
-        if self.contrastive is None or not network.training or getattr(network, "last_aux", None) is None:
+        aux = getattr(network, "last_aux", None)
+        if not network.training or aux is None:
             return loss
-        aux, network.last_aux = network.last_aux, None
+        network.last_aux = None
         full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
-        return loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
-                                       aux["logit_scale"], self.text_keys)
+        if self.contrastive is not None:
+            loss = loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
+                                           aux["logit_scale"], self.text_keys)
+        if "existence_logit" in aux:
+            loss = loss + network.config.existence_weight * existence_loss(aux["existence_logit"],
+                                                                           full_resolution_target)
+        return loss
 
 
 class LSMSTrainer(nnUNetTrainer):
@@ -136,7 +144,7 @@ class LSMSTrainer(nnUNetTrainer):
         network = self._unwrapped_network()
         config = network.config
         contrastive = VisionLanguageContrastiveLoss(config) if config.contrastive else None
-        return SegmentationPlusContrastiveLoss(super()._build_loss(), contrastive, network)
+        return LSMSLoss(super()._build_loss(), contrastive, network)
 
     # ---------------------------------------------------------------- data
     def _text_bank(self) -> TextEmbeddingBank:
