@@ -85,6 +85,14 @@ def test_prompt_table_supplies_phrasings_and_rejects_unknown_labels(tmp_path):
         load_prompt_set(folder)
 
 
+def test_prompt_table_phrasing_without_words_is_rejected(tmp_path):
+    table = {"format": "lsms-prompts", "version": 1, "labels": {"label_1": ["the tumour", "\u200b\U0001F600"]}}
+    folder = _write_dataset(tmp_path / "bad", {"background": 0, "label_1": 1}, {"a": _two_region_map()},
+                            prompt_table=table)
+    with pytest.raises(ExpressionsError, match=r"prompts.json: label 'label_1' has a phrasing .* no letter or digit"):
+        load_prompt_set(folder)
+
+
 def test_readable_label_names():
     assert readable_label_name("liver") == "liver"
     assert readable_label_name("left_kidney") == "left kidney"

@@ -10,6 +10,7 @@ import json
 import os
 import re
 import tempfile
+import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,28 @@ _SCHEMA_EXAMPLE = ('{"format": "lsms-expressions", "version": 1, "expressions": 
 
 class ExpressionsError(ValueError):
     """An expressions file (or a list of expressions) that cannot be used as it is."""
+
+
+_ORDINARY_WHITESPACE = frozenset(" \t\n\r")
+
+
+def unusable_text_reason(text: str) -> str | None:
+    """Why ``text`` cannot be a prompt, or None when it can.
+
+    A text made of control characters ("\\u0000", ANSI colour codes pasted from a terminal), invisible format
+    characters (zero-width spaces) or symbols only (emoji) encodes to an effectively empty sentence, and the
+    network would still answer it with a mask: such texts are refused like empty ones.
+    """
+    controls = sorted({char for char in text if unicodedata.category(char) == "Cc"} - _ORDINARY_WHITESPACE)
+    if controls:
+        listed = ", ".join(f"U+{ord(char):04X}" for char in controls[:5])
+        return (f"contains control character(s) {listed} (e.g. a NUL byte or a terminal colour code). Fix: remove "
+                "them; only ordinary spaces, tabs and line breaks are allowed")
+    visible = "".join(char for char in text if unicodedata.category(char) != "Cf")
+    if not any(unicodedata.category(char)[0] in "LN" for char in visible):
+        return ("has no letter or digit (only spaces, invisible characters, punctuation or symbols such as emoji). "
+                "Fix: write the expression in words")
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,6 +166,8 @@ def _entry_problems(index: int, entry: Any, require_targets: bool) -> list[str]:
             problems.append(f"{where} has a {type(text).__name__} as text. Fix: write the expression as a string.")
         elif not text.strip():
             problems.append(f"{where} has an empty text. Fix: write the expression, or remove the entry.")
+        elif (reason := unusable_text_reason(text)) is not None:
+            problems.append(f"{where} has a text that {reason}.")
     if "targets" in entry:
         targets = entry["targets"]
         if not isinstance(targets, list) or not all(_is_positive_int(target) for target in targets):

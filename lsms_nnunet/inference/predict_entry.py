@@ -8,6 +8,8 @@ import argparse
 import os
 import sys
 
+from text_conditioning.expressions import unusable_text_reason
+
 from lsms_nnunet.inference.predictor import EXPRESSIONS_ENV, TEXT_ENCODER_ENV, TEXT_ENV
 
 
@@ -26,6 +28,8 @@ def predict_entry() -> None:
     if args.text is not None:
         if not args.text.strip():
             raise SystemExit("--text is empty. Fix: give the expression, e.g. --text \"the largest cyst\".")
+        if (reason := unusable_text_reason(args.text)) is not None:
+            raise SystemExit(f"--text {args.text!r} {reason}.")
         os.environ[TEXT_ENV] = args.text
     if args.text_encoder:
         os.environ[TEXT_ENCODER_ENV] = args.text_encoder

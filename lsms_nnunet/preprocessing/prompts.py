@@ -17,7 +17,7 @@ import numpy as np
 from tqdm import tqdm
 
 from text_conditioning.expressions import (Expression, ExpressionsError, expression_from_dict, expression_to_dict,
-                                           load_expressions, validate_against_cases)
+                                           load_expressions, unusable_text_reason, validate_against_cases)
 
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
@@ -105,6 +105,9 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
             if (not isinstance(phrasings, list) or not phrasings
                     or not all(isinstance(p, str) and p.strip() for p in phrasings)):
                 raise ValueError(f"{table_file}: label '{name}' needs a non-empty list of non-empty phrasings.")
+            for phrasing in phrasings:
+                if (reason := unusable_text_reason(phrasing)) is not None:
+                    raise ExpressionsError(f"{table_file}: label '{name}' has a phrasing {phrasing!r} that {reason}.")
     prompts = []
     for name, value in sorted(foreground.items(), key=lambda kv: kv[1]):
         if name in table:
