@@ -124,6 +124,37 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
     return tuple(prompts)
 
 
+def check_label_values(dataset_file: Path, dataset_json: Mapping) -> None:
+    """nnU-Net gives label value k output channel k, so values must be 0, 1, 2, ... with no gap; its own check only
+    runs with --verify_dataset_integrity, after which a gap silently adds a never-trained channel. Checked here,
+    before fingerprinting. Region-based labels (lists) are left to their own check."""
+    labels = {name: value for name, value in dataset_json["labels"].items()
+              if name != "ignore" and not isinstance(value, (list, tuple))}
+    not_integers = {name: value for name, value in labels.items()
+                    if isinstance(value, bool) or not isinstance(value, int)}
+    if not_integers:
+        raise ExpressionsError(f"{dataset_file}: labels {not_integers} are not integers. Fix: give every label an "
+                               f"integer value, background 0 and the others 1, 2, 3, ...")
+    values = sorted(labels.values())
+    if values != list(range(len(values))):
+        raise ExpressionsError(f"{dataset_file}: label values {values} are not consecutive from 0 (expected "
+                               f"{list(range(len(values)))}). Fix: renumber the labels (and the label maps) to "
+                               f"0, 1, 2, ... without gaps.")
+
+
+def _integer_region_ids(file: Path, seg: np.ndarray) -> set[int]:
+    """Region ids of a label map; a map with fractional or negative values (saved as float, resampled with linear
+    interpolation) is refused rather than truncated, which would report its regions as absent."""
+    values = np.unique(seg)
+    bad = values[(values != np.round(values)) | (values < 0)]
+    if bad.size:
+        raise ExpressionsError(f"{file}: the label map holds {bad.size} non-integer or negative value(s), e.g. "
+                               f"{[float(v) for v in bad[:5]]}; region ids must be whole numbers 0, 1, 2, ... "
+                               f"Fix: save it as an integer image (e.g. uint8/uint16), resampled with nearest "
+                               f"neighbour, never linear interpolation.")
+    return {int(v) for v in values if v > 0}
+
+
 def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str]) -> dict[str, set[int]]:
     """Region ids present in each case's label map in nnUNet_raw (what expression targets may name)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
@@ -134,7 +165,7 @@ def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str
     regions = {}
     for case, file in tqdm(list(zip(cases, files)), desc="Reading region maps", disable=len(files) < 20):
         seg, _ = reader.read_seg(str(file))
-        regions[case] = {int(v) for v in np.unique(seg) if v > 0}
+        regions[case] = _integer_region_ids(file, seg)
     return regions
 
 
@@ -142,6 +173,7 @@ def load_prompt_set(raw_folder: Path) -> PromptSet:
     """Read and fully validate the dataset's prompts before any long work starts."""
     raw_folder = Path(raw_folder)
     dataset_json = _read_json(raw_folder / "dataset.json")
+    check_label_values(raw_folder / "dataset.json", dataset_json)
     expressions_file = raw_folder / EXPRESSIONS_FILE
     if not expressions_file.is_file():
         return PromptSet(PLAIN, label_prompts=plain_label_prompts(raw_folder, dataset_json))
