@@ -3,6 +3,7 @@
   -e FILE            expressions file kept elsewhere than the input folder
   --text "..."       one ad-hoc expression asked of every image (ids `<case>-text`)
   --text_encoder X   where the model's text encoder lives on this machine (checked against the checkpoint)
+  --allow_nonfinite  predict images with NaN/infinite voxels anyway (refused by default), with a warning
 """
 import argparse
 import os
@@ -10,6 +11,7 @@ import sys
 
 from text_conditioning.expressions import unusable_text_reason
 
+from lsms_nnunet.inference.input_checks import ALLOW_NONFINITE_ENV
 from lsms_nnunet.inference.predictor import EXPRESSIONS_ENV, TEXT_ENCODER_ENV, TEXT_ENV
 
 
@@ -22,6 +24,7 @@ def predict_entry() -> None:
     source.add_argument("-e", dest="expressions")
     source.add_argument("--text")
     parser.add_argument("--text_encoder", "--text-encoder")
+    parser.add_argument("--allow_nonfinite", "--allow-nonfinite", action="store_true")
     args, nnunet_args = parser.parse_known_args()
     if args.expressions:
         os.environ[EXPRESSIONS_ENV] = os.path.abspath(args.expressions)
@@ -33,6 +36,8 @@ def predict_entry() -> None:
         os.environ[TEXT_ENV] = args.text
     if args.text_encoder:
         os.environ[TEXT_ENCODER_ENV] = args.text_encoder
+    if args.allow_nonfinite:
+        os.environ[ALLOW_NONFINITE_ENV] = "1"
     if "-tr" not in nnunet_args:
         nnunet_args += ["-tr", "LSMSTrainer"]
     sys.argv = [sys.argv[0], *nnunet_args]

@@ -33,6 +33,7 @@ from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
+from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 from plans.lsms_planner import lsms_settings_from_plans
@@ -98,7 +99,8 @@ class LSMSTrainer(nnUNetTrainer):
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
-        return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text)
+        return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text,
+                               training_directions(self.preprocessed_dataset_folder))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Referring expressions name sides and positions ("the lesion in the left lobe"): no mirroring (in training or
