@@ -329,3 +329,12 @@ def test_cli_entry_converts_and_reports_errors(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["LSMSv2_convert_expression_masks", "-i", str(table), "-d", "19", "-n", "Other"])
     with pytest.raises(SystemExit, match="Dataset019_Cli, which was not made|taken by"):
         convert_expression_masks_entry()
+
+
+def test_deeply_nested_json_table_names_the_file(tmp_path):
+    from lsms_nnunet.datasets.convert_expression_masks import read_table
+
+    table = tmp_path / "table.json"
+    table.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConversionError, match=r"Table .*table.json nests JSON arrays/objects too deeply .* Fix: "):
+        read_table(table)

@@ -11,7 +11,7 @@ import torch
 from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
 
 from lsms_nnunet.inference import predictor as predictor_module
-from lsms_nnunet.inference.input_checks import ALLOW_NONFINITE_ENV, check_input_images
+from lsms_nnunet.inference.input_checks import ALLOW_NONFINITE_ENV, InputChannelsError, check_input_images
 from lsms_nnunet.inference.predictor import LSMSPredictor
 from lsms_nnunet.preprocessing.encode_text import check_training_images
 from lsms_nnunet.preprocessing.image_checks import ImageContentError, training_directions
@@ -125,3 +125,13 @@ def test_predictor_checks_images_before_predicting(tmp_path, monkeypatch):
     with pytest.raises(ImageContentError, match=r"empty \(144 voxels\)"):
         predictor.predict_from_files(folder, str(tmp_path / "out"))
     assert not (tmp_path / "out").exists()
+
+
+def test_extra_channel_for_a_one_channel_model_is_refused_by_name(tmp_path, monkeypatch):
+    monkeypatch.delenv(ALLOW_NONFINITE_ENV, raising=False)
+    folder = _folder(tmp_path, {"good": _noise(), "two": _noise()})
+    _image(tmp_path / "in" / f"two_0001{ENDING}", _noise(2))
+    with pytest.raises(InputChannelsError, match=r"1 case\(s\) do not have the model's 1 channel\(s\) \{'0': 'CT'\}, "
+                                                 r"e.g. two: \['two_0000.mha', 'two_0001.mha'\] \(expected "
+                                                 r"\['two_0000.mha'\]\)\. Fix: "):
+        check_input_images(folder, DATASET_JSON, SimpleITKIO(), [])

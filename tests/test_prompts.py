@@ -142,3 +142,10 @@ def test_plan_and_preprocess_checks_labels_before_fingerprinting(tmp_path, monke
     monkeypatch.setattr("sys.argv", ["LSMSv2_plan_and_preprocess", "-d", "1"])
     with pytest.raises(ExpressionsError, match="not consecutive"):
         encode_text.plan_and_preprocess_entry()
+
+
+def test_deeply_nested_dataset_json_names_the_file(tmp_path):
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "liver_tumour": 1}, {"a": _two_region_map()})
+    (folder / "dataset.json").write_text("{\"a\": " * 50_000 + "1" + "}" * 50_000)
+    with pytest.raises(ExpressionsError, match=r"dataset.json nests JSON arrays/objects too deeply .* Fix: "):
+        load_prompt_set(folder)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
@@ -219,8 +220,18 @@ def _expressions_from_entries(entries: Sequence[Any], source: str, require_targe
     return [expression_from_dict(entry) for entry in entries]
 
 
+def json_too_deep_message(path: str | os.PathLike) -> str:
+    """Python's JSON reader recurses once per nesting level and dies with a bare RecursionError on a pathologically
+    nested file (damaged or malicious): this message names the file instead."""
+    return (f"{path} nests JSON arrays/objects too deeply to be read (over ~{sys.getrecursionlimit()} levels). Fix: "
+            "repair or regenerate the file; a valid one nests only a few levels.")
+
+
 def _read_document(path: Path) -> Any:
     """The parsed JSON of the file, or an error naming the file, what is wrong and the fix."""
+    if path.is_dir():
+        raise ExpressionsError(f"Expressions file {path} is a folder. Fix: point to the file itself, e.g. "
+                               f"{path / 'expressions.json'}.")
     if not path.is_file():
         raise ExpressionsError(f"Expressions file {path} does not exist. Fix: create it (format: {_SCHEMA_EXAMPLE}) "
                                "or point to the right folder.")
@@ -236,6 +247,8 @@ def _read_document(path: Path) -> Any:
     except json.JSONDecodeError as error:
         raise ExpressionsError(f"Expressions file {path} is not valid JSON: {error.msg} at line {error.lineno}, "
                                f"column {error.colno}. Fix: correct the JSON syntax there.") from error
+    except RecursionError:
+        raise ExpressionsError(f"Expressions file {json_too_deep_message(path)}") from None
 
 
 def load_expressions(path: str | os.PathLike, require_targets: bool = True) -> list[Expression]:

@@ -31,7 +31,7 @@ from lsms_nnunet.datasets.geometry import (ConversionError, Geometry, binary_mas
                                            read_image, region_map_image, resample_like, resolve_raw_root,
                                            staging_folder, stored_grid, write_image_atomically, write_json_atomically)
 from text_conditioning.expressions import (CATEGORY_PATTERN, SAFE_ID_PATTERN, Expression, ExpressionsError,
-                                           load_expressions, save_expressions)
+                                           json_too_deep_message, load_expressions, save_expressions)
 
 MANIFEST_NAME = ".lsms_convert.json"
 CONVERTER_NAME = "LSMSv2_convert_expression_masks"
@@ -99,6 +99,8 @@ def _rows_from_json(table: Path) -> Iterator[tuple[str, dict]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConversionError(f"Table {table} is not valid UTF-8 JSON ({error}). Fix: write a JSON list of "
                               '{"image": ..., "text": ..., "mask": ...} objects.') from error
+    except RecursionError:
+        raise ConversionError(f"Table {json_too_deep_message(table)}") from None
     if not isinstance(entries, list):
         raise ConversionError(f"Table {table} holds a {type(entries).__name__}, not a list. Fix: write a JSON list "
                               'of {"image": ..., "text": ..., "mask": ...} objects.')
@@ -310,7 +312,7 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("converter") == CONVERTER_NAME else None
 

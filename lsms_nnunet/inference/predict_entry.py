@@ -27,6 +27,9 @@ def predict_entry() -> None:
     parser.add_argument("--allow_nonfinite", "--allow-nonfinite", action="store_true")
     args, nnunet_args = parser.parse_known_args()
     if args.expressions:
+        if os.path.isdir(args.expressions):
+            raise SystemExit(f"-e {args.expressions} is a folder. Fix: point -e at the expressions file itself, e.g. "
+                             f"-e {os.path.join(args.expressions, 'expressions.json')}.")
         os.environ[EXPRESSIONS_ENV] = os.path.abspath(args.expressions)
     if args.text is not None:
         if not args.text.strip():

@@ -8,7 +8,6 @@ stores shards as it encodes).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
 
 from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
-from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, save_prompt_set
+from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
 
 TEXT_FOLDER = "lsms_text"
 DEFAULT_MAX_TOKENS = 32
@@ -62,7 +61,7 @@ def check_training_images(raw_folder: Path) -> None:
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
     from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
 
-    dataset_json = json.loads((raw_folder / "dataset.json").read_text(encoding="utf-8"))
+    dataset_json = read_json(raw_folder / "dataset.json")
     cases = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
     if not cases:
         return

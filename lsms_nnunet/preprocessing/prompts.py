@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from text_conditioning.expressions import (Expression, ExpressionsError, expression_from_dict, expression_to_dict,
-                                           load_expressions, unusable_text_reason, validate_against_cases)
+                                           json_too_deep_message, load_expressions, unusable_text_reason,
+                                           validate_against_cases)
 
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
@@ -92,7 +93,7 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
     table_file = raw_folder / PROMPT_TABLE_FILE
     table: dict[str, list[str]] = {}
     if table_file.is_file():
-        content = _read_json(table_file)
+        content = read_json(table_file)
         if content.get("format") != "lsms-prompts" or not isinstance(content.get("labels"), dict):
             raise ValueError(f"{table_file}: not a prompt table. Fix: write {{\"format\": \"lsms-prompts\", "
                              f"\"version\": 1, \"labels\": {{\"<label name>\": [\"phrasing\", ...]}}}}.")
@@ -172,7 +173,7 @@ def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str
 def load_prompt_set(raw_folder: Path) -> PromptSet:
     """Read and fully validate the dataset's prompts before any long work starts."""
     raw_folder = Path(raw_folder)
-    dataset_json = _read_json(raw_folder / "dataset.json")
+    dataset_json = read_json(raw_folder / "dataset.json")
     check_label_values(raw_folder / "dataset.json", dataset_json)
     expressions_file = raw_folder / EXPRESSIONS_FILE
     if not expressions_file.is_file():
@@ -207,14 +208,17 @@ def read_prompt_set(text_folder: Path) -> tuple[PromptSet, dict]:
         raise FileNotFoundError(f"{file} is missing: the text-encoding step has not been run for {dataset}. "
                                 f"Fix: run `LSMSv2_encode_text -d {dataset}` after nnUNetv2_plan_and_preprocess "
                                 f"(or use LSMSv2_plan_and_preprocess, which does both).")
-    content = _read_json(file)
+    content = read_json(file)
     return PromptSet.from_dict(content), content["encoder"]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A dataset-side JSON file (dataset.json, prompt table, prompt set), every failure naming the file."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ExpressionsError(f"{path}: not valid UTF-8 JSON ({error}). Fix: repair or regenerate the file.") from None
+    except RecursionError:
+        raise ExpressionsError(json_too_deep_message(path)) from None
