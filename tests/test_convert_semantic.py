@@ -1,5 +1,6 @@
 """Semantic lesion labels -> referring dataset: components, attributes, unambiguous and no-target expressions."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -204,8 +205,10 @@ def test_cli_entry_refuses_existing_dataset_without_overwrite(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", argv)
     convert_semantic_entry()
     assert "Dataset026_Cli" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already used by .*--overwrite"):
+    with pytest.raises(SystemExit) as exit_info:
         convert_semantic_entry()
+    assert exit_info.value.code == 1
+    assert re.search("already used by .*--overwrite", capsys.readouterr().err)
     monkeypatch.setattr(sys, "argv", argv + ["--overwrite", "-np", "1"])
     convert_semantic_entry()
 

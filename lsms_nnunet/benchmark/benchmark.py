@@ -48,6 +48,7 @@ from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metri
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.cli import console_entry
 
 RESULTS_FORMAT, RESULTS_VERSION = "lsms-benchmark", 1
 DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 20, 50
@@ -663,6 +664,7 @@ def run_benchmark(setup: BenchmarkSetup) -> dict:
     return results
 
 
+@console_entry
 def benchmark_entry() -> None:
     """`LSMSv2_benchmark -d ID -c CONFIG [--folds 0 ...] [--epochs E] [--iterations I] [-p PLANS] [--variants ...]
     [--out DIR] [-device cpu|cuda]`."""
@@ -685,9 +687,6 @@ def benchmark_entry() -> None:
     parser.add_argument("-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for training and measurements (default: cuda when available)")
     args = parser.parse_args()
-    try:
-        setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
-                                  args.out, args.device)
-        run_benchmark(setup)
-    except (BenchmarkSetupError, TrainingFailedError) as error:
-        sys.exit(f"LSMSv2_benchmark: error: {error}")
+    setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
+                              args.out, args.device)
+    run_benchmark(setup)

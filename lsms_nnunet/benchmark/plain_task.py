@@ -17,6 +17,7 @@ import torch
 from lsms_nnunet.benchmark.benchmark import nnunet_command, resume_flags
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.cli import console_entry
 
 TRAINERS = ("nnUNetTrainer_budget", "LSMSTrainer_budget")
 
@@ -69,6 +70,7 @@ def format_plain_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@console_entry
 def benchmark_plain_entry() -> None:
     import lsms_nnunet_ext_hook  # noqa: F401
 

@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -46,8 +45,9 @@ from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_reg
                                            physical_points, publish_dataset, read_image, refuse_existing_dataset,
                                            region_map_image, resolve_raw_root, staging_folder, write_image_atomically,
                                            write_json_atomically)
-from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression, ExpressionsError,
+from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression,
                                            save_expressions, validate_against_cases)
+from lsms_nnunet.cli import console_entry
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"
 REGIONS_FORMAT = "lsms-regions"
@@ -550,6 +550,7 @@ def _label_argument(value: str) -> int | str:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+@console_entry
 def convert_semantic_entry() -> None:
     """LSMSv2_convert_semantic -i SOURCE -d ID -n NAME --lesion_label 2 [--organ_label 1] [...]."""
     parser = argparse.ArgumentParser(description="Convert a semantic lesion dataset (nnU-Net raw folder or images/ + "
@@ -570,10 +571,7 @@ def convert_semantic_entry() -> None:
                              "hypodense), MR/T1/T2/FLAIR... (hypointense), other (darker/brighter). Required for an "
                              "images/ + labels/ folder; for an nnU-Net dataset it replaces its channel 0 name")
     args = parser.parse_args()
-    try:
-        folder = convert_semantic(args.input, args.lesion_label, args.organ_label, args.dataset_id, args.name,
-                                  min_lesion_voxels=args.min_lesion_voxels, num_processes=args.num_processes,
-                                  seed=args.seed, overwrite=args.overwrite, channel_name=args.channel_name)
-    except (ConversionError, ExpressionsError) as error:
-        sys.exit(f"{parser.prog}: error: {error}")
+    folder = convert_semantic(args.input, args.lesion_label, args.organ_label, args.dataset_id, args.name,
+                              min_lesion_voxels=args.min_lesion_voxels, num_processes=args.num_processes,
+                              seed=args.seed, overwrite=args.overwrite, channel_name=args.channel_name)
     print(f"Wrote {folder}")

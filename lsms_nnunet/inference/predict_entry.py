@@ -13,8 +13,10 @@ from text_conditioning.expressions import unusable_text_reason
 
 from lsms_nnunet.inference.input_checks import ALLOW_NONFINITE_ENV
 from lsms_nnunet.inference.predictor import EXPRESSIONS_ENV, TEXT_ENCODER_ENV, TEXT_ENV
+from lsms_nnunet.cli import console_entry
 
 
+@console_entry
 def predict_entry() -> None:
     import lsms_nnunet_ext_hook  # noqa: F401  (registers the trainer folder in nnUNet_extTrainer)
     from nnunetv2.inference.predict_from_raw_data import predict_entry_point

@@ -18,6 +18,7 @@ from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encode
 
 from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
 from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
+from lsms_nnunet.cli import console_entry
 
 TEXT_FOLDER = "lsms_text"
 DEFAULT_MAX_TOKENS = 32
@@ -85,6 +86,7 @@ def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Tokens kept per expression (default {DEFAULT_MAX_TOKENS}).")
 
 
+@console_entry
 def encode_text_entry() -> None:
     parser = argparse.ArgumentParser(description="Validate and encode a dataset's expressions (or label prompts).")
     parser.add_argument("-d", nargs="+", required=True, help="Dataset name(s) or id(s).")
@@ -94,6 +96,7 @@ def encode_text_entry() -> None:
         encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
 
 
+@console_entry
 def plan_and_preprocess_entry() -> None:
     """`nnUNetv2_plan_and_preprocess` (same flags) followed by the text-encoding step.
 
