@@ -47,6 +47,7 @@ from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
 from lsms_nnunet.cli import console_entry
 
@@ -393,13 +394,9 @@ class _FoldModel:
         return embed_texts(texts, identity, self.setup.text_cache_folder)
 
 
-def _load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def measure_training(model: _FoldModel) -> dict:
     fold_folder = model.setup.fold_folder(model.variant, model.fold)
-    logging = _load_checkpoint(fold_folder / "checkpoint_final.pth")["logging"]
+    logging = load_checkpoint_safely(fold_folder / "checkpoint_final.pth")["logging"]
     _, iterations = recorded_budget(fold_folder) or (model.setup.epochs, model.setup.iterations)
     return {"epochs": len(logging["epoch_end_timestamps"]), "iterations_per_epoch": iterations,
             "seconds_per_iteration": seconds_per_iteration(logging["epoch_start_timestamps"],
