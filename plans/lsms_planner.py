@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from lsms_nnunet.network import LSMSConfig, LSMSNet, build_lsms_network
 from plans.presets import PLAIN_UNET_REFERENCE, PRESETS, RESENC_UNET_REFERENCE, LSMSPreset, VRAMReference
+from lsms_nnunet.cli import console_entry
 
 DEFAULT_PLANS_NAME = "nnUNetLSMSPlans"
 NNUNET_PLANS_NAME = "nnUNetPlans"
@@ -417,6 +418,7 @@ def _summary(result: LSMSPlanningResult, reference: VRAMReference, num_input_cha
     return "\n".join(lines)
 
 
+@console_entry
 def plan_experiment_entry() -> None:
     """LSMSv2_plan_experiment: nnUNetv2_plan_experiment with an LSMS planner, then the missing preprocessing."""
     parser = argparse.ArgumentParser(
@@ -448,11 +450,8 @@ def plan_experiment_entry() -> None:
     planner_class = PRESET_PLANNERS[args.preset] if args.preset else LSMSExperimentPlanner
     gpu_memory_target_gb = args.gpu_memory_target or planner_class.base_reference.gpu_memory_gb
     for dataset_id in args.d:
-        try:
-            result = plan_lsms_experiment(dataset_id, planner_class, args.gpu_memory_target,
-                                          args.overwrite_plans_name, () if args.no_pp else args.c, args.np)
-        except LSMSPlanningError as error:
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        result = plan_lsms_experiment(dataset_id, planner_class, args.gpu_memory_target,
+                                      args.overwrite_plans_name, () if args.no_pp else args.c, args.np)
         dataset_json = json.loads((Path(os.environ["nnUNet_preprocessed"]) / result.plans["dataset_name"] /
                                    "dataset.json").read_text(encoding="utf-8"))
         print(_summary(result, planner_class.planning_reference(), len(dataset_json["channel_names"]),

@@ -12,6 +12,8 @@ import os
 from copy import deepcopy
 from pathlib import Path
 
+from lsms_nnunet.cli import console_entry
+
 
 def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_features: int | None = None,
                        batch_size: int | None = None, source_plans: str = "nnUNetPlans") -> Path:
@@ -42,6 +44,7 @@ def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_featu
     return target
 
 
+@console_entry
 def plans_variant_entry() -> None:
     parser = argparse.ArgumentParser(
         description="Write a plans variant next to nnUNetPlans.json (features capped and/or another batch size) that "
@@ -61,8 +64,5 @@ def plans_variant_entry() -> None:
         parser.error("nothing to change: give --max_features and/or --batch_size.")
     if args.p == args.source_plans:
         parser.error(f"-p {args.p} would overwrite the source plans; choose another name.")
-    try:
-        target = make_plans_variant(args.d, args.p, args.max_features, args.batch_size, args.source_plans)
-    except FileNotFoundError as error:
-        parser.exit(1, f"LSMSv2_plans_variant: {error}\n")
+    target = make_plans_variant(args.d, args.p, args.max_features, args.batch_size, args.source_plans)
     print(f"Wrote {target}; train it with -p {args.p}.")

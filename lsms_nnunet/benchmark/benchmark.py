@@ -47,7 +47,9 @@ from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.cli import console_entry
 
 RESULTS_FORMAT, RESULTS_VERSION = "lsms-benchmark", 1
 DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 20, 50
@@ -392,13 +394,9 @@ class _FoldModel:
         return embed_texts(texts, identity, self.setup.text_cache_folder)
 
 
-def _load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def measure_training(model: _FoldModel) -> dict:
     fold_folder = model.setup.fold_folder(model.variant, model.fold)
-    logging = _load_checkpoint(fold_folder / "checkpoint_final.pth")["logging"]
+    logging = load_checkpoint_safely(fold_folder / "checkpoint_final.pth")["logging"]
     _, iterations = recorded_budget(fold_folder) or (model.setup.epochs, model.setup.iterations)
     return {"epochs": len(logging["epoch_end_timestamps"]), "iterations_per_epoch": iterations,
             "seconds_per_iteration": seconds_per_iteration(logging["epoch_start_timestamps"],
@@ -663,6 +661,7 @@ def run_benchmark(setup: BenchmarkSetup) -> dict:
     return results
 
 
+@console_entry
 def benchmark_entry() -> None:
     """`LSMSv2_benchmark -d ID -c CONFIG [--folds 0 ...] [--epochs E] [--iterations I] [-p PLANS] [--variants ...]
     [--out DIR] [-device cpu|cuda]`."""
@@ -685,9 +684,6 @@ def benchmark_entry() -> None:
     parser.add_argument("-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for training and measurements (default: cuda when available)")
     args = parser.parse_args()
-    try:
-        setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
-                                  args.out, args.device)
-        run_benchmark(setup)
-    except (BenchmarkSetupError, TrainingFailedError) as error:
-        sys.exit(f"LSMSv2_benchmark: error: {error}")
+    setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
+                              args.out, args.device)
+    run_benchmark(setup)

@@ -35,6 +35,7 @@ from text_conditioning.cache import TextEmbeddingCache
 from text_conditioning.encoders import EncoderIdentity, TextEncoder, encoder_identity
 from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
 
+from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, PLAIN
 
@@ -242,8 +243,8 @@ class LSMSPredictor(nnUNetPredictor):
         bind_label_prompts(self.network)
 
     def _prepare_prompts(self, source, output) -> None:
-        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, before nnU-Net
-        writes anything."""
+        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, and check the
+        images' content and orientation, before nnU-Net writes anything."""
         self._expressions = self._requested_expressions(source)
         if self._expressions is None:
             if self.model_card["mode"] != PLAIN:
@@ -256,6 +257,8 @@ class LSMSPredictor(nnUNetPredictor):
             self._refuse_unsafe_output(source, output)
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
+        check_input_images(source, self.dataset_json, self.plans_manager.image_reader_writer_class(),
+                           self.model_card.get("training_directions", []))
 
     def _refuse_unsafe_output(self, source: str, output) -> None:
         """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal

@@ -99,9 +99,14 @@ def check_same_text_encoder(loaded_card: Mapping, expected_card: Mapping) -> Non
 
 
 def make_model_card(mode: str, network_config: LSMSConfig, text_encoder: Mapping,
-                    label_prompts: list | None = None, constant_text: str | None = None) -> dict:
-    return {"format": MODEL_CARD_FORMAT, "version": MODEL_CARD_VERSION, "mode": mode, "network": network_config.to_dict(),
-            "text_encoder": dict(text_encoder), "label_prompts": label_prompts or [], "constant_text": constant_text}
+                    label_prompts: list | None = None, constant_text: str | None = None,
+                    training_directions: list | None = None) -> dict:
+    """The card saved with the weights; plain dicts, lists, strings and numbers only, so that checkpoints load with
+    `torch.load(weights_only=True)`. `training_directions` lets prediction warn about differently oriented images."""
+    return {"format": MODEL_CARD_FORMAT, "version": MODEL_CARD_VERSION, "mode": mode,
+            "network": network_config.to_dict(), "text_encoder": dict(text_encoder),
+            "label_prompts": label_prompts or [], "constant_text": constant_text,
+            "training_directions": training_directions or []}
 
 
 def network_config_of(model_card: Mapping) -> LSMSConfig:
