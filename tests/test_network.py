@@ -14,6 +14,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
+from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network import (ABLATIONS, DepthwiseStripConv, FullScaleDecoder, LSMSConfig, LSMSNet,
                                  TextConditionedHead, VisionLanguageContrastiveLoss, build_lsms_network)
 
@@ -273,7 +274,7 @@ def test_new_modules_get_he_init_and_the_encoder_keeps_nnunet_init():
 # --- gradients -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dim, residual", ARCHITECTURES)
-def test_every_parameter_gets_gradient_from_segmentation_plus_contrastive_loss(dim, residual):
+def test_every_parameter_gets_gradient_from_segmentation_contrastive_and_existence_losses(dim, residual):
     # Without conv biases: a bias right before an InstanceNorm has a structurally zero gradient (nnU-Net's too).
     network = build(plans_architecture(dim, residual, conv_bias=False))
     if residual:  # nnU-Net zero-inits the last norm of each residual block, which blocks that branch at step 0
@@ -293,6 +294,8 @@ def test_every_parameter_gets_gradient_from_segmentation_plus_contrastive_loss(d
     contrastive_loss = VisionLanguageContrastiveLoss(TINY)
     loss = segmentation_loss(logits, targets) + contrastive_loss(
         aux["voxel_embedding"], aux["sentence_embedding"], target, aux["logit_scale"], ["a", "b"])
+    # At step 0 the zero-initialised head controllers pass no gradient to the prompt; its existence output does.
+    loss = loss + existence_loss(aux["existence_logit"], target)
     loss.backward()
     without_gradient = [name for name, parameter in network.named_parameters()
                         if parameter.grad is None or not parameter.grad.abs().sum() > 0]
@@ -334,7 +337,8 @@ def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_
     stock = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                    architecture["_kw_requires_import"], 1, 2, deep_supervision=True)
     size = patch_shape(3)
-    bare = build(architecture, config=dataclasses.replace(TINY, svla_stages=(), decoder="unet", contrastive=False))
+    bare = build(architecture, config=dataclasses.replace(TINY.with_ablation("no_prompt_decoder"), svla_stages=(),
+                                                         decoder="unet", contrastive=False))
     assert bare.compute_conv_feature_map_size(size) == stock.compute_conv_feature_map_size(size)
 
     def estimate(config: LSMSConfig) -> int:
@@ -349,6 +353,7 @@ def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_
     assert more_tokens - full >= heads * (64 - TINY.max_tokens) * stage_one_voxels  # attention maps
     assert no_language < full
     assert unet < full  # the full-scale fusion stores more than the U-Net decoder
+    assert estimate(TINY.with_ablation("no_prompt_decoder")) < full  # voxel tokens and attention maps
     assert full > stock.compute_conv_feature_map_size(size)
 
 
