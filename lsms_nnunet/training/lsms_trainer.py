@@ -60,6 +60,17 @@ def refuse_too_few_cases_for_folds(num_cases: int, fold: int | str, splits_file:
         f"with fold `all` (nnUNetv2_train DATASET CONFIG all -tr LSMSTrainer).")
 
 
+def uses_batch_dice(mode: str, planned: bool) -> bool:
+    """Referring training always pools its Dice over the batch; plain tasks keep nnU-Net's planned choice.
+
+    nnU-Net plans per-sample Dice for 3d_fullres, which suits one sizeable structure per patch. A referring target
+    is one lesion of a few dozen voxels, or nothing: per-sample Dice then gives little usable gradient, and LSMS
+    collapsed to all-background in 3D (issue 15: 0 of 175 lesions; micro 3D task, 100 steps: Dice 0.00 per-sample,
+    0.43 pooled over the batch, tests/test_referring_is_learned.py guards it). 2D plans already pool.
+    """
+    return True if mode == REFERRING else planned
+
+
 class LSMSLoss(nn.Module):
     """nnU-Net's deep-supervised Dice+CE, plus the terms of LSMS's auxiliary outputs of the last forward:
     lambda * vision-language contrast and the weighted existence BCE ("is the referred object in this patch")."""
@@ -114,6 +125,8 @@ class LSMSTrainer(nnUNetTrainer):
         if self.prompt_set.mode == REFERRING:
             dataset_json = {**dataset_json, "labels": dict(BINARY_LABELS)}
         super().__init__(plans, configuration, fold, dataset_json, device)
+        self.configuration_manager.configuration["batch_dice"] = uses_batch_dice(
+            self.prompt_set.mode, self.configuration_manager.batch_dice)
         self.model_card = self._make_model_card()
 
     def _make_model_card(self) -> dict:
