@@ -147,7 +147,7 @@ def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, r
         if problem == "unknown_encoder":
             extra = ["--text_encoder", "/nonexistent/encoder"]
         else:
-            from text_conditioning.testing import make_tiny_text_encoder
+            from tiny_text_encoder import make_tiny_text_encoder
             extra = ["--text_encoder", make_tiny_text_encoder(tmp_path / "tiny_encoder")]
     out = tmp_path / "out"
     output = run_failing("LSMSv2_predict", *_predict_args(trained, images, out), *extra)
