@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 DATASET = 518
 PLANS = "nnUNetPlans_tiny"

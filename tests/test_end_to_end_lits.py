@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 PLAIN_ID, REFERRING_ID = 516, 517
 

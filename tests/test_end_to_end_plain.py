@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 DATASET = 513
 TRAINERS = ("nnUNetTrainer_test", "LSMSTrainer_test")

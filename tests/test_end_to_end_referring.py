@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 DATASETS = {
     "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 DATASET = 531
 KILLS = int(os.environ.get("LSMS_TEST_KILLS", "5"))
