@@ -47,7 +47,9 @@ from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
-from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.network.config import ABLATIONS
+from lsms_nnunet.training.variants import (BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, FULL_ABLATION,
+                                          ablation_trainer_name)
 
 RESULTS_FORMAT, RESULTS_VERSION = "lsms-benchmark", 1
 DEFAULT_EPOCHS, DEFAULT_ITERATIONS = 20, 50
@@ -68,20 +70,32 @@ class Variant:
         return self.trainer.startswith("LSMSTrainer")
 
 
+# Readable descriptions of the ablations for results.json; an ablation missing here is described by its overrides.
+ABLATION_DESCRIPTIONS = {
+    "no_visual": "LSMS without the SVLA scale-aware visual branch",
+    "no_language": "LSMS without the SVLA vision-language branch",
+    "unet_decoder": "LSMS with a plain U-Net decoder instead of FSD",
+    "no_contrastive": "LSMS without the contrastive loss term",
+    "static_head": "LSMS with nnU-Net's static output heads (text through SVLA only)",
+}
+
+
+def ablation_variant(ablation: str) -> Variant:
+    """The benchmarked model of one entry of ABLATIONS, trained by its generated budget trainer."""
+    if ablation == FULL_ABLATION:
+        return Variant("lsms", ablation_trainer_name(ablation), "LSMS")
+    overrides = ", ".join(f"{key}={value!r}" for key, value in ABLATIONS[ablation].items())
+    return Variant(f"lsms_{ablation}", ablation_trainer_name(ablation),
+                   ABLATION_DESCRIPTIONS.get(ablation, f"LSMS with {overrides}"))
+
+
 VANILLA = Variant("nnunet_merged", "nnUNetTrainer_budget_merged",
                   "vanilla nnU-Net on the plain view (all regions = one lesion label); text-blind")
-VARIANTS = (
-    VANILLA,
-    Variant("lsms", "LSMSTrainer_budget", "LSMS"),
-    Variant("lsms_constant_text", "LSMSTrainer_budget_constant_text",
-            "LSMS trained and tested with one constant text (is the text used?)"),
-    Variant("lsms_no_visual", "LSMSTrainer_budget_no_visual", "LSMS without the SVLA scale-aware visual branch"),
-    Variant("lsms_no_language", "LSMSTrainer_budget_no_language", "LSMS without the SVLA vision-language branch"),
-    Variant("lsms_unet_decoder", "LSMSTrainer_budget_unet_decoder", "LSMS with a plain U-Net decoder instead of FSD"),
-    Variant("lsms_no_contrastive", "LSMSTrainer_budget_no_contrastive", "LSMS without the contrastive loss term"),
-    Variant("lsms_static_head", "LSMSTrainer_budget_static_head",
-            "LSMS with nnU-Net's static output heads (text through SVLA only)"),
-)
+CONSTANT_TEXT = Variant("lsms_constant_text", "LSMSTrainer_budget_constant_text",
+                        "LSMS trained and tested with one constant text (is the text used?)")
+# Vanilla, LSMS, the constant-text control, then every other entry of the ablation table, in its order.
+VARIANTS = (VANILLA, ablation_variant(FULL_ABLATION), CONSTANT_TEXT,
+            *(ablation_variant(name) for name in ABLATIONS if name != FULL_ABLATION))
 VARIANTS_BY_NAME = {variant.name: variant for variant in VARIANTS}
 
 
