@@ -8,7 +8,7 @@ import pytest
 from nnunetv2.utilities.find_class_by_name import recursive_find_python_class
 
 import lsms_nnunet
-from lsms_nnunet.benchmark.benchmark import VARIANTS_BY_NAME
+from lsms_nnunet.benchmark.variants import VARIANTS_BY_NAME
 from lsms_nnunet.network.config import ABLATIONS, LSMSConfig
 from lsms_nnunet.training.lsms_trainer import LSMSTrainer
 from lsms_nnunet.training.variants import FULL_ABLATION, ablation_trainer_name
@@ -35,7 +35,7 @@ def test_a_new_ablation_needs_no_code():
         "from lsms_nnunet.network.config import ABLATIONS\n"
         "ABLATIONS['no_probe'] = {'contrastive': False, 'decoder': 'unet'}\n"
         "from lsms_nnunet.training import variants\n"
-        "from lsms_nnunet.benchmark.benchmark import VARIANTS_BY_NAME\n"
+        "from lsms_nnunet.benchmark.variants import VARIANTS_BY_NAME\n"
         "trainer = variants.LSMSTrainer_budget_no_probe\n"
         "print(trainer.__module__, trainer.lsms_config_overrides, VARIANTS_BY_NAME['lsms_no_probe'])\n")
     result = subprocess.run([sys.executable, "-c", program], capture_output=True, text=True, encoding="utf-8",

@@ -158,7 +158,9 @@ def test_rerun_neither_retrains_nor_remeasures(benchmarked):
 
 
 def test_changed_budget_is_refused_before_any_training(benchmarked):
-    from lsms_nnunet.benchmark.benchmark import BenchmarkSetupError, VARIANTS_BY_NAME, prepare_benchmark, train_variant
+    from lsms_nnunet.benchmark.preparation import BenchmarkSetupError, prepare_benchmark
+    from lsms_nnunet.benchmark.training_runner import train_variant
+    from lsms_nnunet.benchmark.variants import VARIANTS_BY_NAME
 
     setup = prepare_benchmark(DATASET, "2d", [0], 3, 2, PLANS, ["lsms"], benchmarked["out"], "cpu")
     with pytest.raises(BenchmarkSetupError, match="--epochs 1 --iterations 2"):
@@ -167,7 +169,7 @@ def test_changed_budget_is_refused_before_any_training(benchmarked):
 
 
 def test_resume_flags_continue_or_validate_an_unfinished_training(tmp_path):
-    from lsms_nnunet.benchmark.benchmark import resume_flags
+    from lsms_nnunet.benchmark.training_runner import resume_flags
 
     assert resume_flags(tmp_path)[0] == []
     (tmp_path / "checkpoint_latest.pth").touch()
@@ -177,7 +179,7 @@ def test_resume_flags_continue_or_validate_an_unfinished_training(tmp_path):
 
 
 def test_unprepared_dataset_gets_an_error_naming_the_fix(nnunet_dirs):
-    from lsms_nnunet.benchmark.benchmark import BenchmarkSetupError, prepare_benchmark
+    from lsms_nnunet.benchmark.preparation import BenchmarkSetupError, prepare_benchmark
     from lsms_nnunet.datasets.synthetic import make_synthetic_dataset
 
     with pytest.raises(BenchmarkSetupError, match="LSMSv2_plan_and_preprocess -d 597 -c 2d"):

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from lsms_nnunet.benchmark.benchmark import nnunet_command, resume_flags
+from lsms_nnunet.benchmark.training_runner import nnunet_command, resume_flags
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
 
