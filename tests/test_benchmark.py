@@ -23,7 +23,7 @@ def _checkpoint_times(results_folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def benchmarked(run, nnunet_dirs):
-    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test-cases", 1, "--shape", 64, 64,
+    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test_cases", 1, "--shape", 64, 64,
         "--seed", 3, "--heldout_phrasing")
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     make_plans_variant(DATASET, PLANS, max_features=16, batch_size=2)

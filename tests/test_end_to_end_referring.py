@@ -23,7 +23,7 @@ def _train(configuration: str, run, nnunet_dirs) -> dict:
     """A referring dataset made, planned, encoded and trained for one fold with the stock nnU-Net command."""
     spec = DATASETS[configuration]
     dataset = spec["dataset_id"]
-    run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test-cases", 2,
+    run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test_cases", 2,
         "--shape", *spec["shape"], "--seed", 3)
     run("LSMSv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", 1, "--verify_dataset_integrity",
         nnUNet_n_proc_DA="1")
