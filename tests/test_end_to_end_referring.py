@@ -13,6 +13,8 @@ import SimpleITK as sitk
 
 from lsms_nnunet.planning.variants import make_plans_variant
 
+from conftest import assert_scores_follow_from_voxel_counts
+
 DATASETS = {
     "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),
     "3d_fullres": dict(dataset_id=512, dim=3, shape=("16", "32", "32"), cases=5),
@@ -54,7 +56,7 @@ def test_stock_train_writes_per_expression_validation(trained):
     validation_cases = set(splits[0]["val"])
     expected = {e["id"] for e in expressions if e["case"] in validation_cases}
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
-    assert 0.0 <= summary["aggregate"]["mean_dice"] <= 1.0
+    assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
