@@ -15,6 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from lsms_nnunet.cli import console_entry
+
 
 def _run(command: list[str], env: dict) -> None:
     print(f"\n$ {shlex.join(command)}", flush=True)
@@ -23,6 +25,7 @@ def _run(command: list[str], env: dict) -> None:
     subprocess.run([executable or command[0], *command[1:]], env=env, check=True)
 
 
+@console_entry
 def demo_entry() -> None:
     parser = argparse.ArgumentParser(description="Run the LSMS workflow end to end on a synthetic referring dataset.")
     parser.add_argument("--workdir", default="lsms_demo", help="Folder for nnUNet_raw/_preprocessed/_results "

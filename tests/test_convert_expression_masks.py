@@ -2,6 +2,7 @@
 import csv
 import json
 import os
+import re
 import sys
 
 import numpy as np
@@ -327,5 +328,16 @@ def test_cli_entry_converts_and_reports_errors(tmp_path, monkeypatch, capsys):
     assert (tmp_path / "raw" / "Dataset019_Cli" / "labelsTr" / "case.nii.gz").is_file()
     assert "Wrote" in capsys.readouterr().out
     monkeypatch.setattr(sys, "argv", ["LSMSv2_convert_expression_masks", "-i", str(table), "-d", "19", "-n", "Other"])
-    with pytest.raises(SystemExit, match="Dataset019_Cli, which was not made|taken by"):
+    with pytest.raises(SystemExit) as exit_info:
         convert_expression_masks_entry()
+    assert exit_info.value.code == 1
+    assert re.search("Dataset019_Cli, which was not made|taken by", capsys.readouterr().err)
+
+
+def test_deeply_nested_json_table_names_the_file(tmp_path):
+    from lsms_nnunet.datasets.convert_expression_masks import read_table
+
+    table = tmp_path / "table.json"
+    table.write_text("[" * 100_000 + "]" * 100_000)
+    with pytest.raises(ConversionError, match=r"Table .*table.json nests JSON arrays/objects too deeply .* Fix: "):
+        read_table(table)

@@ -1,5 +1,6 @@
 """Semantic lesion labels -> referring dataset: components, attributes, unambiguous and no-target expressions."""
 import json
+import re
 import sys
 
 import numpy as np
@@ -156,7 +157,11 @@ def test_plain_folder_2d_uses_8_connectivity_and_organ_halves(tmp_path):
     image = np.where(label == 3, 10.0, 50.0).astype(np.float32)
     sitk.WriteImage(sitk.GetImageFromArray(image), str(source / "images" / "slice_0000.nii.gz"))
     sitk.WriteImage(sitk.GetImageFromArray(label), str(source / "labels" / "slice.nii.gz"))
-    folder = convert_semantic(source, 3, 1, 24, "Plain", raw_root=tmp_path / "raw", min_lesion_voxels=5)
+    with pytest.raises(ConversionError, match=r"images/ \+ labels/\) does not say what the images are\. Fix: pass "
+                                              r"--channel_name"):
+        convert_semantic(source, 3, 1, 24, "Plain", raw_root=tmp_path / "raw", min_lesion_voxels=5)
+    folder = convert_semantic(source, 3, 1, 24, "Plain", raw_root=tmp_path / "raw", min_lesion_voxels=5,
+                              channel_name="CT")
     regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))["cases"]["slice"]["regions"]
     assert [r["size_voxels"] for r in regions] == [26, 16] and regions[0]["size_unit"] == "mm2"
     assert [r["side_of_organ"] for r in regions] == ["right", "left"] and regions[0]["lobe"] is None
@@ -200,8 +205,10 @@ def test_cli_entry_refuses_existing_dataset_without_overwrite(tmp_path, monkeypa
     monkeypatch.setattr(sys, "argv", argv)
     convert_semantic_entry()
     assert "Dataset026_Cli" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already used by .*--overwrite"):
+    with pytest.raises(SystemExit) as exit_info:
         convert_semantic_entry()
+    assert exit_info.value.code == 1
+    assert re.search("already used by .*--overwrite", capsys.readouterr().err)
     monkeypatch.setattr(sys, "argv", argv + ["--overwrite", "-np", "1"])
     convert_semantic_entry()
 
@@ -217,3 +224,20 @@ def test_non_ct_channel_says_intense_and_plain_label_names_become_nouns(tmp_path
     assert any("hypointense" in text for text in texts) and not any("dense" in text for text in texts)
     assert any("metastases" in text or "metastasis" in text for text in texts)
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": "T1"}
+
+
+@pytest.mark.parametrize("channel_name, hypo, hyper", [("MR", "hypointense", "hyperintense"),
+                                                       ("t2w", "hypointense", "hyperintense"),
+                                                       ("PET", "darker", "brighter")])
+def test_plain_folder_takes_the_modality_from_the_user_and_words_intensity_by_it(tmp_path, channel_name, hypo, hyper):
+    source = tmp_path / "plain"
+    (source / "images").mkdir(parents=True)
+    (source / "labels").mkdir()
+    image, label = semantic_volume()
+    write_volume(image, source / "images" / "brain_0000.nii.gz")
+    write_volume(label, source / "labels" / "brain.nii.gz")
+    folder = convert_semantic(source, 2, 1, 28, "Modality", raw_root=tmp_path / "raw", channel_name=channel_name)
+    texts = [e.text for e in load_expressions(folder / "expressions.json")]
+    assert any(hypo in text for text in texts) and any(hyper in text for text in texts)
+    assert not any("dense" in text for text in texts)
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": channel_name}

@@ -12,6 +12,7 @@ import pytest
 import SimpleITK as sitk
 
 from lsms_nnunet.planning.variants import make_plans_variant
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
 
@@ -63,10 +64,7 @@ def test_stock_train_writes_per_expression_validation(trained):
 
 
 def test_checkpoint_records_text_encoder(trained):
-    import torch
-
-    checkpoint = torch.load(trained["model"] / "fold_0" / "checkpoint_final.pth", map_location="cpu",
-                            weights_only=False)
+    checkpoint = load_checkpoint_safely(trained["model"] / "fold_0" / "checkpoint_final.pth")  # the card is plain
     card = checkpoint["network_weights"]["_extra_state"]
     assert card["mode"] == "referring"
     assert card["text_encoder"]["name"] == "all-MiniLM-L6-v2"
@@ -263,11 +261,9 @@ def test_lsms_plans_train_with_the_stock_command(trained_models, run):
     run("LSMSv2_plan_experiment", "-d", trained["dataset"], "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     run("nnUNetv2_train", trained["dataset"], "2d", 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetLSMSPlans", "-device",
         "cpu", nnUNet_n_proc_DA="0")
-    import torch
-
     plans = json.loads((Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name / "nnUNetLSMSPlans.json")
                        .read_text(encoding="utf-8"))
-    checkpoint = torch.load(trained["model"].parent / "LSMSTrainer_test__nnUNetLSMSPlans__2d" / "fold_0" /
-                            "checkpoint_final.pth", map_location="cpu", weights_only=False)
+    checkpoint = load_checkpoint_safely(trained["model"].parent / "LSMSTrainer_test__nnUNetLSMSPlans__2d" / "fold_0" /
+                                        "checkpoint_final.pth")
     network = checkpoint["network_weights"]["_extra_state"]["network"]
     assert network["svla_stages"] == plans["configurations"]["2d"]["lsms"]["svla_stages"]

@@ -197,7 +197,8 @@ def test_grid_mismatch_and_unknown_targets_name_the_files(folders):
 
 
 def _run_cli(*arguments: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", "from lsms_nnunet.evaluation.evaluate import evaluate_entry; "
+    return subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = 'LSMSv2_evaluate'; "  # as the script
+                                                 "from lsms_nnunet.evaluation.evaluate import evaluate_entry; "
                                                  "evaluate_entry()", *arguments],
                           capture_output=True, text=True, encoding="utf-8", errors="replace", timeout=120, cwd=Path(__file__).resolve().parents[1])
 

@@ -249,3 +249,33 @@ def test_bad_category_or_phrasing_is_rejected(tmp_path, key, value, complaint):
     path = _write(tmp_path / "expressions.json", [{**_entry(), key: value}])
     message = _error_of(path)
     assert f"has {key} {value!r}" in message and complaint in message and "Fix" in message
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("\u0000", "control character(s) U+0000"),
+    ("\x1b[31mthe cyst\x1b[0m", "control character(s) U+001B"),
+    ("\u200b\u200b", "no letter or digit"),
+    ("\u200b \ufeff", "no letter or digit"),
+    ("\U0001F600\U0001F525", "no letter or digit"),
+    ("?!", "no letter or digit"),
+])
+def test_texts_without_usable_content_are_rejected(tmp_path, text, expected):
+    message = _error_of(_write(tmp_path / "expressions.json", [_entry(text=text)]))
+    assert "entry 0 (id 'liver_003-e0')" in message and expected in message and "Fix:" in message
+
+
+def test_ordinary_whitespace_and_non_latin_letters_are_kept(tmp_path):
+    texts = ["the cyst\tin the\nleft lobe", "肝臓の嚢胞", "lesion 2 \u200bin the right lobe"]
+    path = _write(tmp_path / "expressions.json", [_entry(f"e{i}", text=t) for i, t in enumerate(texts)])
+    assert [e.text for e in load_expressions(path)] == texts
+
+
+def test_deeply_nested_json_names_the_file_instead_of_a_recursion_error(tmp_path):
+    path = tmp_path / "expressions.json"
+    path.write_text("[" * 100_000 + "]" * 100_000, encoding="utf-8")
+    message = _error_of(path)
+    assert str(path) in message and "too deeply" in message and "Fix:" in message
+
+
+def test_expressions_path_that_is_a_folder_says_so(tmp_path):
+    assert "is a folder. Fix: point to the file itself" in _error_of(tmp_path)

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from lsms_nnunet.planning.variants import make_plans_variant
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 DATASET = 531
 KILLS = int(os.environ.get("LSMS_TEST_KILLS", "5"))
@@ -76,7 +77,7 @@ def test_checkpoint_write_killed_midway_leaves_the_previous_checkpoint(trainer, 
     monkeypatch.setattr(torch, "save", killed_while_writing)
     with pytest.raises(KeyboardInterrupt):
         _save(trainer, "checkpoint_latest.pth", epoch=5)
-    assert torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] == 1
+    assert load_checkpoint_safely(latest)["current_epoch"] == 1
 
 
 def test_continue_falls_back_from_a_truncated_latest_to_best(trainer, capsys):
@@ -142,7 +143,7 @@ def test_training_killed_at_random_moments_always_continues(dataset, nnunet_dirs
     latest = None
     resumed_from = []
     for kill in range(KILLS + 1):
-        expected = torch.load(latest, map_location="cpu", weights_only=False)["current_epoch"] \
+        expected = load_checkpoint_safely(latest)["current_epoch"] \
             if latest is not None and latest.is_file() else 0
         output = tmp_path / f"run_{kill}.txt"
         process = _start_training(dataset, 0, output)

@@ -87,8 +87,9 @@ def test_cli_entry(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["LSMSv2_make_lits", "-d", "34", "--cases", "2", "--crop", "32", "32", "32"])
     lits.make_lits_entry()
     assert "Dataset034_LiTS117Views" in capsys.readouterr().out
-    with pytest.raises(SystemExit, match="already used"):
+    with pytest.raises(SystemExit) as exit_info:
         lits.make_lits_entry()
+    assert exit_info.value.code == 1 and "already used" in capsys.readouterr().err
     monkeypatch.setattr(sys, "argv", sys.argv + ["--overwrite", "--mode", "referring"])
     lits.make_lits_entry()
     assert [path.name for path in tmp_path.iterdir()] == ["Dataset034_LiTS117Referring"]

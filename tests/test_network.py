@@ -99,7 +99,11 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_ablations_switch_exactly_their_flag():
     expected_changes = {"full": {}, "no_visual": {"visual_branch": False}, "no_language": {"language_branch": False},
-                        "static_head": {"text_conditioned_head": False},
+                        "static_head": {"text_conditioned_head": False, "prompt_decoder": False,
+                                        "existence_head": False, "head_position": False},
+                        "no_prompt_decoder": {"prompt_decoder": False, "existence_head": False,
+                                              "head_position": False},
+                        "no_existence": {"existence_head": False},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False}}
     assert set(ABLATIONS) == set(expected_changes)
     for name, changes in expected_changes.items():
@@ -246,12 +250,9 @@ def test_every_ablation_builds_and_runs(ablation, dim, residual):
     text_matters = not torch.allclose(first[0], second[0])
     assert text_matters == config.language_branch
     assert all(block.visual is not None for block in network.svla.values()) == config.visual_branch
-    if config.contrastive:
-        assert set(network(x, *random_text(2, 0), return_aux=True)[1]) == {
-            "voxel_embedding", "sentence_embedding", "logit_scale"}
-    else:
-        with pytest.raises(ValueError, match="contrastive"):
-            network(x, *random_text(2, 0), return_aux=True)
+    expected_aux = ({"voxel_embedding", "sentence_embedding", "logit_scale"} if config.contrastive else set()) | \
+        ({"existence_logit"} if config.existence_head else set())
+    assert set(network(x, *random_text(2, 0), return_aux=True)[1]) == expected_aux
 
 
 def test_unsupported_architecture_is_named_in_the_error():

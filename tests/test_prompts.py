@@ -85,6 +85,14 @@ def test_prompt_table_supplies_phrasings_and_rejects_unknown_labels(tmp_path):
         load_prompt_set(folder)
 
 
+def test_prompt_table_phrasing_without_words_is_rejected(tmp_path):
+    table = {"format": "lsms-prompts", "version": 1, "labels": {"label_1": ["the tumour", "\u200b\U0001F600"]}}
+    folder = _write_dataset(tmp_path / "bad", {"background": 0, "label_1": 1}, {"a": _two_region_map()},
+                            prompt_table=table)
+    with pytest.raises(ExpressionsError, match=r"prompts.json: label 'label_1' has a phrasing .* no letter or digit"):
+        load_prompt_set(folder)
+
+
 def test_readable_label_names():
     assert readable_label_name("liver") == "liver"
     assert readable_label_name("left_kidney") == "left kidney"
@@ -99,3 +107,45 @@ def test_prompt_set_round_trip_and_missing_step_message(tmp_path):
     assert loaded == prompt_set and encoder["dim"] == 8
     with pytest.raises(FileNotFoundError, match="LSMSv2_encode_text"):
         read_prompt_set(tmp_path / "elsewhere" / "lsms_text")
+
+
+@pytest.mark.parametrize("labels, expected", [
+    ({"background": 0, "region_1": 1, "region_3": 3}, r"label values \[0, 1, 3\] are not consecutive"),
+    ({"background": 0, "liver_tumour": 2}, r"label values \[0, 2\] are not consecutive"),
+    ({"background": 0, "liver_tumour": 1.5}, r"labels \{'liver_tumour': 1.5\} are not integers"),
+])
+def test_non_consecutive_or_non_integer_label_values_are_rejected(tmp_path, labels, expected):
+    folder = _write_dataset(tmp_path / "ds", labels, {"a": _two_region_map()})
+    with pytest.raises(ExpressionsError, match=r"dataset.json: " + expected + r".*Fix: "):
+        load_prompt_set(folder)
+
+
+def test_float_region_map_is_diagnosed_not_reported_as_target_absent(tmp_path):
+    expressions = [{"id": "a-e0", "case": "a", "text": "the left lesion", "targets": [1]}]
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "region_1": 1, "region_2": 2},
+                            {"a": _two_region_map()}, expressions)
+    smoothed = _two_region_map().astype(np.float32) * 0.5 + 0.5 * (_two_region_map() > 0)  # 1.0 and 1.5
+    sitk.WriteImage(sitk.GetImageFromArray(smoothed), str(folder / "labelsTr" / "a.nii.gz"))
+    with pytest.raises(ExpressionsError, match=r"labelsTr/a.nii.gz: the label map holds 1 non-integer or negative "
+                                               r"value\(s\), e.g. \[1.5\].*Fix: save it as an integer image"):
+        load_prompt_set(folder)
+
+
+def test_plan_and_preprocess_checks_labels_before_fingerprinting(tmp_path, monkeypatch):
+    from lsms_nnunet.preprocessing import encode_text
+    import nnunetv2.experiment_planning.plan_and_preprocess_entrypoints as nnunet_entrypoints
+
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "region_2": 2}, {"a": _two_region_map()})
+    monkeypatch.setattr(encode_text, "dataset_folders", lambda dataset: ("ds", folder, tmp_path / "text"))
+    monkeypatch.setattr(nnunet_entrypoints, "plan_and_preprocess_entry",
+                        lambda: pytest.fail("fingerprinting started before the labels were checked"))
+    monkeypatch.setattr("sys.argv", ["LSMSv2_plan_and_preprocess", "-d", "1"])
+    with pytest.raises(ExpressionsError, match="not consecutive"):
+        encode_text.plan_and_preprocess_entry()
+
+
+def test_deeply_nested_dataset_json_names_the_file(tmp_path):
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "liver_tumour": 1}, {"a": _two_region_map()})
+    (folder / "dataset.json").write_text("{\"a\": " * 50_000 + "1" + "}" * 50_000)
+    with pytest.raises(ExpressionsError, match=r"dataset.json nests JSON arrays/objects too deeply .* Fix: "):
+        load_prompt_set(folder)

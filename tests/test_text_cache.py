@@ -29,9 +29,9 @@ class CountingEncoder:
         self.identity = encoder.identity
         self.calls: list[list[str]] = []
 
-    def encode(self, texts, batch_size=64, progress=True):
+    def encode(self, texts, batch_size=64, progress=True, warn_truncation=True):
         self.calls.append(list(texts))
-        return self.encoder.encode(texts, batch_size=batch_size, progress=progress)
+        return self.encoder.encode(texts, batch_size=batch_size, progress=progress, warn_truncation=warn_truncation)
 
 
 @pytest.fixture(scope="module")
@@ -90,10 +90,10 @@ class InterruptedEncoder(CountingEncoder):
         super().__init__(encoder)
         self.interrupt_at = interrupt_at
 
-    def encode(self, texts, batch_size=64, progress=True):
+    def encode(self, texts, batch_size=64, progress=True, warn_truncation=True):
         if len(self.calls) + 1 == self.interrupt_at:
             raise KeyboardInterrupt("killed mid-way")
-        return super().encode(texts, batch_size=batch_size, progress=progress)
+        return super().encode(texts, batch_size=batch_size, progress=progress, warn_truncation=warn_truncation)
 
 
 def test_interrupted_update_keeps_finished_shards_and_a_rerun_encodes_only_the_rest(tmp_path, tiny_encoder):
@@ -285,3 +285,11 @@ def test_concurrent_updates_from_two_processes_give_a_consistent_cache(tmp_path,
     index = json.loads((tmp_path / "cache" / "index.json").read_text(encoding="utf-8"))["entries"]
     assert all((tmp_path / "cache" / entry["shard"]).is_file() for entry in index.values())
     assert not [name for name in os.listdir(folder) if name.endswith(".tmp")]
+
+
+def test_truncation_over_several_shards_is_warned_once(tmp_path, tiny_encoder):
+    texts = [" ".join(["lesion"] * 20) + f" {index}" for index in range(5)] + ["the cyst"]
+    cache = TextEmbeddingCache(tmp_path / "cache", tiny_encoder.identity)
+    with pytest.warns(UserWarning, match=r"5 of 6 text\(s\) are longer than") as caught:
+        cache.update(texts, tiny_encoder, progress=False, shard_size=2)
+    assert len([w for w in caught if "longer than" in str(w.message)]) == 1

@@ -223,3 +223,17 @@ def test_real_embedded_all_minilm_loads_offline(no_network):
     np.testing.assert_array_equal(encoded.pooled[0], encoded.pooled[2])
     assert np.abs(encoded.pooled[0] - encoded.pooled[1]).max() > 0.1
     np.testing.assert_allclose(encoded.pooled[0, :6], MINILM_REFERENCE_POOLED_START, atol=1e-4)
+
+
+def test_texts_of_only_special_or_unknown_tokens_are_refused(tiny_encoder):
+    with pytest.raises(TextEncoderError, match=r"1 text\(s\) have no token .* e.g. \['жж'\]"):
+        tiny_encoder.encode(["the cyst", "жж"])  # Cyrillic is not in the tiny vocabulary: [UNK] only
+    with pytest.raises(TextEncoderError, match="no token"):
+        tiny_encoder.encode(["[SEP] [PAD]"])
+
+
+def test_truncation_is_warned_once_with_the_count(tiny_encoder):
+    long_text = " ".join(["lesion"] * 40)
+    with pytest.warns(UserWarning, match=r"2 of 3 text\(s\) are longer than 8 tokens") as caught:
+        tiny_encoder.encode([long_text, "the cyst", long_text + " left"], batch_size=1)
+    assert len([w for w in caught if "longer than" in str(w.message)]) == 1

@@ -26,7 +26,8 @@ import numpy as np
 from filelock import FileLock
 from tqdm import tqdm
 
-from text_conditioning.encoders import EncodedTexts, EncoderIdentity, TextEncoder, TextEncoderError
+from text_conditioning.encoders import (EncodedTexts, EncoderIdentity, TextEncoder, TextEncoderError,
+                                        warn_truncated_texts)
 from text_conditioning.io import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
@@ -119,9 +120,12 @@ class TextEmbeddingCache:
                 return 0
             with tqdm(total=len(missing), desc=f"Encoding texts with {self.identity.slug}", unit="text",
                       disable=not progress) as bar:
+                truncated = 0
                 for start in range(0, len(missing), shard_size):
-                    self._encode_into_shard(missing[start:start + shard_size], encoder, index)
+                    truncated += self._encode_into_shard(missing[start:start + shard_size], encoder, index)
                     bar.update(len(missing[start:start + shard_size]))
+        if truncated:
+            warn_truncated_texts(truncated, len(missing), encoder.identity)
         return len(missing)
 
     def load(self, texts: Sequence[str]) -> EncodedTexts:
@@ -170,9 +174,10 @@ class TextEmbeddingCache:
     # ----- internals -----
 
     def _encode_into_shard(self, texts: Sequence[str], encoder: TextEncoder,
-                           index: dict[str, dict[str, Any]]) -> None:
-        """Encode ``texts``, write them as one new shard and add them to ``index`` on disk. Needs the lock."""
-        encoded = encoder.encode(texts, progress=False)
+                           index: dict[str, dict[str, Any]]) -> int:
+        """Encode ``texts``, write them as one new shard and add them to ``index`` on disk; returns how many texts
+        were cut at the token limit (the caller warns once for all shards). Needs the lock."""
+        encoded = encoder.encode(texts, progress=False, warn_truncation=False)
         expected_shape = (len(texts), self.identity.max_tokens, self.identity.dim)
         if encoded.tokens.shape != expected_shape:
             raise TextEncoderError(f"Encoder {encoder.identity.name} returned tokens of shape "
@@ -182,6 +187,7 @@ class TextEmbeddingCache:
         for row, text in enumerate(texts):
             index[text_key(text)] = {"text": text, "shard": shard_name, "row": row}
         self._write_index(index)
+        return encoded.truncated
 
     def _describe(self, identity: EncoderIdentity | None = None) -> str:
         identity = identity or self.identity

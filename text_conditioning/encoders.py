@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -74,11 +75,15 @@ class EncoderIdentity:
 
 @dataclass(frozen=True)
 class EncodedTexts:
-    """Encoder output for N texts: tokens [N, L, D] (zero at padding), mask [N, L], pooled [N, D]; float32 numpy."""
+    """Encoder output for N texts: tokens [N, L, D] (zero at padding), mask [N, L], pooled [N, D]; float32 numpy.
+
+    ``truncated`` counts the texts cut at the token limit, so a caller encoding in parts can warn once in total.
+    """
 
     tokens: np.ndarray
     mask: np.ndarray
     pooled: np.ndarray
+    truncated: int = 0
 
     def __len__(self) -> int:
         return len(self.pooled)
@@ -228,8 +233,13 @@ class TextEncoder:
             raise TextEncoderError(f"The model in {folder} reports hidden size {self.model.config.hidden_size}, its "
                                    f"config.json {self.identity.dim}. Fix: re-save the model with save_pretrained.")
 
-    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True) -> EncodedTexts:
-        """Encode texts; tokens are padded or truncated to exactly ``identity.max_tokens``."""
+    def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = True,
+               warn_truncation: bool = True) -> EncodedTexts:
+        """Encode texts; tokens are padded or truncated to exactly ``identity.max_tokens``.
+
+        Texts the tokenizer sees as nothing but special/unknown tokens are refused (they would be answered as an
+        empty sentence); texts cut at the limit are counted and, with ``warn_truncation``, reported in one warning.
+        """
         texts = list(texts)
         not_strings = [text for text in texts if not isinstance(text, str)]
         if not_strings:
@@ -239,6 +249,9 @@ class TextEncoder:
         mask = np.zeros((len(texts), length), dtype=bool)
         pooled = np.zeros((len(texts), dim), dtype=np.float32)
         batch_starts = range(0, len(texts), batch_size)
+        truncated = self._count_truncated(texts)
+        if truncated and warn_truncation:
+            warn_truncated_texts(truncated, len(texts), self.identity)
         with torch.inference_mode():
             for start in tqdm(batch_starts, desc=f"Encoding texts with {self.identity.slug}", unit="batch",
                               disable=not (progress and len(batch_starts) > 1)):
@@ -246,9 +259,36 @@ class TextEncoder:
                 inputs = self.tokenizer(batch, padding="max_length", truncation=True, max_length=length,
                                         return_tensors="pt").to(self.device)
                 batch_mask = inputs["attention_mask"].bool()
+                self._refuse_texts_without_content(batch, inputs["input_ids"], batch_mask)
                 hidden = self.model(**inputs).last_hidden_state * batch_mask.unsqueeze(-1)
                 real_token_count = batch_mask.sum(dim=1, keepdim=True).clamp(min=1)
                 tokens[start:start + len(batch)] = hidden.float().cpu().numpy()
                 mask[start:start + len(batch)] = batch_mask.cpu().numpy()
                 pooled[start:start + len(batch)] = (hidden.sum(dim=1) / real_token_count).float().cpu().numpy()
-        return EncodedTexts(tokens=tokens, mask=mask, pooled=pooled)
+        return EncodedTexts(tokens=tokens, mask=mask, pooled=pooled, truncated=truncated)
+
+    def _count_truncated(self, texts: Sequence[str]) -> int:
+        """How many texts have more tokens (with [CLS]/[SEP]) than the identity keeps."""
+        if not texts:
+            return 0
+        lengths = [len(ids) for ids in self.tokenizer(texts, truncation=False, verbose=False)["input_ids"]]
+        return sum(length > self.identity.max_tokens for length in lengths)
+
+    def _refuse_texts_without_content(self, texts: Sequence[str], input_ids: torch.Tensor,
+                                      attention_mask: torch.Tensor) -> None:
+        """A text whose real tokens are all special or unknown (e.g. only emoji for a BERT vocabulary) carries no
+        meaning for this encoder, yet the network would answer it with a mask."""
+        special = torch.tensor(sorted(set(self.tokenizer.all_special_ids)), device=input_ids.device)
+        meaningful = attention_mask & ~torch.isin(input_ids, special)
+        empty = [text for text, has_content in zip(texts, meaningful.any(dim=1).tolist()) if not has_content]
+        if empty:
+            raise TextEncoderError(f"{len(empty)} text(s) have no token that text encoder {self.identity.name} knows "
+                                   f"(only special or unknown tokens), e.g. {empty[:3]!r}. Fix: write these "
+                                   "expressions in words.")
+
+
+def warn_truncated_texts(count: int, total: int, identity: EncoderIdentity) -> None:
+    """One warning for all texts cut at the token limit: the words past it are never seen by the network."""
+    warnings.warn(f"{count} of {total} text(s) are longer than {identity.max_tokens} tokens and were cut for text "
+                  f"encoder {identity.name}: the words past the limit are ignored. Fix: shorten them, or encode "
+                  "with a larger --max_tokens (and retrain).", stacklevel=3)

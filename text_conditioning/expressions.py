@@ -9,7 +9,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import tempfile
+import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +36,28 @@ _SCHEMA_EXAMPLE = ('{"format": "lsms-expressions", "version": 1, "expressions": 
 
 class ExpressionsError(ValueError):
     """An expressions file (or a list of expressions) that cannot be used as it is."""
+
+
+_ORDINARY_WHITESPACE = frozenset(" \t\n\r")
+
+
+def unusable_text_reason(text: str) -> str | None:
+    """Why ``text`` cannot be a prompt, or None when it can.
+
+    A text made of control characters ("\\u0000", ANSI colour codes pasted from a terminal), invisible format
+    characters (zero-width spaces) or symbols only (emoji) encodes to an effectively empty sentence, and the
+    network would still answer it with a mask: such texts are refused like empty ones.
+    """
+    controls = sorted({char for char in text if unicodedata.category(char) == "Cc"} - _ORDINARY_WHITESPACE)
+    if controls:
+        listed = ", ".join(f"U+{ord(char):04X}" for char in controls[:5])
+        return (f"contains control character(s) {listed} (e.g. a NUL byte or a terminal colour code). Fix: remove "
+                "them; only ordinary spaces, tabs and line breaks are allowed")
+    visible = "".join(char for char in text if unicodedata.category(char) != "Cf")
+    if not any(unicodedata.category(char)[0] in "LN" for char in visible):
+        return ("has no letter or digit (only spaces, invisible characters, punctuation or symbols such as emoji). "
+                "Fix: write the expression in words")
+    return None
 
 
 @dataclass(frozen=True)
@@ -143,6 +167,8 @@ def _entry_problems(index: int, entry: Any, require_targets: bool) -> list[str]:
             problems.append(f"{where} has a {type(text).__name__} as text. Fix: write the expression as a string.")
         elif not text.strip():
             problems.append(f"{where} has an empty text. Fix: write the expression, or remove the entry.")
+        elif (reason := unusable_text_reason(text)) is not None:
+            problems.append(f"{where} has a text that {reason}.")
     if "targets" in entry:
         targets = entry["targets"]
         if not isinstance(targets, list) or not all(_is_positive_int(target) for target in targets):
@@ -194,8 +220,18 @@ def _expressions_from_entries(entries: Sequence[Any], source: str, require_targe
     return [expression_from_dict(entry) for entry in entries]
 
 
+def json_too_deep_message(path: str | os.PathLike) -> str:
+    """Python's JSON reader recurses once per nesting level and dies with a bare RecursionError on a pathologically
+    nested file (damaged or malicious): this message names the file instead."""
+    return (f"{path} nests JSON arrays/objects too deeply to be read (over ~{sys.getrecursionlimit()} levels). Fix: "
+            "repair or regenerate the file; a valid one nests only a few levels.")
+
+
 def _read_document(path: Path) -> Any:
     """The parsed JSON of the file, or an error naming the file, what is wrong and the fix."""
+    if path.is_dir():
+        raise ExpressionsError(f"Expressions file {path} is a folder. Fix: point to the file itself, e.g. "
+                               f"{path / 'expressions.json'}.")
     if not path.is_file():
         raise ExpressionsError(f"Expressions file {path} does not exist. Fix: create it (format: {_SCHEMA_EXAMPLE}) "
                                "or point to the right folder.")
@@ -211,6 +247,8 @@ def _read_document(path: Path) -> Any:
     except json.JSONDecodeError as error:
         raise ExpressionsError(f"Expressions file {path} is not valid JSON: {error.msg} at line {error.lineno}, "
                                f"column {error.colno}. Fix: correct the JSON syntax there.") from error
+    except RecursionError:
+        raise ExpressionsError(f"Expressions file {json_too_deep_message(path)}") from None
 
 
 def load_expressions(path: str | os.PathLike, require_targets: bool = True) -> list[Expression]:

@@ -20,7 +20,6 @@ checkpoint, so a retrained model is measured again) and a re-run computes only w
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Sequence
 
@@ -28,13 +27,13 @@ import numpy as np
 import torch
 
 from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measure_variant
-from lsms_nnunet.benchmark.preparation import (HELDOUT_SECTION, BenchmarkSetup, BenchmarkSetupError, prepare_benchmark,
-                                               say)
+from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, prepare_benchmark, say
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
-from lsms_nnunet.benchmark.training_runner import TrainingFailedError, train_variant
+from lsms_nnunet.benchmark.training_runner import train_variant
 from lsms_nnunet.benchmark.variants import VANILLA, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
 from text_conditioning.io import write_json_atomically, write_text_atomically
+from lsms_nnunet.cli import console_entry
 
 
 RESULTS_FORMAT, RESULTS_VERSION = "lsms-benchmark", 1
@@ -132,6 +131,7 @@ def run_benchmark(setup: BenchmarkSetup) -> dict:
     return results
 
 
+@console_entry
 def benchmark_entry() -> None:
     """`LSMSv2_benchmark -d ID -c CONFIG [--folds 0 ...] [--epochs E] [--iterations I] [-p PLANS] [--variants ...]
     [--out DIR] [-device cpu|cuda]`."""
@@ -154,9 +154,6 @@ def benchmark_entry() -> None:
     parser.add_argument("-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for training and measurements (default: cuda when available)")
     args = parser.parse_args()
-    try:
-        setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
-                                  args.out, args.device)
-        run_benchmark(setup)
-    except (BenchmarkSetupError, TrainingFailedError) as error:
-        sys.exit(f"LSMSv2_benchmark: error: {error}")
+    setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
+                              args.out, args.device)
+    run_benchmark(setup)

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from lsms_nnunet.inference.predictor import LSMSPredictor
+from lsms_nnunet.cli import console_entry
 
 TEMPLATE_TEXTS = ("the largest lesion", "the smallest lesion", "all cysts", "the lesion in the right lobe",
                   "the hemangioma", "every lesion in the left lobe", "the metastasis", "the hypodense lesion")
@@ -49,6 +50,7 @@ def time_expression_batching(predictor: LSMSPredictor, image_file: str, counts: 
     return rows
 
 
+@console_entry
 def benchmark_expressions_entry() -> None:
     import lsms_nnunet_ext_hook  # noqa: F401
     from nnunetv2.paths import nnUNet_raw, nnUNet_results

@@ -24,6 +24,7 @@ from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import expressions_by_case
 from text_conditioning.io import write_json_atomically
@@ -72,13 +73,9 @@ class _FoldModel:
         return embed_texts(texts, identity, self.setup.text_cache_folder)
 
 
-def _load_checkpoint(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=False)
-
-
 def measure_training(model: _FoldModel) -> dict:
     fold_folder = model.setup.fold_folder(model.variant, model.fold)
-    logging = _load_checkpoint(fold_folder / "checkpoint_final.pth")["logging"]
+    logging = load_checkpoint_safely(fold_folder / "checkpoint_final.pth")["logging"]
     _, iterations = recorded_budget(fold_folder) or (model.setup.epochs, model.setup.iterations)
     return {"epochs": len(logging["epoch_end_timestamps"]), "iterations_per_epoch": iterations,
             "seconds_per_iteration": seconds_per_iteration(logging["epoch_start_timestamps"],

@@ -12,11 +12,11 @@ import os
 import subprocess
 from pathlib import Path
 
-import torch
-
 from lsms_nnunet.benchmark.training_runner import nnunet_command, resume_flags
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.cli import console_entry
 
 TRAINERS = ("nnUNetTrainer_budget", "LSMSTrainer_budget")
 
@@ -40,8 +40,7 @@ def benchmark_plain_task(dataset: str, configuration: str, folds: list[int], epo
                 subprocess.run([nnunet_command("nnUNetv2_train"), name, configuration, str(fold), "-tr", trainer, "-p",
                                 plans, "-device", device, *extra], env=environment, check=True)
             summary = json.loads((fold_folder / "validation" / "summary.json").read_text(encoding="utf-8"))
-            logging = torch.load(fold_folder / "checkpoint_final.pth", map_location="cpu",
-                                 weights_only=False)["logging"]
+            logging = load_checkpoint_safely(fold_folder / "checkpoint_final.pth")["logging"]
             per_fold.append({"dice_per_label": {k: v["Dice"] for k, v in summary["mean"].items()},
                              "foreground_dice": summary["foreground_mean"]["Dice"],
                              "s_per_iteration": seconds_per_iteration(logging["epoch_start_timestamps"],
@@ -69,6 +68,7 @@ def format_plain_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+@console_entry
 def benchmark_plain_entry() -> None:
     import lsms_nnunet_ext_hook  # noqa: F401
 

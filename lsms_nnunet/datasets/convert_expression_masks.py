@@ -16,7 +16,6 @@ import hashlib
 import json
 import os
 import shutil
-import sys
 import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -31,8 +30,9 @@ from lsms_nnunet.datasets.geometry import (ConversionError, Geometry, binary_mas
                                            read_image, region_map_image, resample_like, resolve_raw_root,
                                            staging_folder, stored_grid, write_image_atomically)
 from text_conditioning.expressions import (CATEGORY_PATTERN, SAFE_ID_PATTERN, Expression, ExpressionsError,
-                                           load_expressions, save_expressions)
+                                           json_too_deep_message, load_expressions, save_expressions)
 from text_conditioning.io import write_json_atomically
+from lsms_nnunet.cli import console_entry
 
 MANIFEST_NAME = ".lsms_convert.json"
 CONVERTER_NAME = "LSMSv2_convert_expression_masks"
@@ -100,6 +100,8 @@ def _rows_from_json(table: Path) -> Iterator[tuple[str, dict]]:
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ConversionError(f"Table {table} is not valid UTF-8 JSON ({error}). Fix: write a JSON list of "
                               '{"image": ..., "text": ..., "mask": ...} objects.') from error
+    except RecursionError:
+        raise ConversionError(f"Table {json_too_deep_message(table)}") from None
     if not isinstance(entries, list):
         raise ConversionError(f"Table {table} holds a {type(entries).__name__}, not a list. Fix: write a JSON list "
                               'of {"image": ..., "text": ..., "mask": ...} objects.')
@@ -311,7 +313,7 @@ def _read_manifest(folder: Path) -> dict | None:
         return None
     try:
         manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
         return None
     return manifest if isinstance(manifest, dict) and manifest.get("converter") == CONVERTER_NAME else None
 
@@ -445,6 +447,7 @@ def verify_roundtrip(dataset_folder: str | os.PathLike, table: str | os.PathLike
         raise ConversionError(f"Round trip of {folder} against {table} failed:\n  - " + "\n  - ".join(problems))
 
 
+@console_entry
 def convert_expression_masks_entry() -> None:
     """LSMSv2_convert_expression_masks -i TABLE -d ID -n NAME [--resample_masks] [-np N] [--overwrite]."""
     parser = argparse.ArgumentParser(description="Convert per-expression masks (CSV image,text,mask or JSON list) "
@@ -460,10 +463,7 @@ def convert_expression_masks_entry() -> None:
     parser.add_argument("--channel_name", default="CT",
                         help="channel name for dataset.json; 'CT' selects CT normalisation (default CT)")
     args = parser.parse_args()
-    try:
-        folder = convert_expression_masks(args.input, args.dataset_id, args.name, resample_masks=args.resample_masks,
-                                          num_processes=args.num_processes, overwrite=args.overwrite,
-                                          channel_name=args.channel_name)
-    except (ConversionError, ExpressionsError) as error:
-        sys.exit(f"{parser.prog}: error: {error}")
+    folder = convert_expression_masks(args.input, args.dataset_id, args.name, resample_masks=args.resample_masks,
+                                      num_processes=args.num_processes, overwrite=args.overwrite,
+                                      channel_name=args.channel_name)
     print(f"Wrote {folder}")

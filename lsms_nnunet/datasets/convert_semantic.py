@@ -17,8 +17,8 @@ Rules (all recorded in regions.json):
   RIGHT_LOBE_VOLUME_FRACTION of the liver's voxels on the right (the right lobe holds roughly 60 % of a liver);
   a lesion belongs to the lobe that holds its centroid. Other organs: left/right half around the organ's centroid;
 - intensity: (lesion mean - organ mean) / organ standard deviation, in channel 0; below -INTENSITY_THRESHOLD is
-  hypodense, above +INTENSITY_THRESHOLD hyperdense, else isodense ("-intense" instead of "-dense" unless the channel
-  is CT).
+  hypo, above +INTENSITY_THRESHOLD hyper, else iso, worded by the channel's modality: CT hypodense/hyperdense, MR
+  (MR, MRI, T1, T2, FLAIR, DWI, ADC, PD, SWI...) hypointense/hyperintense, anything else darker/brighter.
 
 Every expression carries a report category, named as in the synthetic generator: plural (all lesions, the only
 lesion), size (size ranks, also the largest of a lobe or intensity group), lobe (lesions in a liver lobe), attribute
@@ -31,7 +31,6 @@ import json
 import os
 import re
 import shutil
-import sys
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -45,9 +44,10 @@ from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_reg
                                            copy_file_atomically, dataset_folder, image_ending, map_with_progress,
                                            physical_points, publish_dataset, read_image, refuse_existing_dataset,
                                            region_map_image, resolve_raw_root, staging_folder, write_image_atomically)
-from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression, ExpressionsError,
+from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression,
                                            save_expressions, validate_against_cases)
 from text_conditioning.io import write_json_atomically
+from lsms_nnunet.cli import console_entry
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"
 REGIONS_FORMAT = "lsms-regions"
@@ -60,6 +60,8 @@ MAX_SIZE_RANK_EXPRESSED = 3
 CONNECTIVITY = {2: 8, 3: 26}
 INTENSITY_CLASSES = ("hypo", "iso", "hyper")
 PLAIN_NOUN = re.compile(r"^[a-z]+( [a-z]+)?$")
+MR_CHANNEL = re.compile(r"^(MRI?|T1|T2|FLAIR|DWI|ADC|PD|SWI)", re.IGNORECASE)
+GENERIC_INTENSITY_WORDS = {"hypo": "darker", "iso": "similarly bright", "hyper": "brighter"}
 # Physical LPS axis, sign, and how to say "furthest in that direction".
 EXTREME_DIRECTIONS = (
     ("superior", 2, 1, ("the most superior {noun}", "the uppermost {noun}", "the highest {noun}")),
@@ -119,7 +121,7 @@ def _files_by_stem(folder: Path) -> dict[str, Path]:
     return files
 
 
-def _read_plain_source(folder: Path) -> SemanticSource:
+def _read_plain_source(folder: Path, channel_name: str | None) -> SemanticSource:
     images, labels = _files_by_stem(folder / "images"), _files_by_stem(folder / "labels")
     unmatched = sorted(set(images) ^ set(labels))
     if unmatched:
@@ -127,17 +129,27 @@ def _read_plain_source(folder: Path) -> SemanticSource:
                               "an image. Fix: give images/ and labels/ the same file stems.")
     if not images:
         raise ConversionError(f"{folder}/images holds no image. Fix: put one image per case there.")
+    if channel_name is None:
+        raise ConversionError(f"{folder} (images/ + labels/) does not say what the images are. Fix: pass "
+                              "--channel_name with the modality: CT (CT normalisation, 'hypodense' wording), MR or "
+                              "T1/T2/FLAIR... ('hypointense'), or any other name ('darker'/'brighter').")
     cases = tuple(SourceCase(case, (images[case],), labels[case]) for case in sorted(images))
-    return SemanticSource(folder, cases, {"0": "CT"}, {})
+    return SemanticSource(folder, cases, {"0": channel_name}, {})
 
 
-def read_source(source: str | os.PathLike) -> SemanticSource:
-    """An nnU-Net raw dataset (dataset.json, imagesTr, labelsTr) or a plain folder with images/ and labels/."""
+def read_source(source: str | os.PathLike, channel_name: str | None = None) -> SemanticSource:
+    """An nnU-Net raw dataset (dataset.json, imagesTr, labelsTr) or a plain folder with images/ and labels/.
+
+    ``channel_name`` (the modality) is required for a plain folder, which cannot say it; for an nnU-Net dataset it
+    replaces channel 0's name in its dataset.json."""
     folder = Path(source)
     if (folder / "dataset.json").is_file() and (folder / "imagesTr").is_dir() and (folder / "labelsTr").is_dir():
-        return _read_nnunet_source(folder)
+        semantic = _read_nnunet_source(folder)
+        if channel_name is not None:
+            semantic.channel_names["0"] = channel_name
+        return semantic
     if (folder / "images").is_dir() and (folder / "labels").is_dir():
-        return _read_plain_source(folder)
+        return _read_plain_source(folder, channel_name)
     raise ConversionError(f"{folder} is neither an nnU-Net raw dataset (dataset.json, imagesTr/, labelsTr/) nor a "
                           "folder with images/ and labels/. Fix: point -i to one of those.")
 
@@ -167,12 +179,12 @@ def plural(noun: str) -> str:
 
 @dataclass(frozen=True)
 class Vocabulary:
-    """Words for one dataset: lesion nouns, organ name, whether lobes apply, and -dense vs -intense."""
+    """Words for one dataset: lesion nouns, organ name, whether lobes apply, and the intensity words."""
 
     nouns: tuple[str, ...]
     organ: str | None
     has_lobes: bool
-    intensity_suffix: str
+    intensity_words: tuple[tuple[str, str], ...]  # (intensity class, word)
 
     @classmethod
     def for_source(cls, source: SemanticSource, lesion_value: int, organ_value: int | None) -> "Vocabulary":
@@ -182,11 +194,21 @@ class Vocabulary:
         if organ_value is not None:
             organ_name = source.label_names.get(organ_value, "").lower().replace("_", " ")
             organ = organ_name if PLAIN_NOUN.match(organ_name) else "organ"
-        suffix = "dense" if source.channel_names.get("0", "").upper() == "CT" else "intense"
-        return cls(nouns, organ, organ is not None and "liver" in organ, suffix)
+        words = intensity_words(source.channel_names.get("0", ""))
+        return cls(nouns, organ, organ is not None and "liver" in organ, tuple(words.items()))
 
     def intensity_word(self, intensity_class: str) -> str:
-        return intensity_class + self.intensity_suffix
+        return dict(self.intensity_words)[intensity_class]
+
+
+def intensity_words(channel_name: str) -> dict[str, str]:
+    """Radiologists say "hypodense" of CT and "hypointense" of MR; for any other modality neither is right, so
+    plain "darker"/"brighter" (than the organ) is used."""
+    if channel_name.strip().upper() == "CT":
+        return {intensity_class: intensity_class + "dense" for intensity_class in INTENSITY_CLASSES}
+    if MR_CHANNEL.match(channel_name.strip()):
+        return {intensity_class: intensity_class + "intense" for intensity_class in INTENSITY_CLASSES}
+    return dict(GENERIC_INTENSITY_WORDS)
 
 
 @dataclass
@@ -456,13 +478,14 @@ def _convert_case(job: _CaseJob) -> _CaseResult:
 def convert_semantic(source: str | os.PathLike, lesion_label: int | str, organ_label: int | str | None,
                      dataset_id: int, name: str, min_lesion_voxels: int = 10, num_processes: int = 1, seed: int = 0,
                      raw_root: str | os.PathLike | None = None, overwrite: bool = False,
-                     source_description: str | None = None) -> Path:
+                     source_description: str | None = None, channel_name: str | None = None) -> Path:
     """Build DatasetXXX_name (images, region maps, dataset.json, expressions.json, regions.json); returns its folder.
 
     The dataset is assembled in a hidden folder beside its destination and moved into place only when complete.
     ``source_description`` replaces the source path in dataset.json and regions.json (for temporary sources).
+    ``channel_name`` is the images' modality (see read_source): it selects nnU-Net's normalisation and the wording.
     """
-    semantic = read_source(source)
+    semantic = read_source(source, channel_name)
     lesion_value = resolve_label(lesion_label, semantic, "Lesion")
     organ_value = None if organ_label is None else resolve_label(organ_label, semantic, "Organ")
     if organ_value == lesion_value:
@@ -527,6 +550,7 @@ def _label_argument(value: str) -> int | str:
     return int(value) if value.lstrip("-").isdigit() else value
 
 
+@console_entry
 def convert_semantic_entry() -> None:
     """LSMSv2_convert_semantic -i SOURCE -d ID -n NAME --lesion_label 2 [--organ_label 1] [...]."""
     parser = argparse.ArgumentParser(description="Convert a semantic lesion dataset (nnU-Net raw folder or images/ + "
@@ -542,11 +566,12 @@ def convert_semantic_entry() -> None:
     parser.add_argument("-np", "--num_processes", type=int, default=1, help="parallel worker processes (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the phrasing choices (default 0)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
+    parser.add_argument("--channel_name", default=None,
+                        help="modality of the images for dataset.json and the wording: CT (CT normalisation, "
+                             "hypodense), MR/T1/T2/FLAIR... (hypointense), other (darker/brighter). Required for an "
+                             "images/ + labels/ folder; for an nnU-Net dataset it replaces its channel 0 name")
     args = parser.parse_args()
-    try:
-        folder = convert_semantic(args.input, args.lesion_label, args.organ_label, args.dataset_id, args.name,
-                                  min_lesion_voxels=args.min_lesion_voxels, num_processes=args.num_processes,
-                                  seed=args.seed, overwrite=args.overwrite)
-    except (ConversionError, ExpressionsError) as error:
-        sys.exit(f"{parser.prog}: error: {error}")
+    folder = convert_semantic(args.input, args.lesion_label, args.organ_label, args.dataset_id, args.name,
+                              min_lesion_voxels=args.min_lesion_voxels, num_processes=args.num_processes,
+                              seed=args.seed, overwrite=args.overwrite, channel_name=args.channel_name)
     print(f"Wrote {folder}")

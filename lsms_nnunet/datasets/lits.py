@@ -17,7 +17,6 @@ import argparse
 import importlib.util
 import os
 import shutil
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +26,7 @@ from lsms_nnunet.datasets.convert_semantic import convert_semantic
 from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, publish_dataset, refuse_existing_dataset,
                                            resolve_raw_root, staging_folder, write_image_atomically)
 from text_conditioning.io import write_json_atomically
+from lsms_nnunet.cli import console_entry
 
 LITS_PACKAGE = "liver_ct_segmentation_package"
 LITS_INSTALL = "pip install --no-deps liver-ct-segmentation-package==1.6.0"
@@ -136,6 +136,7 @@ def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.P
         shutil.rmtree(staging, ignore_errors=True)
 
 
+@console_entry
 def make_lits_entry() -> None:
     """LSMSv2_make_lits -d ID [--mode plain|referring] [--cases N] [--crop Z Y X] [--overwrite]."""
     parser = argparse.ArgumentParser(description="Write the LiTS demo dataset (augmented views of ONE real CT, not a "
@@ -148,9 +149,6 @@ def make_lits_entry() -> None:
                         help="view size in voxels (default 64 64 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args()
-    try:
-        folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop), num_cases=args.cases,
-                                   overwrite=args.overwrite)
-    except ConversionError as error:
-        sys.exit(f"{parser.prog}: error: {error}")
+    folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop), num_cases=args.cases,
+                               overwrite=args.overwrite)
     print(f"Wrote {folder}")

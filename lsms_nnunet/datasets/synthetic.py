@@ -35,6 +35,7 @@ from text_conditioning.expressions import (HELDOUT_EXPRESSIONS_FILE, HELDOUT_PHR
                                            save_expressions)
 
 from lsms_nnunet.datasets.geometry import resolve_raw_root
+from lsms_nnunet.cli import console_entry
 
 KINDS = ("cyst", "hemangioma", "hcc", "metastasis")
 PLAIN_LABELS = {"background": 0, **{kind: index + 1 for index, kind in enumerate(KINDS)}}
@@ -746,6 +747,7 @@ def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, n
     return target
 
 
+@console_entry
 def make_synthetic_entry() -> None:
     """LSMSv2_make_synthetic: write the embedded synthetic dataset into $nnUNet_raw."""
     parser = argparse.ArgumentParser(

@@ -8,7 +8,6 @@ absent) and, when some expressions are marked `phrasing: "heldout"`, `per_phrasi
 """
 import argparse
 import os
-import sys
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Sequence
@@ -24,6 +23,7 @@ from lsms_nnunet.evaluation.metrics import (DEFAULT_DETECTION_MIN_OVERLAP, HAUSD
 from text_conditioning.expressions import (HELDOUT_PHRASING, Expression, ExpressionsError, expressions_by_case,
                                            load_expressions)
 from text_conditioning.io import write_json_atomically, write_text_atomically
+from lsms_nnunet.cli import console_entry
 
 MAX_LISTED_MISSING = 20
 SPACING_RELATIVE_TOLERANCE = 1e-3
@@ -227,6 +227,7 @@ def _group_table(title: str, groups: dict[str, dict]) -> list[str]:
     return lines
 
 
+@console_entry
 def evaluate_entry() -> None:
     """`LSMSv2_evaluate -ref REF_DIR -pred PRED_DIR -e EXPRESSIONS_JSON [-o OUT_JSON]`."""
     parser = argparse.ArgumentParser(description="Evaluate referring lesion segmentation: one predicted mask per "
@@ -241,11 +242,8 @@ def evaluate_entry() -> None:
     parser.add_argument("-np", type=int, default=1, help="number of worker processes")
     args = parser.parse_args()
     output_file = Path(args.o) if args.o is not None else Path(args.pred) / "summary.json"
-    try:
-        summary = evaluate_referring_folder(args.ref, args.pred, args.e, file_ending=args.file_ending,
-                                            nsd_tolerance_mm=args.nsd_tolerance, output_file=output_file,
-                                            num_processes=args.np)
-    except (ExpressionsError, EvaluationInputError, FileNotFoundError) as error:
-        sys.exit(f"LSMSv2_evaluate: error: {error}")
+    summary = evaluate_referring_folder(args.ref, args.pred, args.e, file_ending=args.file_ending,
+                                        nsd_tolerance_mm=args.nsd_tolerance, output_file=output_file,
+                                        num_processes=args.np)
     print(format_summary_table(summary))
     print(f"Written {output_file} and {output_file.with_suffix('.md')}")

@@ -7,7 +7,6 @@ a glance whether the model segmented the lesion the text refers to.
 import argparse
 import io
 import os
-import sys
 import textwrap
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +21,7 @@ from lsms_nnunet.evaluation.evaluate import (EvaluationInputError, raise_if_file
 from lsms_nnunet.evaluation.metrics import dice_score
 from text_conditioning.expressions import Expression, ExpressionsError, expressions_by_case
 from text_conditioning.io import write_bytes_atomically
+from lsms_nnunet.cli import console_entry
 
 OVERLAY_WIDTH_PX, OVERLAY_HEIGHT_PX = 640, 760
 CAPTION_HEIGHT_PX = 120
@@ -155,6 +155,7 @@ def visualize_folder(images_dir: str | os.PathLike, pred_dir: str | os.PathLike,
     return written
 
 
+@console_entry
 def visualize_entry() -> None:
     """`LSMSv2_visualize -i IMAGES_DIR -pred PRED_DIR -e EXPRESSIONS_JSON -o OUT_DIR [-ref REF_DIR]`."""
     parser = argparse.ArgumentParser(description="Render one overlay PNG per expression: prediction in red, "
@@ -169,9 +170,6 @@ def visualize_entry() -> None:
     parser.add_argument("--max", type=int, default=None, help="at most this many pictures")
     parser.add_argument("--file_ending", default=".nii.gz", help="file ending of images, predictions, references")
     args = parser.parse_args()
-    try:
-        written = visualize_folder(args.i, args.pred, args.e, args.o, ref_dir=args.ref, ids=args.ids,
-                                   max_count=args.max, file_ending=args.file_ending)
-    except (ExpressionsError, EvaluationInputError, FileNotFoundError) as error:
-        sys.exit(f"LSMSv2_visualize: error: {error}")
+    written = visualize_folder(args.i, args.pred, args.e, args.o, ref_dir=args.ref, ids=args.ids,
+                               max_count=args.max, file_ending=args.file_ending)
     print(f"Written {len(written)} picture(s) to {args.o}")

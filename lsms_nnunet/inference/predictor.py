@@ -35,6 +35,7 @@ from text_conditioning.cache import TextEmbeddingCache
 from text_conditioning.encoders import EncoderIdentity, TextEncoder, encoder_identity
 from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
 
+from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, PLAIN
 
@@ -150,6 +151,16 @@ def write_index(output_folder: Path, entries: list[dict]) -> None:
     os.replace(tmp, target)
 
 
+def empty_where_absent(prompt_logits: torch.Tensor, case_existence: torch.Tensor | None) -> torch.Tensor:
+    """The existence decision, taken once per image: a prompt whose referred object no patch of the image (and no
+    fold) judged present gets an empty mask, not a thresholded speckle. Its logits are only pushed below 0, so saved
+    probabilities still rank voxels."""
+    if case_existence is None:
+        return prompt_logits
+    absent = (case_existence.to(prompt_logits.device) < 0).view(-1, *([1] * (prompt_logits.ndim - 1)))
+    return torch.where(absent, prompt_logits.clamp(max=-1.0), prompt_logits)
+
+
 # ------------------------------------------------------------------------------------------------ predictor
 class LSMSPredictor(nnUNetPredictor):
     """nnUNetPredictor that answers referring expressions (see module docstring)."""
@@ -169,11 +180,12 @@ class LSMSPredictor(nnUNetPredictor):
         for start in range(0, len(texts), self.expression_batch_size):
             chunk = slice(start, start + self.expression_batch_size)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
+            self.network.start_case()
             self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in
                                                                    range(len(tokens[chunk]))}}, None)
             logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \
                 else self.predict_sliding_window_return_logits(data).cpu()
-            chunks.append(logits[1:])
+            chunks.append(empty_where_absent(logits[1:], self.network.case_existence))
         return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
 
     # -- stock entries: predict_from_files(...), its sequential twin (-npp 0 -nps 0) and the numpy entries --------
@@ -231,8 +243,8 @@ class LSMSPredictor(nnUNetPredictor):
         bind_label_prompts(self.network)
 
     def _prepare_prompts(self, source, output) -> None:
-        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, before nnU-Net
-        writes anything."""
+        """Bind a plain model's label prompts, or read, check and encode the expressions asked for, and check the
+        images' content and orientation, before nnU-Net writes anything."""
         self._expressions = self._requested_expressions(source)
         if self._expressions is None:
             if self.model_card["mode"] != PLAIN:
@@ -245,6 +257,8 @@ class LSMSPredictor(nnUNetPredictor):
             self._refuse_unsafe_output(source, output)
             embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                         EncoderIdentity.from_dict(self.model_card["text_encoder"]))
+        check_input_images(source, self.dataset_json, self.plans_manager.image_reader_writer_class(),
+                           self.model_card.get("training_directions", []))
 
     def _refuse_unsafe_output(self, source: str, output) -> None:
         """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal

@@ -14,8 +14,16 @@ ABLATIONS: dict[str, dict] = {
     "no_language": {"language_branch": False},
     "unet_decoder": {"decoder": "unet"},
     "no_contrastive": {"contrastive": False},
-    "static_head": {"text_conditioned_head": False},
+    "static_head": {"text_conditioned_head": False, "prompt_decoder": False, "existence_head": False,
+                    "head_position": False},
+    # Today's-before sentence-only heads (model card version 1): the sentence never sees the image.
+    "no_prompt_decoder": {"prompt_decoder": False, "existence_head": False, "head_position": False},
+    "no_existence": {"existence_head": False},
 }
+
+#: What a model card of version 1 (before the prompt decoder) implied: loading such a checkpoint rebuilds exactly
+#: the network it was trained with.
+VERSION_1_NETWORK = {"prompt_decoder": False, "existence_head": False, "head_position": False}
 
 
 @dataclass(frozen=True)
@@ -44,17 +52,29 @@ class LSMSConfig:
     contrastive_dim: int = 64
     contrastive_weight: float = 0.1
     strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
+    #: Read the sentence against the image (network/prompt_decoder.py) before it drives the heads; False = the
+    #: sentence-only heads of model card version 1.
+    prompt_decoder: bool = True
+    prompt_decoder_layers: int = 2
+    #: Coarsest encoder scales the prompt decoder reads (their voxels are its keys).
+    prompt_decoder_scales: int = 3
+    #: Per-prompt "the referred object is here" output; at inference a prompt judged absent gets an empty mask.
+    existence_head: bool = True
+    existence_weight: float = 0.5
+    #: The heads also weigh each voxel's position in the patch ("left lobe", "upper").
+    head_position: bool = True
     #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
     #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
     language_gate_init: float = 1.0
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "max_tokens", "attention_dim", "num_heads", "fsd_channels_per_scale",
-                     "contrastive_dim"):
+                     "contrastive_dim", "prompt_decoder_layers", "prompt_decoder_scales"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head"):
+        for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head", "prompt_decoder",
+                     "existence_head", "head_position"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LSMSConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.attention_dim % self.num_heads:
@@ -62,8 +82,16 @@ class LSMSConfig:
                              f"({self.num_heads}); pick an attention_dim that is a multiple of num_heads.")
         if self.decoder not in DECODERS:
             raise ValueError(f"LSMSConfig.decoder must be one of {DECODERS}, got {self.decoder!r}.")
-        if not isinstance(self.contrastive_weight, (int, float)) or self.contrastive_weight < 0:
-            raise ValueError(f"LSMSConfig.contrastive_weight must be a number >= 0, got {self.contrastive_weight!r}.")
+        for name in ("contrastive_weight", "existence_weight"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                raise ValueError(f"LSMSConfig.{name} must be a number >= 0, got {value!r}.")
+        if (self.prompt_decoder or self.existence_head) and not self.text_conditioned_head:
+            raise ValueError("LSMSConfig.prompt_decoder and existence_head need text_conditioned_head=True (the "
+                             "prompt embedding drives the text-conditioned heads); switch them off with it.")
+        if self.existence_head and not self.prompt_decoder:
+            raise ValueError("LSMSConfig.existence_head reads the prompt decoder's embedding; set "
+                             "prompt_decoder=True or existence_head=False.")
         if not self.strip_kernel_sizes or any(not isinstance(k, int) or k < 1 or k % 2 == 0
                                               for k in self.strip_kernel_sizes):
             raise ValueError(f"LSMSConfig.strip_kernel_sizes must be odd positive integers (so a strip is centred "

@@ -19,6 +19,7 @@ from torch import nn
 
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.full_scale_decoder import FullScaleDecoder
+from lsms_nnunet.network.prompt_decoder import PromptDecoder, num_coordinate_features
 from lsms_nnunet.network.svla import SVLABlock
 from lsms_nnunet.network.text_head import TextConditionedHead
 
@@ -57,8 +58,15 @@ class LSMSNet(nn.Module):
                                             config.fsd_channels_per_scale)
         else:
             self.decoder = UNetDecoder(encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
+        dim = convert_conv_op_to_dim(conv_op)
+        if config.prompt_decoder:
+            scales = min(config.prompt_decoder_scales, len(encoder.output_channels))
+            self.prompt_decoder = PromptDecoder(encoder.output_channels[-scales:], dim, config.attention_dim,
+                                                config.num_heads, config.prompt_decoder_layers, config.existence_head)
         if config.text_conditioned_head:  # every deep-supervision head, so each output level answers the text
-            self.decoder.seg_layers = nn.ModuleList(TextConditionedHead(layer, config.attention_dim)
+            position_channels = num_coordinate_features(dim) if config.head_position else 0
+            self.decoder.seg_layers = nn.ModuleList(TextConditionedHead(layer, config.attention_dim,
+                                                                        position_channels)
                                                     for layer in self.decoder.seg_layers)
         if config.contrastive:
             self.voxel_projection = conv_op(encoder.output_channels[0], config.contrastive_dim, 1)
@@ -86,7 +94,8 @@ class LSMSNet(nn.Module):
 
         x [B, C, *spatial]; text_tokens [B or 1, L, text_dim]; text_mask [B or 1, L] bool, True = real token.
         Returns the decoder's logits (a list, highest resolution first, under deep supervision) and, with
-        return_aux, also {"voxel_embedding", "sentence_embedding", "logit_scale"} for the contrastive loss.
+        return_aux, also a dict with what the losses and the predictor read: "existence_logit" [B] (existence
+        head), "voxel_embedding", "sentence_embedding", "logit_scale" (contrastive projection heads).
         """
         text_tokens, text_mask, prompts_per_image = self._match_text_to_images(x, text_tokens, text_mask)
         tokens = self.text_adapter(text_tokens)
@@ -106,27 +115,28 @@ class LSMSNet(nn.Module):
             _, skips = self._repeat_for_prompts(x, skips, prompts_per_image)
         real = text_mask.unsqueeze(-1).to(tokens.dtype)
         sentence = (tokens * real).sum(dim=1) / real.sum(dim=1).clamp(min=1)
-        logits = self._decode(skips, sentence)
-        if not self.config.contrastive:
+        aux = {}
+        prompt = sentence
+        if self.config.prompt_decoder:
+            prompt, existence = self.prompt_decoder(skips[-self.config.prompt_decoder_scales:], tokens, text_mask)
+            if existence is not None:
+                aux["existence_logit"] = existence
+        logits = self._decode(skips, prompt)
+        if self.config.contrastive:
+            features = self._decoder_features.pop("highest_resolution")
             if return_aux:
-                raise ValueError("return_aux=True needs LSMSConfig.contrastive=True (the network has no "
-                                 "projection heads); do not request the contrastive outputs for this ablation.")
-            return logits
-        features = self._decoder_features.pop("highest_resolution")
-        if not return_aux:
-            return logits
-        aux = {
-            "voxel_embedding": F.normalize(self.voxel_projection(features), dim=1),
-            "sentence_embedding": F.normalize(self.sentence_projection(sentence), dim=1),
-            "logit_scale": self.log_logit_scale.clamp(0, math.log(MAX_LOGIT_SCALE)).exp(),
-        }
-        return logits, aux
+                aux.update({
+                    "voxel_embedding": F.normalize(self.voxel_projection(features), dim=1),
+                    "sentence_embedding": F.normalize(self.sentence_projection(sentence), dim=1),
+                    "logit_scale": self.log_logit_scale.clamp(0, math.log(MAX_LOGIT_SCALE)).exp(),
+                })
+        return (logits, aux) if return_aux else logits
 
-    def _decode(self, skips: list[torch.Tensor], sentence: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
-        """The decoder, with the sentence bound to the text-conditioned heads for this pass only."""
+    def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
+        """The decoder, with the prompt embedding bound to the text-conditioned heads for this pass only."""
         heads = [head for head in self.decoder.seg_layers if isinstance(head, TextConditionedHead)]
         for head in heads:
-            head.sentence = sentence
+            head.sentence = prompt
         try:
             return self.decoder(skips)
         finally:
@@ -165,13 +175,17 @@ class LSMSNet(nn.Module):
             raise ValueError(f"input_size must be the spatial patch size only (x, y[, z]), got {list(input_size)}.")
         output = self.encoder.compute_conv_feature_map_size(input_size)
         output += self.decoder.compute_conv_feature_map_size(input_size)
-        size = list(input_size)
+        size, sizes = list(input_size), []
         for index, stride in enumerate(self.encoder.strides):
             size = [i // s for i, s in zip(size, stride)]
             if str(index) in self.svla:
                 output += self.svla[str(index)].compute_conv_feature_map_size(size, self.config.max_tokens)
             if index == 0 and self.config.contrastive:
                 output += 2 * self.config.contrastive_dim * math.prod(size)  # projection and its normalised copy
+            sizes.append(size)
+        if self.config.prompt_decoder:
+            output += self.prompt_decoder.compute_conv_feature_map_size(sizes[-self.config.prompt_decoder_scales:],
+                                                                         self.config.max_tokens)
         return np.int64(output)
 
 

@@ -20,10 +20,13 @@ from typing import Any, Mapping
 
 import torch
 
-from lsms_nnunet.network.config import LSMSConfig
+from lsms_nnunet.network.config import VERSION_1_NETWORK, LSMSConfig
 from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 
 MODEL_CARD_FORMAT = "lsms-model-card"
+#: Version 2 added the prompt decoder, the existence head and position-aware heads (network settings of version 1
+#: cards are completed with config.VERSION_1_NETWORK, so their checkpoints load unchanged).
+MODEL_CARD_VERSION = 2
 
 
 class TextEncoderMismatchError(RuntimeError):
@@ -50,7 +53,7 @@ class PromptableLSMSNet(LSMSNet):
             raise RuntimeError("No text bound: call bind_batch_text or bind_prompts before network(x).")
         tokens, mask = tokens.to(x.device), mask.to(x.device)
         if kind == "batch":
-            if self.training and self.config.contrastive:
+            if self.training:
                 output, self.last_aux = super().forward(x, tokens, mask, return_aux=True)
                 return output
             return super().forward(x, tokens, mask)
@@ -58,12 +61,23 @@ class PromptableLSMSNet(LSMSNet):
 
     def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         batch, prompts = x.shape[0], tokens.shape[0]
-        logits = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1))
+        logits, aux = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1), return_aux=True)
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
+        if "existence_logit" in aux:
+            self._record_existence(aux["existence_logit"].reshape(batch, prompts).amax(dim=0))
         target_vs_background = (logits[:, 1] - logits[:, 0]).reshape(batch, prompts, *logits.shape[2:])
         background = torch.zeros_like(target_vs_background[:, :1])
         return torch.cat((background, target_vs_background), dim=1)
+
+    def start_case(self) -> None:
+        """Forget the existence evidence of the previous image (the predictor calls this before each image)."""
+        self.case_existence: torch.Tensor | None = None
+
+    def _record_existence(self, existence: torch.Tensor) -> None:
+        """Keep, per prompt, the strongest "it is here" over all patches of the image seen so far."""
+        previous = getattr(self, "case_existence", None)
+        self.case_existence = existence if previous is None else torch.maximum(previous, existence)
 
     # PyTorch extra state: saved in state_dict()['_extra_state'], checked on load_state_dict().
     def get_extra_state(self) -> dict:
@@ -85,9 +99,26 @@ def check_same_text_encoder(loaded_card: Mapping, expected_card: Mapping) -> Non
 
 
 def make_model_card(mode: str, network_config: LSMSConfig, text_encoder: Mapping,
-                    label_prompts: list | None = None, constant_text: str | None = None) -> dict:
-    return {"format": MODEL_CARD_FORMAT, "version": 1, "mode": mode, "network": network_config.to_dict(),
-            "text_encoder": dict(text_encoder), "label_prompts": label_prompts or [], "constant_text": constant_text}
+                    label_prompts: list | None = None, constant_text: str | None = None,
+                    training_directions: list | None = None) -> dict:
+    """The card saved with the weights; plain dicts, lists, strings and numbers only, so that checkpoints load with
+    `torch.load(weights_only=True)`. `training_directions` lets prediction warn about differently oriented images."""
+    return {"format": MODEL_CARD_FORMAT, "version": MODEL_CARD_VERSION, "mode": mode,
+            "network": network_config.to_dict(), "text_encoder": dict(text_encoder),
+            "label_prompts": label_prompts or [], "constant_text": constant_text,
+            "training_directions": training_directions or []}
+
+
+def network_config_of(model_card: Mapping) -> LSMSConfig:
+    """The network settings of a model card of any known version."""
+    version = model_card.get("version")
+    if version not in (1, MODEL_CARD_VERSION):
+        raise ValueError(f"Model card version {version!r} is not known to this lsms-nnunet (it reads versions 1 and "
+                         f"{MODEL_CARD_VERSION}). Fix: install the lsms-nnunet release the model was trained with, "
+                         f"or retrain.")
+    settings = model_card["network"] if version == MODEL_CARD_VERSION else {**VERSION_1_NETWORK,
+                                                                            **model_card["network"]}
+    return LSMSConfig.from_dict(settings)
 
 
 def build_promptable_network(configuration_manager, num_input_channels: int, model_card: Mapping,
@@ -96,7 +127,7 @@ def build_promptable_network(configuration_manager, num_input_channels: int, mod
     network = build_lsms_network(configuration_manager.network_arch_class_name,
                                  configuration_manager.network_arch_init_kwargs,
                                  configuration_manager.network_arch_init_kwargs_req_import,
-                                 num_input_channels, 2, deep_supervision,
-                                 LSMSConfig.from_dict(model_card["network"]), network_class=PromptableLSMSNet)
+                                 num_input_channels, 2, deep_supervision, network_config_of(model_card),
+                                 network_class=PromptableLSMSNet)
     network.model_card = dict(model_card)
     return network

@@ -17,6 +17,7 @@ from lsms_nnunet.planning.lsms_block import build_planned_lsms_network, resolved
 from lsms_nnunet.planning.planners import (DEFAULT_PLANS_NAME, PRESET_PLANNERS, LSMSExperimentPlanner,
                                            LSMSPlanningMixin)
 from lsms_nnunet.planning.presets import PRESETS, VRAMReference
+from lsms_nnunet.cli import console_entry
 
 DEFAULT_CONFIGURATIONS = ("2d", "3d_fullres", "3d_lowres")
 
@@ -100,6 +101,7 @@ def _summary(result: LSMSPlanningResult, reference: VRAMReference, num_input_cha
     return "\n".join(lines)
 
 
+@console_entry
 def plan_experiment_entry() -> None:
     """LSMSv2_plan_experiment: nnUNetv2_plan_experiment with an LSMS planner, then the missing preprocessing."""
     parser = argparse.ArgumentParser(
@@ -131,11 +133,8 @@ def plan_experiment_entry() -> None:
     planner_class = PRESET_PLANNERS[args.preset] if args.preset else LSMSExperimentPlanner
     gpu_memory_target_gb = args.gpu_memory_target or planner_class.base_reference.gpu_memory_gb
     for dataset_id in args.d:
-        try:
-            result = plan_lsms_experiment(dataset_id, planner_class, args.gpu_memory_target,
-                                          args.overwrite_plans_name, () if args.no_pp else args.c, args.np)
-        except LSMSPlanningError as error:
-            parser.exit(1, f"{parser.prog}: error: {error}\n")
+        result = plan_lsms_experiment(dataset_id, planner_class, args.gpu_memory_target,
+                                      args.overwrite_plans_name, () if args.no_pp else args.c, args.np)
         dataset_json = json.loads((Path(os.environ["nnUNet_preprocessed"]) / result.plans["dataset_name"] /
                                    "dataset.json").read_text(encoding="utf-8"))
         print(_summary(result, planner_class.planning_reference(), len(dataset_json["channel_names"]),

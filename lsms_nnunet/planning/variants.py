@@ -12,6 +12,7 @@ from copy import deepcopy
 from pathlib import Path
 
 from text_conditioning.io import write_json_atomically
+from lsms_nnunet.cli import console_entry
 
 
 def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_features: int | None = None,
@@ -41,6 +42,7 @@ def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_featu
     return target
 
 
+@console_entry
 def plans_variant_entry() -> None:
     """LSMSv2_plans_variant: make_plans_variant from the command line, refusing changes that do nothing or overwrite."""
     parser = argparse.ArgumentParser(
@@ -61,8 +63,5 @@ def plans_variant_entry() -> None:
         parser.error("nothing to change: give --max_features and/or --batch_size.")
     if args.p == args.source_plans:
         parser.error(f"-p {args.p} would overwrite the source plans; choose another name.")
-    try:
-        target = make_plans_variant(args.d, args.p, args.max_features, args.batch_size, args.source_plans)
-    except FileNotFoundError as error:
-        parser.exit(1, f"LSMSv2_plans_variant: {error}\n")
+    target = make_plans_variant(args.d, args.p, args.max_features, args.batch_size, args.source_plans)
     print(f"Wrote {target}; train it with -p {args.p}.")

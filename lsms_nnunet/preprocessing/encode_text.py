@@ -11,10 +11,14 @@ import argparse
 import sys
 from pathlib import Path
 
+from tqdm import tqdm
+
 from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
 
-from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, save_prompt_set
+from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
+from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
+from lsms_nnunet.cli import console_entry
 
 TEXT_FOLDER = "lsms_text"
 DEFAULT_MAX_TOKENS = 32
@@ -52,6 +56,28 @@ def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None 
     return prompt_set
 
 
+def check_training_images(raw_folder: Path) -> None:
+    """Refuse training images with NaN/infinite voxels (they poison nnU-Net's intensity fingerprint and every
+    normalised case), naming each case and count; warn about constant images. Reads every training image once."""
+    from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    dataset_json = read_json(raw_folder / "dataset.json")
+    cases = get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)
+    if not cases:
+        return
+    first_images = next(iter(cases.values()))["images"]
+    reader = determine_reader_writer_from_dataset_json(dataset_json, first_images[0], verbose=False)()
+    nonfinite = {}
+    for case, files in tqdm(cases.items(), desc="Checking training images", disable=len(cases) < 20):
+        image, _ = reader.read_images(files["images"])
+        if count := nonfinite_voxel_count(image):
+            nonfinite[case] = count
+        warn_if_constant(case, image)
+    refuse_nonfinite(nonfinite, f"repair or remove these cases in {raw_folder} (e.g. replace NaN by the background "
+                                "value) before planning: NaNs would corrupt the intensity normalisation of all cases.")
+
+
 def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text_encoder", "--text-encoder", default=None,
                         help=f"Hugging Face model name or local folder (default: the embedded {DEFAULT_TEXT_ENCODER}, "
@@ -60,6 +86,7 @@ def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"Tokens kept per expression (default {DEFAULT_MAX_TOKENS}).")
 
 
+@console_entry
 def encode_text_entry() -> None:
     parser = argparse.ArgumentParser(description="Validate and encode a dataset's expressions (or label prompts).")
     parser.add_argument("-d", nargs="+", required=True, help="Dataset name(s) or id(s).")
@@ -69,10 +96,12 @@ def encode_text_entry() -> None:
         encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
 
 
+@console_entry
 def plan_and_preprocess_entry() -> None:
     """`nnUNetv2_plan_and_preprocess` (same flags) followed by the text-encoding step.
 
-    Prompts are validated first so a broken expressions file fails in seconds, not after preprocessing.
+    Prompts, labels and image content are checked first so a broken dataset fails before fingerprinting, not after
+    preprocessing.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as nnunet_entry
 
@@ -82,6 +111,7 @@ def plan_and_preprocess_entry() -> None:
     args, nnunet_args = parser.parse_known_args()
     for dataset in args.d:
         load_prompt_set(dataset_folders(dataset)[1])
+        check_training_images(dataset_folders(dataset)[1])
     sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args]
     nnunet_entry()
     for dataset in args.d:

@@ -17,7 +17,8 @@ import numpy as np
 from tqdm import tqdm
 
 from text_conditioning.expressions import (Expression, ExpressionsError, expression_from_dict, expression_to_dict,
-                                           load_expressions, validate_against_cases)
+                                           json_too_deep_message, load_expressions, unusable_text_reason,
+                                           validate_against_cases)
 
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
@@ -92,7 +93,7 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
     table_file = raw_folder / PROMPT_TABLE_FILE
     table: dict[str, list[str]] = {}
     if table_file.is_file():
-        content = _read_json(table_file)
+        content = read_json(table_file)
         if content.get("format") != "lsms-prompts" or not isinstance(content.get("labels"), dict):
             raise ValueError(f"{table_file}: not a prompt table. Fix: write {{\"format\": \"lsms-prompts\", "
                              f"\"version\": 1, \"labels\": {{\"<label name>\": [\"phrasing\", ...]}}}}.")
@@ -105,6 +106,9 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
             if (not isinstance(phrasings, list) or not phrasings
                     or not all(isinstance(p, str) and p.strip() for p in phrasings)):
                 raise ValueError(f"{table_file}: label '{name}' needs a non-empty list of non-empty phrasings.")
+            for phrasing in phrasings:
+                if (reason := unusable_text_reason(phrasing)) is not None:
+                    raise ExpressionsError(f"{table_file}: label '{name}' has a phrasing {phrasing!r} that {reason}.")
     prompts = []
     for name, value in sorted(foreground.items(), key=lambda kv: kv[1]):
         if name in table:
@@ -121,6 +125,37 @@ def plain_label_prompts(raw_folder: Path, dataset_json: Mapping) -> tuple[tuple[
     return tuple(prompts)
 
 
+def check_label_values(dataset_file: Path, dataset_json: Mapping) -> None:
+    """nnU-Net gives label value k output channel k, so values must be 0, 1, 2, ... with no gap; its own check only
+    runs with --verify_dataset_integrity, after which a gap silently adds a never-trained channel. Checked here,
+    before fingerprinting. Region-based labels (lists) are left to their own check."""
+    labels = {name: value for name, value in dataset_json["labels"].items()
+              if name != "ignore" and not isinstance(value, (list, tuple))}
+    not_integers = {name: value for name, value in labels.items()
+                    if isinstance(value, bool) or not isinstance(value, int)}
+    if not_integers:
+        raise ExpressionsError(f"{dataset_file}: labels {not_integers} are not integers. Fix: give every label an "
+                               f"integer value, background 0 and the others 1, 2, 3, ...")
+    values = sorted(labels.values())
+    if values != list(range(len(values))):
+        raise ExpressionsError(f"{dataset_file}: label values {values} are not consecutive from 0 (expected "
+                               f"{list(range(len(values)))}). Fix: renumber the labels (and the label maps) to "
+                               f"0, 1, 2, ... without gaps.")
+
+
+def _integer_region_ids(file: Path, seg: np.ndarray) -> set[int]:
+    """Region ids of a label map; a map with fractional or negative values (saved as float, resampled with linear
+    interpolation) is refused rather than truncated, which would report its regions as absent."""
+    values = np.unique(seg)
+    bad = values[(values != np.round(values)) | (values < 0)]
+    if bad.size:
+        raise ExpressionsError(f"{file}: the label map holds {bad.size} non-integer or negative value(s), e.g. "
+                               f"{[float(v) for v in bad[:5]]}; region ids must be whole numbers 0, 1, 2, ... "
+                               f"Fix: save it as an integer image (e.g. uint8/uint16), resampled with nearest "
+                               f"neighbour, never linear interpolation.")
+    return {int(v) for v in values if v > 0}
+
+
 def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str]) -> dict[str, set[int]]:
     """Region ids present in each case's label map in nnUNet_raw (what expression targets may name)."""
     from nnunetv2.imageio.reader_writer_registry import determine_reader_writer_from_dataset_json
@@ -131,14 +166,15 @@ def case_region_ids(raw_folder: Path, dataset_json: Mapping, cases: Sequence[str
     regions = {}
     for case, file in tqdm(list(zip(cases, files)), desc="Reading region maps", disable=len(files) < 20):
         seg, _ = reader.read_seg(str(file))
-        regions[case] = {int(v) for v in np.unique(seg) if v > 0}
+        regions[case] = _integer_region_ids(file, seg)
     return regions
 
 
 def load_prompt_set(raw_folder: Path) -> PromptSet:
     """Read and fully validate the dataset's prompts before any long work starts."""
     raw_folder = Path(raw_folder)
-    dataset_json = _read_json(raw_folder / "dataset.json")
+    dataset_json = read_json(raw_folder / "dataset.json")
+    check_label_values(raw_folder / "dataset.json", dataset_json)
     expressions_file = raw_folder / EXPRESSIONS_FILE
     if not expressions_file.is_file():
         return PromptSet(PLAIN, label_prompts=plain_label_prompts(raw_folder, dataset_json))
@@ -172,14 +208,17 @@ def read_prompt_set(text_folder: Path) -> tuple[PromptSet, dict]:
         raise FileNotFoundError(f"{file} is missing: the text-encoding step has not been run for {dataset}. "
                                 f"Fix: run `LSMSv2_encode_text -d {dataset}` after nnUNetv2_plan_and_preprocess "
                                 f"(or use LSMSv2_plan_and_preprocess, which does both).")
-    content = _read_json(file)
+    content = read_json(file)
     return PromptSet.from_dict(content), content["encoder"]
 
 
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """A dataset-side JSON file (dataset.json, prompt table, prompt set), every failure naming the file."""
     try:
         return json.loads(Path(path).read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise FileNotFoundError(f"{path} is missing.") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as error:
         raise ExpressionsError(f"{path}: not valid UTF-8 JSON ({error}). Fix: repair or regenerate the file.") from None
+    except RecursionError:
+        raise ExpressionsError(json_too_deep_message(path)) from None

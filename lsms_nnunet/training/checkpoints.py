@@ -10,6 +10,7 @@ import pickle
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 
 from text_conditioning.io import atomic_path
@@ -18,6 +19,21 @@ from text_conditioning.io import atomic_path
 #: An unreadable checkpoint_final has no fallback: --val would silently validate an unfinished model.
 FALLBACK = {"checkpoint_latest.pth": "checkpoint_best.pth"}
 UNREADABLE = (RuntimeError, EOFError, pickle.UnpicklingError, OSError)
+
+
+def numpy_scalar_globals() -> list:
+    """What nnU-Net's checkpoints need beyond tensors and plain containers: its `logging` lists and `_best_ema` hold
+    numpy scalars. Rebuilding a scalar or a dtype runs no user code, unlike the arbitrary globals of full pickle."""
+    return [np._core.multiarray.scalar, np.dtype,
+            *(getattr(np.dtypes, name) for name in dir(np.dtypes) if name.endswith("DType"))]
+
+
+def load_checkpoint_safely(path: str | os.PathLike, **load_arguments) -> dict:
+    """`torch.load(weights_only=True)` of an nnU-Net/LSMS checkpoint: tensors, plain containers, the model card (plain
+    dicts/lists/strings/numbers) and numpy scalars only, so a shared model file cannot run code when the plugin
+    reads it. (nnU-Net's own loader, used by nnUNetv2_train --c and nnUNetv2_predict, is unrestricted.)"""
+    with torch.serialization.safe_globals(numpy_scalar_globals()):
+        return torch.load(path, map_location="cpu", weights_only=True, **load_arguments)
 
 
 def save_atomically(save: Callable[[str], None], filename: str | os.PathLike) -> None:
@@ -47,7 +63,7 @@ def readable_checkpoint(filename: str | os.PathLike, log: Callable[[str], None])
     problems = []
     for path in candidates(filename):
         try:
-            checkpoint = torch.load(path, map_location="cpu", mmap=True, weights_only=False)
+            checkpoint = load_checkpoint_safely(path, mmap=True)
         except UNREADABLE as error:
             problems.append(f"{path} ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})")
             log(f"WARNING: checkpoint {problems[-1]} is unreadable (a kill while it was written?).")

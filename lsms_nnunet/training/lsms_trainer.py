@@ -31,18 +31,38 @@ from text_conditioning.encoders import EncoderIdentity
 
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
+from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
+from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 
 BINARY_LABELS = {"background": 0, "target": 1}
 REFERRING_MAX_ROTATION = math.radians(15)
+NNUNET_DEFAULT_FOLDS = 5  # nnU-Net's do_split creates a 5-fold split when splits_final.json is absent
 
 
-class SegmentationPlusContrastiveLoss(nn.Module):
-    """nnU-Net's deep-supervised Dice+CE plus the (lambda-weighted) vision-language contrastive term of the last forward."""
+class TooFewCasesError(ValueError):
+    """A dataset with fewer training cases than nnU-Net's default cross-validation folds and no split of its own."""
+
+
+def refuse_too_few_cases_for_folds(num_cases: int, fold: int | str, splits_file: Path) -> None:
+    """nnU-Net would die in sklearn ("Cannot have number of splits n_splits=5 greater than the number of samples")
+    after the network is built; say what to do instead, before training starts."""
+    if fold == "all" or splits_file.is_file() or num_cases >= NNUNET_DEFAULT_FOLDS:
+        return
+    raise TooFewCasesError(
+        f"The dataset has {num_cases} training case(s), fewer than nnU-Net's {NNUNET_DEFAULT_FOLDS} cross-validation "
+        f"folds, and there is no {splits_file}. Fix: add cases (at least {NNUNET_DEFAULT_FOLDS}), write your own "
+        f"{splits_file.name} there (a list of {{\"train\": [...], \"val\": [...]}} per fold), or train on all cases "
+        f"with fold `all` (nnUNetv2_train DATASET CONFIG all -tr LSMSTrainer).")
+
+
+class LSMSLoss(nn.Module):
+    """nnU-Net's deep-supervised Dice+CE, plus the terms of LSMS's auxiliary outputs of the last forward:
+    lambda * vision-language contrast and the weighted existence BCE ("is the referred object in this patch")."""
 
     def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None,
                  network: PromptableLSMSNet):
@@ -55,12 +75,18 @@ class SegmentationPlusContrastiveLoss(nn.Module):
     def forward(self, output, target) -> torch.Tensor:
         loss = self.segmentation_loss(output, target)
         network = self.network[0]
-        if self.contrastive is None or not network.training or getattr(network, "last_aux", None) is None:
+        aux = getattr(network, "last_aux", None)
+        if not network.training or aux is None:
             return loss
-        aux, network.last_aux = network.last_aux, None
+        network.last_aux = None
         full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
-        return loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
-                                       aux["logit_scale"], self.text_keys)
+        if self.contrastive is not None:
+            loss = loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
+                                           aux["logit_scale"], self.text_keys)
+        if "existence_logit" in aux:
+            loss = loss + network.config.existence_weight * existence_loss(aux["existence_logit"],
+                                                                           full_resolution_target)
+        return loss
 
 
 class LSMSTrainer(nnUNetTrainer):
@@ -98,7 +124,8 @@ class LSMSTrainer(nnUNetTrainer):
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
-        return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text)
+        return make_model_card(self.prompt_set.mode, config, identity.to_dict(), label_prompts, constant_text,
+                               training_directions(self.preprocessed_dataset_folder))
 
     def configure_rotation_dummyDA_mirroring_and_inital_patch_size(self):
         """Referring expressions name sides and positions ("the lesion in the left lobe"): no mirroring (in training or
@@ -136,9 +163,18 @@ class LSMSTrainer(nnUNetTrainer):
         network = self._unwrapped_network()
         config = network.config
         contrastive = VisionLanguageContrastiveLoss(config) if config.contrastive else None
-        return SegmentationPlusContrastiveLoss(super()._build_loss(), contrastive, network)
+        return LSMSLoss(super()._build_loss(), contrastive, network)
 
     # ---------------------------------------------------------------- data
+    def do_split(self):
+        """nnU-Net's split, refused clearly when a 5-fold split of too few cases would crash inside sklearn."""
+        from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+        dataset_class = self.dataset_class or infer_dataset_class(self.preprocessed_dataset_folder)
+        refuse_too_few_cases_for_folds(len(dataset_class.get_identifiers(self.preprocessed_dataset_folder)),
+                                       self.fold, Path(self.preprocessed_dataset_folder_base) / "splits_final.json")
+        return super().do_split()
+
     def _text_bank(self) -> TextEmbeddingBank:
         cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
         texts = self.prompt_set.all_texts()

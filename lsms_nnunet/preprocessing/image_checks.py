@@ -1,0 +1,74 @@
+"""Checks of image content that nnU-Net does not make: non-finite voxels, constant images, orientation.
+
+nnU-Net segments whatever array it reads. An all-NaN or constant image still gets lesion masks, NaNs in training
+images poison the intensity fingerprint (CT normalisation clips to NaN percentiles), and an image stored with another
+direction matrix than the training data is a mirrored array to the network ("left" answered as "right"). These
+functions read nothing themselves: callers pass what nnU-Net's reader returned.
+"""
+from __future__ import annotations
+
+import pickle
+import warnings
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+DIRECTION_DECIMALS = 3  # direction cosines written by different tools differ in the last digits only
+
+
+class ImageContentError(ValueError):
+    """Images whose content cannot be segmented meaningfully as it is (e.g. NaN or infinite voxels)."""
+
+
+def nonfinite_voxel_count(image: np.ndarray) -> int:
+    """How many voxels are NaN or infinite."""
+    return int(image.size - np.count_nonzero(np.isfinite(image)))
+
+
+def warn_if_constant(case: str, image: np.ndarray) -> None:
+    """A constant image carries no structure: any mask the network draws on it is an artefact, so say so."""
+    finite = image[np.isfinite(image)]
+    if finite.size and finite.min() == finite.max():
+        warnings.warn(f"Image of case {case!r} is constant (every voxel is {float(finite.min())}): there is nothing to "
+                      "segment and any mask is meaningless. Fix: check the file (an empty export or a wrong channel?).",
+                      stacklevel=2)
+
+
+def refuse_nonfinite(counts: Mapping[str, int], fix: str) -> None:
+    """One error naming every case with NaN/infinite voxels and how many, so nothing is silently segmented."""
+    if not counts:
+        return
+    listed = ", ".join(f"{case} ({count} voxels)" for case, count in list(counts.items())[:10])
+    more = f" and {len(counts) - 10} more" if len(counts) > 10 else ""
+    raise ImageContentError(f"{len(counts)} image(s) contain NaN or infinite voxels: {listed}{more}. Fix: {fix}")
+
+
+def direction_of(properties: Mapping) -> tuple[float, ...] | None:
+    """The direction matrix (row-major, rounded) that SimpleITK-based readers record; None for other readers."""
+    direction = properties.get("sitk_stuff", {}).get("direction")
+    return None if direction is None else tuple(round(float(v), DIRECTION_DECIMALS) + 0.0 for v in direction)
+
+
+def training_directions(preprocessed_folder: str | Path) -> list[list[float]]:
+    """The distinct direction matrices of the preprocessed training cases (nnU-Net keeps the reader's properties in
+    `<case>.pkl`), recorded in the model card so prediction can warn about differently oriented inputs."""
+    directions = []
+    for properties_file in sorted(Path(preprocessed_folder).glob("*.pkl")):
+        with open(properties_file, "rb") as file:
+            direction = direction_of(pickle.load(file))  # nnU-Net's own preprocessing output, read by nnU-Net too
+        if direction is not None and list(direction) not in directions:
+            directions.append(list(direction))
+    return directions
+
+
+def warn_if_orientation_differs(case: str, properties: Mapping, known_directions: Sequence[Sequence[float]]) -> None:
+    """nnU-Net never reorients: an image stored with another direction than every training image is a mirrored or
+    rotated array to the network, which turns "left" into "right". Warn; the arrays may still be right."""
+    direction = direction_of(properties)
+    if direction is None or not known_directions or list(direction) in [list(d) for d in known_directions]:
+        return
+    warnings.warn(f"Image of case {case!r} has direction matrix {list(direction)}, the training data "
+                  f"{' or '.join(str(list(d)) for d in known_directions)}: nnU-Net does not reorient, so sides and "
+                  "positions in the expressions (left/right, upper/lower) may be answered mirrored. Fix: resample the "
+                  "image to the training orientation (e.g. SimpleITK DICOMOrient) before predicting.", stacklevel=2)
