@@ -27,9 +27,9 @@ EXPECTED_ERRORS = (
     ("lsms_nnunet.preprocessing.image_checks", "ImageContentError"),
     ("lsms_nnunet.datasets.geometry", "ConversionError"),
     ("lsms_nnunet.training.lsms_trainer", "TooFewCasesError"),
-    ("lsms_nnunet.benchmark.benchmark", "BenchmarkSetupError"),
-    ("lsms_nnunet.benchmark.benchmark", "TrainingFailedError"),
-    ("plans.lsms_planner", "LSMSPlanningError"),
+    ("lsms_nnunet.benchmark.preparation", "BenchmarkSetupError"),
+    ("lsms_nnunet.benchmark.training_runner", "TrainingFailedError"),
+    ("lsms_nnunet.planning.plan_experiment", "LSMSPlanningError"),
     ("builtins", "FileNotFoundError"),
 )
 

@@ -57,3 +57,18 @@ def run_failing(nnunet_dirs):
         assert result.returncode != 0, f"{args[0]} should have failed:\n{result.stdout[-3000:]}"
         return result.stdout + result.stderr
     return _run
+
+
+def assert_scores_follow_from_voxel_counts(per_expression: list[dict], aggregate: dict) -> None:
+    """Each Dice recomputed from the entry's own voxel counts (Dice = 2I / (I + U); both empty = 1), and the
+    aggregate recomputed from the entries: checks the arithmetic, where a range check like 0 <= Dice <= 1 cannot
+    fail."""
+    import pytest
+
+    for entry in per_expression:
+        intersection, union = entry["intersection_voxels"], entry["union_voxels"]
+        expected = 2 * intersection / (intersection + union) if union else 1.0
+        assert entry["dice"] == pytest.approx(expected), entry
+    assert aggregate["n_expressions"] == len(per_expression)
+    assert aggregate["mean_dice"] == pytest.approx(sum(e["dice"] for e in per_expression) / len(per_expression))
+    assert aggregate["mIoU"] == pytest.approx(sum(e["iou"] for e in per_expression) / len(per_expression))

@@ -6,7 +6,9 @@ from pathlib import Path
 import numpy as np
 import SimpleITK as sitk
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
+
+from conftest import assert_scores_follow_from_voxel_counts
 
 PLAIN_ID, REFERRING_ID = 516, 517
 
@@ -47,4 +49,4 @@ def test_lits_referring_dataset_trains_with_lsms(run, nnunet_dirs):
                           "LSMSTrainer_test__nnUNetPlans_tiny__3d_fullres" / "fold_0" / "validation" /
                           "summary.json").read_text(encoding="utf-8"))
     assert summary["aggregate"]["n_expressions"] > 0
-    assert all(0.0 <= m["dice"] <= 1.0 for m in summary["metric_per_expression"])
+    assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from plans.variants import make_plans_variant
+from lsms_nnunet.planning.variants import make_plans_variant
 
 DATASET = 513
 TRAINERS = ("nnUNetTrainer_test", "LSMSTrainer_test")
@@ -19,7 +19,7 @@ TRAINERS = ("nnUNetTrainer_test", "LSMSTrainer_test")
 
 @pytest.fixture(scope="module")
 def plain_models(run, nnunet_dirs):
-    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--plain", "--cases", 5, "--test-cases", 2,
+    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--plain", "--cases", 5, "--test_cases", 2,
         "--shape", 64, 64, "--seed", 5)
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     make_plans_variant(DATASET, "nnUNetPlans_tiny", max_features=16, batch_size=2)

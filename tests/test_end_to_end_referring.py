@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
-from plans.variants import make_plans_variant
+
+from conftest import assert_scores_follow_from_voxel_counts
 
 DATASETS = {
     "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),
@@ -24,7 +26,7 @@ def _train(configuration: str, run, nnunet_dirs) -> dict:
     """A referring dataset made, planned, encoded and trained for one fold with the stock nnU-Net command."""
     spec = DATASETS[configuration]
     dataset = spec["dataset_id"]
-    run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test-cases", 2,
+    run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test_cases", 2,
         "--shape", *spec["shape"], "--seed", 3)
     run("LSMSv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", 1, "--verify_dataset_integrity",
         nnUNet_n_proc_DA="1")
@@ -55,7 +57,7 @@ def test_stock_train_writes_per_expression_validation(trained):
     validation_cases = set(splits[0]["val"])
     expected = {e["id"] for e in expressions if e["case"] in validation_cases}
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
-    assert 0.0 <= summary["aggregate"]["mean_dice"] <= 1.0
+    assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
@@ -145,7 +147,7 @@ def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, r
         if problem == "unknown_encoder":
             extra = ["--text_encoder", "/nonexistent/encoder"]
         else:
-            from text_conditioning.testing import make_tiny_text_encoder
+            from tiny_text_encoder import make_tiny_text_encoder
             extra = ["--text_encoder", make_tiny_text_encoder(tmp_path / "tiny_encoder")]
     out = tmp_path / "out"
     output = run_failing("LSMSv2_predict", *_predict_args(trained, images, out), *extra)

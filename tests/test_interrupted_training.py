@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
-from plans.variants import make_plans_variant
 
 DATASET = 531
 KILLS = int(os.environ.get("LSMS_TEST_KILLS", "5"))
@@ -30,7 +30,7 @@ EPOCH_END_LINE = re.compile(r": Epoch time: ")
 
 @pytest.fixture(scope="module")
 def dataset(run, nnunet_dirs) -> str:
-    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test-cases", 1, "--shape", 48, 48,
+    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test_cases", 1, "--shape", 48, 48,
         "--seed", 5)
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
     make_plans_variant(DATASET, "nnUNetPlans_tiny", max_features=16, batch_size=2)

@@ -21,11 +21,14 @@ from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 
 from lsms_nnunet.datasets.synthetic import make_synthetic_dataset
 from lsms_nnunet.network import LSMSConfig
-from plans.lsms_planner import (DEFAULT_PLANS_NAME, PRESET_PLANNERS, LSMSExperimentPlanner, LSMSPlannerResEncM,
-                                LSMSPlanningError, LSMSResEncPlanner, build_planned_lsms_network,
-                                estimate_training_memory_gb, lsms_settings_from_plans, measure_training_step_peak_bytes,
-                                plan_experiment_entry, plan_lsms_experiment, share_preprocessed_data)
-from plans.presets import PLAIN_UNET_REFERENCE, PRESETS
+from lsms_nnunet.planning.data_sharing import share_preprocessed_data
+from lsms_nnunet.planning.lsms_block import build_planned_lsms_network, lsms_settings_from_plans
+from lsms_nnunet.planning.memory_profile import measure_training_step_peak_bytes
+from lsms_nnunet.planning.plan_experiment import (LSMSPlanningError, estimate_training_memory_gb,
+                                                  plan_experiment_entry, plan_lsms_experiment)
+from lsms_nnunet.planning.planners import (DEFAULT_PLANS_NAME, PRESET_PLANNERS, LSMSExperimentPlanner,
+                                           LSMSPlannerResEncM, LSMSResEncPlanner)
+from lsms_nnunet.planning.presets import PLAIN_UNET_REFERENCE, PRESETS
 
 DATASET_2D, DATASET_3D, DATASET_NO_FINGERPRINT = 971, 972, 973
 # CPU float32 peak of one training step / the planner's estimate (count x nnU-Net's GPU bytes per counted element):
@@ -236,7 +239,8 @@ def test_data_are_shared_only_when_preprocessing_is_identical():
     common = {"preprocessor_name": "DefaultPreprocessor", "normalization_schemes": ["CTNormalization"],
               "use_mask_for_norm": [False], "resampling_fn_data": "resample_data_or_seg_to_shape",
               "resampling_fn_data_kwargs": {"order": 3}, "resampling_fn_seg": "resample_data_or_seg_to_shape",
-              "resampling_fn_seg_kwargs": {"order": 1}}
+              "resampling_fn_seg_kwargs": {"order": 1},
+              "architecture": {"network_class_name": "dynamic_network_architectures.architectures.unet.PlainConvUNet"}}
     top = {"transpose_forward": [0, 1, 2], "image_reader_writer": "SimpleITKIO",
            "foreground_intensity_properties_per_channel": {"0": {"mean": 1.0}}}
     nnunet = {**top, "plans_name": "nnUNetPlans", "configurations": {

@@ -49,7 +49,7 @@ def test_variant_caps_features_and_sets_batch_keeping_the_data(preprocessed):
 ])
 def test_bad_requests_are_refused_with_the_fix(preprocessed, arguments, message):
     folder, env = preprocessed
-    result = subprocess.run([sys.executable, "-c", "from plans.variants import plans_variant_entry; "
+    result = subprocess.run([sys.executable, "-c", "from lsms_nnunet.planning.variants import plans_variant_entry; "
                              "plans_variant_entry()", "-d", "519", *arguments],
                             env={**os.environ, **env}, capture_output=True, text=True,
                             encoding="utf-8")

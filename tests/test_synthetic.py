@@ -358,7 +358,7 @@ def test_raw_root_defaults_to_nnunet_raw(tmp_path, monkeypatch):
 
 def test_command_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
-    arguments = ["LSMSv2_make_synthetic", "-d", "12", "--dim", "3", "--cases", "2", "--test-cases", "1",
+    arguments = ["LSMSv2_make_synthetic", "-d", "12", "--dim", "3", "--cases", "2", "--test_cases", "1",
                  "--seed", "5", "--shape", *map(str, SHAPE_3D), "--name", "Tiny"]
     monkeypatch.setattr(sys, "argv", arguments)
     make_synthetic_entry()
@@ -391,6 +391,7 @@ def test_default_files_carry_categories_and_no_heldout_phrasing(datasets):
 def test_heldout_phrasing_flag_rewords_test_cases_and_writes_training_heldout_file(datasets, tmp_path, monkeypatch):
     """Training expressions stay exactly the default ones; the test cases and the extra file are reworded only."""
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    # --test-cases: the old spelling of --test_cases, still accepted
     monkeypatch.setattr(sys, "argv", ["LSMSv2_make_synthetic", "-d", "501", "--cases", "4", "--test-cases", "2",
                                       "--seed", "3", "--shape", *map(str, SHAPE_2D), "--heldout_phrasing"])
     make_synthetic_entry()

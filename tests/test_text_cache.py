@@ -15,7 +15,7 @@ from text_conditioning.cache import (
     text_key,
 )
 from text_conditioning.encoders import TextEncoder, TextEncoderError
-from text_conditioning.testing import make_tiny_text_encoder
+from tiny_text_encoder import make_tiny_text_encoder
 
 MAX_TOKENS = 8
 TEXTS = ["the largest cyst", "all lesions in the right lobe", "the lesion in the left lobe"]

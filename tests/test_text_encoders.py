@@ -20,7 +20,7 @@ from text_conditioning.encoders import (
     encoder_identity,
     resolve_encoder_source,
 )
-from text_conditioning.testing import make_tiny_text_encoder
+from tiny_text_encoder import make_tiny_text_encoder
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 # sentence-transformers' Transformer + mean Pooling modules (before its Normalize) on this sentence, first 6 dims.

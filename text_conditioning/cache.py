@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from text_conditioning.encoders import (EncodedTexts, EncoderIdentity, TextEncoder, TextEncoderError,
                                         warn_truncated_texts)
-from text_conditioning.expressions import write_file_atomically
+from text_conditioning.io import write_bytes_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ class TextEmbeddingCache:
             index_path.unlink(missing_ok=True)
             for shard in old_shards:
                 shard.unlink()
-        write_file_atomically(identity_path, json.dumps(self.identity.to_dict(), indent=1).encode("utf-8"))
+        write_bytes_atomically(identity_path, json.dumps(self.identity.to_dict(), indent=1).encode("utf-8"))
 
     def _read_index(self) -> dict[str, dict[str, Any]]:
         """Text key -> {"text", "shard", "row"}; empty when there is no index or it belongs to another encoder."""
@@ -242,7 +242,7 @@ class TextEmbeddingCache:
 
     def _write_index(self, index: dict[str, dict[str, Any]]) -> None:
         document = {"encoder": self.identity.to_dict(), "entries": index}
-        write_file_atomically(self.folder / INDEX_FILE_NAME,
+        write_bytes_atomically(self.folder / INDEX_FILE_NAME,
                               json.dumps(document, ensure_ascii=False, indent=0).encode("utf-8"))
 
     def _write_shard(self, texts: Sequence[str], encoded: EncodedTexts) -> str:
@@ -253,7 +253,7 @@ class TextEmbeddingCache:
         np.savez_compressed(buffer, tokens=encoded.tokens.astype(np.float16), mask=encoded.mask.astype(bool),
                             pooled=encoded.pooled.astype(np.float32), keys=np.array([text_key(t) for t in texts]),
                             encoder_sha256=np.array(self.identity.sha256))
-        write_file_atomically(self.folder / shard_name, buffer.getvalue())
+        write_bytes_atomically(self.folder / shard_name, buffer.getvalue())
         return shard_name
 
     def _gather(self, texts: Sequence[str], index: dict[str, dict[str, Any]]) -> EncodedTexts:

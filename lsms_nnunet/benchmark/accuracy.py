@@ -14,6 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from text_conditioning.expressions import Expression
+from text_conditioning.io import atomic_path
 
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder, reader_for
 from lsms_nnunet.evaluation.metrics import dice_score
@@ -46,9 +47,8 @@ def write_all_lesion_reference_masks(gt_folder: Path, cases: Sequence[str], file
     for case in cases:
         region_map, properties = reader_writer.read_seg(str(gt_folder / f"{case}{file_ending}"))
         target = output_folder / f"{case}{file_ending}"
-        partial = target.with_name(f".partial-{case}{file_ending}")
-        reader_writer.write_seg((region_map[0] > 0).astype(np.uint8), str(partial), properties)
-        partial.replace(target)
+        with atomic_path(target, f".tmp{file_ending}") as temporary:
+            reader_writer.write_seg((region_map[0] > 0).astype(np.uint8), str(temporary), properties)
 
 
 def plain_lesion_dice(prediction_folder: Path, gt_folder: Path, cases: Sequence[str], file_ending: str) -> dict:

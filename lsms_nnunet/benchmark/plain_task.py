@@ -12,7 +12,7 @@ import os
 import subprocess
 from pathlib import Path
 
-from lsms_nnunet.benchmark.benchmark import nnunet_command, resume_flags
+from lsms_nnunet.benchmark.training_runner import nnunet_command, resume_flags
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV

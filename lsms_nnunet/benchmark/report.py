@@ -1,13 +1,14 @@
 """The benchmark's human-readable output: one Markdown table with its notes, and two plots."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first: no display on servers)
+
+from text_conditioning.io import atomic_path
 
 TABLE_COLUMNS = ("variant", "mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
                  "s/iter vs vanilla", "probe s/iter", "probe vs vanilla", "GFLOPs/patch", "params", "peak mem",
@@ -138,10 +139,9 @@ def format_results_table(results: dict) -> str:
 
 
 def _save_figure(figure, path: Path) -> None:
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
+    with atomic_path(path) as temporary:
+        figure.savefig(temporary, format="png", dpi=120, bbox_inches="tight")
     plt.close(figure)
-    os.replace(temporary, path)
 
 
 def write_plots(results: dict, folder: Path) -> list[Path]:

@@ -28,9 +28,10 @@ from lsms_nnunet.datasets.geometry import (ConversionError, Geometry, binary_mas
                                            check_same_geometry, dataset_folder, folders_with_dataset_id,
                                            geometry_mismatches, image_ending, map_with_progress, publish_dataset,
                                            read_image, region_map_image, resample_like, resolve_raw_root,
-                                           staging_folder, stored_grid, write_image_atomically, write_json_atomically)
+                                           staging_folder, stored_grid, write_image_atomically)
 from text_conditioning.expressions import (CATEGORY_PATTERN, SAFE_ID_PATTERN, Expression, ExpressionsError,
                                            json_too_deep_message, load_expressions, save_expressions)
+from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
 
 MANIFEST_NAME = ".lsms_convert.json"

@@ -43,10 +43,10 @@ import SimpleITK as sitk
 from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_region_count, check_same_geometry,
                                            copy_file_atomically, dataset_folder, image_ending, map_with_progress,
                                            physical_points, publish_dataset, read_image, refuse_existing_dataset,
-                                           region_map_image, resolve_raw_root, staging_folder, write_image_atomically,
-                                           write_json_atomically)
+                                           region_map_image, resolve_raw_root, staging_folder, write_image_atomically)
 from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression,
                                            save_expressions, validate_against_cases)
+from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"

@@ -6,24 +6,22 @@ numbers that differ, and writers that never leave a half-written file where nnU-
 """
 from __future__ import annotations
 
-import json
 import multiprocessing
 import os
 import re
 import shutil
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import numpy as np
 import SimpleITK as sitk
 
 from tqdm import tqdm
 
-from text_conditioning.expressions import write_file_atomically
+from text_conditioning.io import atomic_path
 
 Job = TypeVar("Job")
 Result = TypeVar("Result")
@@ -200,34 +198,15 @@ def region_map_image(region_map: np.ndarray, reference: sitk.Image, ending: str)
     return sitk.Cast(image, region_map_pixel_type(int(region_map.max(initial=0)), ending))
 
 
-@contextmanager
-def _temporary_beside(path: Path, suffix: str) -> Iterator[str]:
-    """A temporary file next to `path`, moved onto it when the block succeeds and removed when it fails."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=suffix)
-    os.close(handle)
-    try:
-        yield temporary
-        os.replace(temporary, path)
-    except BaseException:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-        raise
-
-
 def write_image_atomically(image: sitk.Image, path: Path) -> None:
     """Write through a temporary file in the same folder so nnU-Net never sees a partial image."""
-    with _temporary_beside(path, f".tmp{image_ending(path)}") as temporary:
-        sitk.WriteImage(image, temporary, useCompression=True)
+    with atomic_path(path, f".tmp{image_ending(path)}") as temporary:
+        sitk.WriteImage(image, str(temporary), useCompression=True)
 
 
 def copy_file_atomically(source: Path, destination: Path) -> None:
-    with _temporary_beside(destination, ".tmp") as temporary:
+    with atomic_path(destination) as temporary:
         shutil.copyfile(source, temporary)
-
-
-def write_json_atomically(path: Path, content: Any) -> None:
-    write_file_atomically(path, (json.dumps(content, indent=1, ensure_ascii=False) + "\n").encode("utf-8"))
 
 
 def resolve_raw_root(raw_root: str | os.PathLike | None) -> Path:

@@ -24,8 +24,8 @@ import SimpleITK as sitk
 
 from lsms_nnunet.datasets.convert_semantic import convert_semantic
 from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, publish_dataset, refuse_existing_dataset,
-                                           resolve_raw_root, staging_folder, write_image_atomically,
-                                           write_json_atomically)
+                                           resolve_raw_root, staging_folder, write_image_atomically)
+from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
 
 LITS_PACKAGE = "liver_ct_segmentation_package"

@@ -596,7 +596,7 @@ def _validate_parameters(dataset_id: int, dim: int, num_cases: int, num_test_cas
         raise ValueError(f"dim {dim} is not supported. Fix: use --dim 2 or --dim 3.")
     if num_cases < 1 or num_test_cases < 0:
         raise ValueError(f"Got {num_cases} training and {num_test_cases} test cases. Fix: use --cases >= 1 and "
-                         "--test-cases >= 0.")
+                         "--test_cases >= 0.")
     if shape is not None and (len(shape) != dim or min(shape) < MIN_SHAPE):
         raise ValueError(f"Shape {tuple(shape)} does not fit dim {dim}. Fix: give {dim} sizes, each >= {MIN_SHAPE} "
                          f"(e.g. --shape {' '.join(str(size) for size in DEFAULT_SHAPES[dim])}).")
@@ -757,7 +757,9 @@ def make_synthetic_entry() -> None:
     parser.add_argument("-d", dest="dataset_id", type=int, required=True, help="dataset id (1-999)")
     parser.add_argument("--dim", type=int, choices=(2, 3), default=2, help="2D or 3D images (default 2)")
     parser.add_argument("--cases", type=int, default=40, help="number of training cases (default 40)")
-    parser.add_argument("--test-cases", type=int, default=6, help="number of test cases in imagesTs (default 6)")
+    # --test-cases: the spelling before the flags were made consistent, still accepted.
+    parser.add_argument("--test_cases", "--test-cases", dest="test_cases", type=int, default=6,
+                        help="number of test cases in imagesTs (default 6)")
     parser.add_argument("--seed", type=int, default=0, help="random seed; same seed, same dataset (default 0)")
     parser.add_argument("--shape", type=int, nargs="+", default=None,
                         help=f"image shape in array order (default 2D {' '.join(map(str, DEFAULT_SHAPES[2]))}, "

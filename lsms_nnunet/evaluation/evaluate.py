@@ -7,7 +7,6 @@ in the spirit of nnU-Net's (`metric_per_expression`, `aggregate`, `settings`) pl
 absent) and, when some expressions are marked `phrasing: "heldout"`, `per_phrasing` scores seen vs held-out wording.
 """
 import argparse
-import json
 import os
 from multiprocessing import get_context
 from pathlib import Path
@@ -22,7 +21,8 @@ from lsms_nnunet.evaluation.metrics import (DEFAULT_DETECTION_MIN_OVERLAP, HAUSD
                                             PRECISION_IOU_THRESHOLDS, aggregate_metrics, expression_metrics,
                                             lesion_detection, per_category_metrics, per_phrasing_metrics)
 from text_conditioning.expressions import (HELDOUT_PHRASING, Expression, ExpressionsError, expressions_by_case,
-                                           load_expressions, write_file_atomically)
+                                           load_expressions)
+from text_conditioning.io import write_json_atomically, write_text_atomically
 from lsms_nnunet.cli import console_entry
 
 MAX_LISTED_MISSING = 20
@@ -172,8 +172,8 @@ def evaluate_referring_folder(ref_dir: str | os.PathLike, pred_dir: str | os.Pat
     }
     if output_file is not None:
         output_file = Path(output_file)
-        write_file_atomically(output_file, (json.dumps(summary, indent=2, allow_nan=False) + "\n").encode("utf-8"))
-        write_file_atomically(output_file.with_suffix(".md"), (format_summary_table(summary) + "\n").encode("utf-8"))
+        write_json_atomically(output_file, summary, indent=2, allow_nan=False)
+        write_text_atomically(output_file.with_suffix(".md"), format_summary_table(summary) + "\n")
     return summary
 
 

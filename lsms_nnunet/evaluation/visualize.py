@@ -19,7 +19,8 @@ from tqdm import tqdm
 from lsms_nnunet.evaluation.evaluate import (EvaluationInputError, raise_if_files_missing, reader_for,
                                              resolve_expressions)
 from lsms_nnunet.evaluation.metrics import dice_score
-from text_conditioning.expressions import Expression, ExpressionsError, expressions_by_case, write_file_atomically
+from text_conditioning.expressions import Expression, ExpressionsError, expressions_by_case
+from text_conditioning.io import write_bytes_atomically
 from lsms_nnunet.cli import console_entry
 
 OVERLAY_WIDTH_PX, OVERLAY_HEIGHT_PX = 640, 760
@@ -88,7 +89,7 @@ def render_overlay(image: np.ndarray, pred_mask: np.ndarray, ref_mask: np.ndarra
                 fontsize=10, va="top", ha="left")
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=DOTS_PER_INCH, facecolor="black")
-    write_file_atomically(out_png, buffer.getvalue())
+    write_bytes_atomically(out_png, buffer.getvalue())
 
 
 def _select_expressions(expressions: list[Expression], ids: Sequence[str] | None,

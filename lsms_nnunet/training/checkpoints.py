@@ -13,6 +13,8 @@ from typing import Callable
 import numpy as np
 import torch
 
+from text_conditioning.io import atomic_path
+
 #: The checkpoint `--c` may continue from when one cannot be read (nnU-Net tries final, latest, best in this order).
 #: An unreadable checkpoint_final has no fallback: --val would silently validate an unfinished model.
 FALLBACK = {"checkpoint_latest.pth": "checkpoint_best.pth"}
@@ -34,21 +36,14 @@ def load_checkpoint_safely(path: str | os.PathLike, **load_arguments) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, **load_arguments)
 
 
-def partial_path(filename: str | os.PathLike) -> Path:
-    """The temporary file next to `filename` (same file system, so the final rename is atomic)."""
-    path = Path(filename)
-    return path.with_name(f".{path.name}.partial")
-
-
 def save_atomically(save: Callable[[str], None], filename: str | os.PathLike) -> None:
-    """Call `save(temporary path)`, then rename the file onto `filename`: readers see the old or the new file."""
-    partial = partial_path(filename)
-    partial.unlink(missing_ok=True)  # left by a killed run; must not be renamed into place below
-    save(str(partial))
-    if partial.is_file():  # `save` may write nothing (nnU-Net: other DDP ranks, checkpointing disabled)
-        with open(partial, "rb") as written:
-            os.fsync(written.fileno())
-        os.replace(partial, filename)
+    """Call `save(temporary path)`, then rename the file onto `filename`: readers see the old or the new file.
+
+    `save` may write nothing (nnU-Net: other DDP ranks, checkpointing disabled); the training is the only writer of
+    its checkpoints, so a killed run's temporary file is replaced by the next save instead of piling up.
+    """
+    with atomic_path(filename, suffix="", sole_writer=True) as temporary:
+        save(str(temporary))
 
 
 def candidates(filename: str | os.PathLike) -> list[Path]:

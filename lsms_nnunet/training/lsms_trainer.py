@@ -33,11 +33,11 @@ from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
+from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
-from plans.lsms_planner import lsms_settings_from_plans
 
 BINARY_LABELS = {"background": 0, "target": 1}
 REFERRING_MAX_ROTATION = math.radians(15)

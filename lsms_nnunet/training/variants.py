@@ -4,7 +4,8 @@
 - `LSMSTrainer_quick`: a short demo run that still learns on the synthetic dataset (CPU: minutes).
 - `*_budget`: the benchmark's equal-budget runs; epochs and iterations come from LSMS_BUDGET_EPOCHS and
   LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget.
-- Ablations of DESIGN.md section 5 and the constant-text control.
+- `LSMSTrainer_budget_<ablation>`: one per entry of `ABLATIONS` (network/config.py), generated; and the
+  constant-text control.
 """
 import os
 
@@ -12,6 +13,7 @@ import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
+from lsms_nnunet.network.config import ABLATIONS
 from lsms_nnunet.training.lsms_trainer import LSMSTrainer
 
 BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV = "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS"
@@ -70,28 +72,36 @@ class nnUNetTrainer_budget(_EnvironmentBudget, nnUNetTrainer):
     pass
 
 
-class LSMSTrainer_budget_no_visual(LSMSTrainer_budget):
-    lsms_config_overrides = {"visual_branch": False}
-
-
-class LSMSTrainer_budget_no_language(LSMSTrainer_budget):
-    lsms_config_overrides = {"language_branch": False}
-
-
-class LSMSTrainer_budget_unet_decoder(LSMSTrainer_budget):
-    lsms_config_overrides = {"decoder": "unet"}
-
-
-class LSMSTrainer_budget_no_contrastive(LSMSTrainer_budget):
-    lsms_config_overrides = {"contrastive": False}
-
-
-class LSMSTrainer_budget_static_head(LSMSTrainer_budget):
-    lsms_config_overrides = {"text_conditioned_head": False}
-
-
 class LSMSTrainer_budget_constant_text(LSMSTrainer_budget):
     use_constant_text = True
+
+
+FULL_ABLATION = "full"  # ABLATIONS' reference entry: LSMS itself, trained by LSMSTrainer_budget
+
+
+def ablation_trainer_name(ablation: str) -> str:
+    """The name of the benchmark-budget trainer of one of ABLATIONS (what `-tr` and the benchmark ask for)."""
+    if ablation not in ABLATIONS:
+        raise ValueError(f"Unknown LSMS ablation {ablation!r}; choose one of {sorted(ABLATIONS)}.")
+    base = LSMSTrainer_budget.__name__
+    return base if ablation == FULL_ABLATION else f"{base}_{ablation}"
+
+
+def _ablation_trainer(ablation: str) -> type[LSMSTrainer_budget]:
+    """LSMSTrainer_budget with the ablation's LSMSConfig overrides (each switches off one LSMS component)."""
+    return type(ablation_trainer_name(ablation), (LSMSTrainer_budget,), {
+        "__module__": __name__,
+        "__doc__": f"LSMS ablation {ablation!r} ({ABLATIONS[ablation]}) at the benchmark budget.",
+        "lsms_config_overrides": dict(ABLATIONS[ablation]),
+    })
+
+
+# One trainer per entry of the ablation table, derived rather than written out, so a new ablation needs no code
+# here. nnU-Net finds a trainer by class name among a module's attributes (recursive_find_python_class), so each is
+# bound to its stable name at module level, e.g. LSMSTrainer_budget_no_visual.
+ABLATION_TRAINERS: dict[str, type[LSMSTrainer_budget]] = {
+    ablation: _ablation_trainer(ablation) for ablation in ABLATIONS if ablation != FULL_ABLATION}
+globals().update({trainer.__name__: trainer for trainer in ABLATION_TRAINERS.values()})
 
 
 def merged_lesion_labels(dataset_json: dict) -> dict:

@@ -1,13 +1,17 @@
-"""GPU memory references and the LSMS plan presets (the LSMS twins of nnU-Net's ResEnc M/L/XL presets).
+"""GPU memory references and the LSMS plan presets, read from plans/presets.json (see its "about").
 
 nnU-Net sizes patch and batch against a *reference*: the feature-map count (`compute_conv_feature_map_size`) of a
-network known to train at a given batch size in a given amount of GPU memory. The values below are nnU-Net 2.8.1's
-(ExperimentPlanner and nnUNetPlannerResEncM/L/XL), so an LSMS plan and the nnU-Net plan it is compared with use the
-same yardstick; only the network being measured differs.
+network known to train at a given batch size in a given amount of GPU memory. The numbers are data, kept in one file
+in plans/, so the presets a user can pick (`LSMSv2_plan_experiment -preset`) are readable without reading code.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
+
+#: plans/presets.json; a link to it ships inside the package, so an installed copy reads the same file.
+PRESETS_FILE = Path(__file__).with_name("presets.json")
 
 
 @dataclass(frozen=True)
@@ -33,12 +37,6 @@ class VRAMReference:
         return (self.elements_2d, self.batch_size_2d) if dim == 2 else (self.elements_3d, self.batch_size_3d)
 
 
-# nnU-Net's default planner (PlainConvUNet): batch 12 (2D) / 2 (3D) in 8 GB.
-PLAIN_UNET_REFERENCE = VRAMReference(85_000_000, 560_000_000, 12, 2, 8)
-# nnU-Net's ResEnc planners count residual blocks differently, hence their own references.
-RESENC_UNET_REFERENCE = VRAMReference(135_000_000, 680_000_000, 12, 2, 8)
-
-
 @dataclass(frozen=True)
 class LSMSPreset:
     """A GPU class to plan for: target memory, the matching nnU-Net ResEnc reference, and the plans name."""
@@ -48,15 +46,20 @@ class LSMSPreset:
     plans_name: str
     reference: VRAMReference
     hardware: str
-    # nnU-Net's presets drop the default planner's cap of 5% of the dataset per batch; so do these.
     max_dataset_covered: float = 1.0
 
 
-PRESETS: dict[str, LSMSPreset] = {
-    "M": LSMSPreset("M", 8, "nnUNetLSMSPlans_M", RESENC_UNET_REFERENCE,
-                    "9-11 GB GPUs: RTX 2080 Ti, RTX 3080, older Titan"),
-    "L": LSMSPreset("L", 24, "nnUNetLSMSPlans_L", VRAMReference(380_000_000, 2_100_000_000, 12, 2, 24),
-                    "24 GB GPUs: RTX 3090/4090, Titan RTX, Quadro 6000"),
-    "XL": LSMSPreset("XL", 40, "nnUNetLSMSPlans_XL", VRAMReference(560_000_000, 3_600_000_000, 12, 2, 40),
-                     "40 GB GPUs: A100 40GB, RTX 6000 Ada"),
-}
+def _load_presets(path: Path = PRESETS_FILE) -> tuple[dict[str, VRAMReference], dict[str, LSMSPreset]]:
+    """The references and presets of plans/presets.json; a preset names its reference."""
+    document = json.loads(path.read_text(encoding="utf-8"))
+    references = {name: VRAMReference(**values) for name, values in document["references"].items()}
+    presets = {name: LSMSPreset(name=name, **{**values, "reference": references[values["reference"]]})
+               for name, values in document["presets"].items()}
+    return references, presets
+
+
+REFERENCES, PRESETS = _load_presets()
+# nnU-Net's default planner (PlainConvUNet): batch 12 (2D) / 2 (3D) in 8 GB.
+PLAIN_UNET_REFERENCE = REFERENCES["PlainConvUNet"]
+# nnU-Net's ResEnc planners count residual blocks differently, hence their own reference.
+RESENC_UNET_REFERENCE = REFERENCES["ResidualEncoderUNet"]

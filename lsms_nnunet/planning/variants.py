@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from copy import deepcopy
 from pathlib import Path
 
+from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
 
 
@@ -38,14 +38,13 @@ def make_plans_variant(dataset_name_or_id: str | int, plans_name: str, max_featu
         if batch_size is not None and "batch_size" in configuration:
             configuration["batch_size"] = batch_size
     target = folder / f"{plans_name}.json"
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(variant, indent=4), encoding="utf-8")
-    os.replace(tmp, target)
+    write_json_atomically(target, variant, indent=4)
     return target
 
 
 @console_entry
 def plans_variant_entry() -> None:
+    """LSMSv2_plans_variant: make_plans_variant from the command line, refusing changes that do nothing or overwrite."""
     parser = argparse.ArgumentParser(
         description="Write a plans variant next to nnUNetPlans.json (features capped and/or another batch size) that "
                     "reuses the preprocessed data; train it with -p NAME. E.g. a CPU-sized network: "

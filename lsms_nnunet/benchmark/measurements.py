@@ -1,0 +1,245 @@
+"""Benchmark step 3: score and cost each trained model, one record per model and fold in `records/`.
+
+Records are keyed by the final checkpoint, so a retrained model is measured again and a re-run computes only what
+is missing.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_blind_answers, plain_lesion_dice,
+                                            write_all_lesion_reference_masks)
+from lsms_nnunet.benchmark.costs import (forward_gflops, parameter_counts, seconds_per_iteration,
+                                         text_encoder_parameters, time_cases)
+from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, say
+from lsms_nnunet.benchmark.training_probe import probe_training
+from lsms_nnunet.benchmark.training_runner import recorded_budget
+from lsms_nnunet.benchmark.variants import Variant
+from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+from lsms_nnunet.training.checkpoints import load_checkpoint_safely
+from text_conditioning.encoders import EncoderIdentity
+from text_conditioning.expressions import expressions_by_case
+from text_conditioning.io import write_json_atomically
+
+
+class _FoldModel:
+    """The trained network of one variant and fold, loaded once and only when a measurement needs it."""
+
+    def __init__(self, setup: BenchmarkSetup, variant: Variant, fold: int):
+        self.setup, self.variant, self.fold = setup, variant, fold
+        self._predictor = None
+        self._dataset = None
+
+    @property
+    def predictor(self):
+        """nnU-Net's predictor (an LSMSPredictor for LSMS checkpoints), single pass: no test-time mirroring."""
+        if self._predictor is None:
+            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+            device = torch.device(self.setup.device)
+            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                                        perform_everything_on_device=device.type == "cuda", device=device,
+                                        verbose=False, allow_tqdm=False)
+            predictor.initialize_from_trained_model_folder(str(self.setup.model_folder(self.variant)), (self.fold,),
+                                                           "checkpoint_final.pth")
+            # The fold's weights are loaded; predicting on the loaded network directly keeps torch's thread count
+            # the same for every variant (the multi-fold path resets it to nnUNet_def_n_proc).
+            predictor.list_of_parameters = []
+            self._predictor = predictor
+        return self._predictor
+
+    def load_case(self, case: str) -> tuple[torch.Tensor, dict]:
+        if self._dataset is None:
+            from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
+
+            folder = str(self.setup.preprocessed_folder /
+                         self.predictor.configuration_manager.data_identifier)
+            self._dataset = infer_dataset_class(folder)(folder, self.setup.validation_cases(self.fold))
+        data, _, _, properties = self._dataset.load_case(case)
+        return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), properties
+
+    def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        from lsms_nnunet.inference.predictor import embed_texts
+
+        identity = EncoderIdentity.from_dict(self.predictor.network.model_card["text_encoder"])
+        return embed_texts(texts, identity, self.setup.text_cache_folder)
+
+
+def measure_training(model: _FoldModel) -> dict:
+    fold_folder = model.setup.fold_folder(model.variant, model.fold)
+    logging = load_checkpoint_safely(fold_folder / "checkpoint_final.pth")["logging"]
+    _, iterations = recorded_budget(fold_folder) or (model.setup.epochs, model.setup.iterations)
+    return {"epochs": len(logging["epoch_end_timestamps"]), "iterations_per_epoch": iterations,
+            "seconds_per_iteration": seconds_per_iteration(logging["epoch_start_timestamps"],
+                                                           logging["epoch_end_timestamps"], iterations),
+            "pseudo_dice": [float(v) for v in logging["mean_fg_dice"]],
+            "ema_pseudo_dice": [float(v) for v in logging["ema_fg_dice"]],
+            "train_loss": [float(v) for v in logging["train_losses"]],
+            "val_loss": [float(v) for v in logging["val_losses"]]}
+
+
+def measure_referring(model: _FoldModel) -> dict:
+    setup, variant, fold = model.setup, model.variant, model.fold
+    validation_folder = setup.fold_folder(variant, fold) / "validation"
+    if variant.uses_text:
+        summary = json.loads((validation_folder / "summary.json").read_text(encoding="utf-8"))
+    else:
+        summary = evaluate_text_blind_answers(validation_folder, setup.gt_folder, setup.validation_expressions(fold),
+                                              setup.file_ending, setup.work_folder(variant, fold, "referring"))
+    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+
+
+def measure_plain(model: _FoldModel) -> dict:
+    """Plain all-lesion Dice: vanilla's validation label maps; LSMS answers the ad hoc prompt ALL_LESIONS_PROMPT."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    cases = setup.validation_cases(fold)
+    if not variant.uses_text:
+        folder = setup.fold_folder(variant, fold) / "validation"
+        return {"prompt": None, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
+    from lsms_nnunet.inference.predictor import export_expression_masks
+
+    predictor = model.predictor
+    folder = setup.work_folder(variant, fold, "all_lesions")
+    folder.mkdir(parents=True, exist_ok=True)
+    reader_writer = predictor.plans_manager.image_reader_writer_class()
+    for case in tqdm(cases, desc=f"{variant.name}: '{ALL_LESIONS_PROMPT}'", unit="case"):
+        data, properties = model.load_case(case)
+        logits = predictor.predict_prompt_logits(data, [ALL_LESIONS_PROMPT])
+        export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
+                                predictor.plans_manager, reader_writer, [case], folder, setup.file_ending)
+    return {"prompt": ALL_LESIONS_PROMPT, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
+
+
+def measure_network(model: _FoldModel) -> dict:
+    from nnunetv2.utilities.label_handling.label_handling import determine_num_input_channels
+
+    predictor = model.predictor
+    network = predictor.network.to(torch.device(model.setup.device)).eval()
+    channels = determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
+                                            predictor.dataset_json)
+    patch_size = list(predictor.configuration_manager.patch_size)
+    patch = torch.zeros((1, channels, *patch_size), device=model.setup.device)
+    frozen = 0
+    if model.variant.uses_text:
+        tokens, mask = model.text_tokens([model.setup.validation_expressions(model.fold)[0].text])
+        tokens, mask = tokens.to(patch.device), mask.to(patch.device)
+        gflops = forward_gflops(lambda: network(patch, tokens, mask))
+        frozen = text_encoder_parameters(EncoderIdentity.from_dict(network.model_card["text_encoder"]))
+    else:
+        gflops = forward_gflops(lambda: network(patch))
+    return {**parameter_counts(network), "frozen_text_encoder": frozen, "gflops_per_patch": gflops,
+            "patch_size": patch_size}
+
+
+def measure_inference(model: _FoldModel) -> dict:
+    """Seconds per validation case answering all of its expressions (one sliding-window pass per case for vanilla)."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    predictor = model.predictor
+    texts_per_case: dict[str, list[str]] = {}
+    for expression in setup.validation_expressions(fold):
+        texts_per_case.setdefault(expression.case, []).append(expression.text)
+    cases = setup.validation_cases(fold)
+    loaded = {}
+
+    def predict(case: str) -> None:
+        data = loaded[case]
+        if variant.uses_text:
+            predictor.predict_prompt_logits(data, texts_per_case[case], setup.text_cache_folder)
+        else:
+            predictor.predict_sliding_window_return_logits(data)
+        if predictor.device.type == "cuda":
+            torch.cuda.synchronize(predictor.device)  # CUDA runs asynchronously: count the work, not its launch
+
+    for case in cases:  # read from disk before timing
+        loaded[case] = model.load_case(case)[0]
+    return {**time_cases(predict, cases, {case: len(texts_per_case.get(case, ())) for case in cases},
+                         f"{variant.name}: timing inference"),
+            "mirroring": False, "tile_step_size": 0.5}
+
+
+def measure_probe(model: _FoldModel) -> dict:
+    """Peak memory and seconds per training step, from a fresh process running a few training steps."""
+    setup = model.setup
+    return probe_training(setup.dataset_name, setup.configuration, model.fold, model.variant.trainer, setup.plans,
+                          setup.device, setup.training_environment())
+
+
+def measure_heldout(model: _FoldModel) -> dict:
+    """The validation cases' expressions in held-out wording, predicted as measure_plain predicts (one pass per case,
+    no mirroring); a text-blind model answers with its validation label maps, as for the seen wording."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    expressions = setup.validation_heldout_expressions(fold)
+    folder = setup.work_folder(variant, fold, HELDOUT_SECTION)
+    if not variant.uses_text:
+        summary = evaluate_text_blind_answers(setup.fold_folder(variant, fold) / "validation", setup.gt_folder,
+                                              expressions, setup.file_ending, folder)
+        return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+    from lsms_nnunet.inference.predictor import export_expression_masks
+
+    predictor = model.predictor
+    folder.mkdir(parents=True, exist_ok=True)
+    reader_writer = predictor.plans_manager.image_reader_writer_class()
+    by_case = expressions_by_case(expressions)
+    for case, case_expressions in tqdm(by_case.items(), desc=f"{variant.name}: held-out wording", unit="case"):
+        data, properties = model.load_case(case)
+        logits = predictor.predict_prompt_logits(data, [e.text for e in case_expressions])
+        export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
+                                predictor.plans_manager, reader_writer, [e.id for e in case_expressions], folder,
+                                setup.file_ending)
+    summary = evaluate_referring_folder(setup.gt_folder, folder, expressions, file_ending=setup.file_ending,
+                                        output_file=folder / "summary.json")
+    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+
+
+MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
+    "training": measure_training, "referring": measure_referring, "plain": measure_plain,
+    "network": measure_network, "inference": measure_inference, "probe": measure_probe,
+    HELDOUT_SECTION: measure_heldout}
+
+
+def checkpoint_signature(checkpoint: Path) -> dict:
+    status = checkpoint.stat()
+    return {"file": str(checkpoint), "mtime_ns": status.st_mtime_ns, "size": status.st_size}
+
+
+def measure_variant(setup: BenchmarkSetup, variant: Variant, fold: int) -> dict:
+    """All measurements of one trained variant and fold; each is saved as soon as it is done and reused later."""
+    record_file = setup.output_folder / "records" / f"{variant.name}__fold_{fold}.json"
+    signature = checkpoint_signature(setup.fold_folder(variant, fold) / "checkpoint_final.pth")
+    record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
+    if record.get("checkpoint") != signature:
+        record = {"variant": variant.name, "trainer": variant.trainer, "fold": fold, "checkpoint": signature}
+    missing = [section for section in setup.sections if section not in record]
+    if not missing:
+        say(f"{variant.name} fold {fold}: all measurements recorded earlier, reused")
+        return record
+    model = _FoldModel(setup, variant, fold)
+    for section in missing:
+        start = time.perf_counter()
+        record[section] = MEASUREMENTS[section](model)
+        write_json_atomically(record_file, record, ensure_ascii=True, allow_nan=False)
+        say(f"{variant.name} fold {fold}: measured {section} in {time.perf_counter() - start:.1f} s")
+    return record
+
+
+def measure_text_blind_ceiling(setup: BenchmarkSetup, fold: int) -> dict:
+    """Referring metrics of the perfect all-lesion mask answering every expression (computed once per fold)."""
+    record_file = setup.output_folder / "records" / f"text_blind_ceiling__fold_{fold}.json"
+    if record_file.is_file():
+        return json.loads(record_file.read_text(encoding="utf-8"))
+    folder = setup.output_folder / "predictions" / "text_blind_ceiling" / f"fold_{fold}"
+    write_all_lesion_reference_masks(setup.gt_folder, setup.validation_cases(fold), setup.file_ending,
+                                     folder / "lesion_masks")
+    summary = evaluate_text_blind_answers(folder / "lesion_masks", setup.gt_folder, setup.validation_expressions(fold),
+                                          setup.file_ending, folder / "referring")
+    record = {"fold": fold, "per_expression": summary["metric_per_expression"]}
+    write_json_atomically(record_file, record, ensure_ascii=True, allow_nan=False)
+    return record
