@@ -131,7 +131,7 @@ def test_float_region_map_is_diagnosed_not_reported_as_target_absent(tmp_path):
         load_prompt_set(folder)
 
 
-def test_plan_and_preprocess_checks_labels_before_fingerprinting(tmp_path, monkeypatch):
+def test_plan_and_preprocess_checks_labels_before_fingerprinting(tmp_path, monkeypatch, capsys):
     from lsms_nnunet.preprocessing import encode_text
     import nnunetv2.experiment_planning.plan_and_preprocess_entrypoints as nnunet_entrypoints
 
@@ -140,8 +140,10 @@ def test_plan_and_preprocess_checks_labels_before_fingerprinting(tmp_path, monke
     monkeypatch.setattr(nnunet_entrypoints, "plan_and_preprocess_entry",
                         lambda: pytest.fail("fingerprinting started before the labels were checked"))
     monkeypatch.setattr("sys.argv", ["LSMSv2_plan_and_preprocess", "-d", "1"])
-    with pytest.raises(ExpressionsError, match="not consecutive"):
+    with pytest.raises(SystemExit) as exit_info:  # the command prints the expected error alone (lsms_nnunet.cli)
         encode_text.plan_and_preprocess_entry()
+    assert exit_info.value.code == 1
+    assert "not consecutive" in capsys.readouterr().err
 
 
 def test_deeply_nested_dataset_json_names_the_file(tmp_path):

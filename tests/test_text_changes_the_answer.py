@@ -81,7 +81,8 @@ class _TextControlledBase(LSMSNet):
         sign = torch.sign(sentence @ self.direction).view(-1, 1, *([1] * (x.ndim - 2)))
         images = x.repeat_interleave(text_tokens.shape[0] // x.shape[0], dim=0)
         target = sign * images[:, :1] - 0.5
-        return torch.cat((torch.zeros_like(target), target), dim=1)
+        logits = torch.cat((torch.zeros_like(target), target), dim=1)
+        return (logits, {}) if return_aux else logits  # no auxiliary outputs: no existence decision
 
 
 class _TextControlledNet(PromptableLSMSNet, _TextControlledBase):
