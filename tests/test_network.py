@@ -100,11 +100,8 @@ def test_config_rejects_unknown_keys_and_bad_values():
 
 def test_ablations_switch_exactly_their_flag():
     expected_changes = {"full": {}, "no_visual": {"visual_branch": False}, "no_language": {"language_branch": False},
-                        "static_head": {"text_conditioned_head": False, "prompt_decoder": False,
-                                        "existence_head": False, "head_position": False},
-                        "no_prompt_decoder": {"prompt_decoder": False, "existence_head": False,
-                                              "head_position": False},
-                        "no_existence": {"existence_head": False},
+                        "static_head": {"text_conditioned_head": False},
+                        "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False}}
     assert set(ABLATIONS) == set(expected_changes)
     for name, changes in expected_changes.items():
@@ -276,7 +273,7 @@ def test_new_modules_get_he_init_and_the_encoder_keeps_nnunet_init():
 @pytest.mark.parametrize("dim, residual", ARCHITECTURES)
 def test_every_parameter_gets_gradient_from_segmentation_contrastive_and_existence_losses(dim, residual):
     # Without conv biases: a bias right before an InstanceNorm has a structurally zero gradient (nnU-Net's too).
-    network = build(plans_architecture(dim, residual, conv_bias=False))
+    network = build(plans_architecture(dim, residual, conv_bias=False), config=TINY.with_ablation("prompt_decoder"))
     if residual:  # nnU-Net zero-inits the last norm of each residual block, which blocks that branch at step 0
         for block in network.encoder.modules():
             if isinstance(block, BasicBlockD):
@@ -337,8 +334,7 @@ def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_
     stock = get_network_from_plans(architecture["network_class_name"], architecture["arch_kwargs"],
                                    architecture["_kw_requires_import"], 1, 2, deep_supervision=True)
     size = patch_shape(3)
-    bare = build(architecture, config=dataclasses.replace(TINY.with_ablation("no_prompt_decoder"), svla_stages=(),
-                                                         decoder="unet", contrastive=False))
+    bare = build(architecture, config=dataclasses.replace(TINY, svla_stages=(), decoder="unet", contrastive=False))
     assert bare.compute_conv_feature_map_size(size) == stock.compute_conv_feature_map_size(size)
 
     def estimate(config: LSMSConfig) -> int:
@@ -353,7 +349,7 @@ def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_
     assert more_tokens - full >= heads * (64 - TINY.max_tokens) * stage_one_voxels  # attention maps
     assert no_language < full
     assert unet < full  # the full-scale fusion stores more than the U-Net decoder
-    assert estimate(TINY.with_ablation("no_prompt_decoder")) < full  # voxel tokens and attention maps
+    assert estimate(TINY.with_ablation("prompt_decoder")) > full  # voxel tokens and attention maps
     assert full > stock.compute_conv_feature_map_size(size)
 
 

@@ -27,8 +27,7 @@ ABLATION_DESCRIPTIONS = {
     "unet_decoder": "LSMS with a plain U-Net decoder instead of FSD",
     "no_contrastive": "LSMS without the contrastive loss term",
     "static_head": "LSMS with nnU-Net's static output heads (text through SVLA only)",
-    "no_prompt_decoder": "LSMS with sentence-only dynamic heads (no prompt decoder, no existence output)",
-    "no_existence": "LSMS without the per-prompt existence output",
+    "prompt_decoder": "LSMS with the prompt decoder, its existence output and position-aware heads (opt-in)",
 }
 
 

@@ -14,11 +14,11 @@ ABLATIONS: dict[str, dict] = {
     "no_language": {"language_branch": False},
     "unet_decoder": {"decoder": "unet"},
     "no_contrastive": {"contrastive": False},
-    "static_head": {"text_conditioned_head": False, "prompt_decoder": False, "existence_head": False,
-                    "head_position": False},
-    # Today's-before sentence-only heads (model card version 1): the sentence never sees the image.
-    "no_prompt_decoder": {"prompt_decoder": False, "existence_head": False, "head_position": False},
-    "no_existence": {"existence_head": False},
+    "static_head": {"text_conditioned_head": False},
+    # Not an ablation but the one opt-in variant: the prompt decoder with its existence output and position-aware
+    # heads. Measured on the README benchmark (20 x 50 iterations, nnU-Net's SGD) it scored below the sentence-only
+    # heads (mean Dice 0.40 vs 0.56), so it is not the default yet; on the micro task it learns what they cannot.
+    "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
 }
 
 #: What a model card of version 1 (before the prompt decoder) implied: loading such a checkpoint rebuilds exactly
@@ -52,17 +52,17 @@ class LSMSConfig:
     contrastive_dim: int = 64
     contrastive_weight: float = 0.1
     strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
-    #: Read the sentence against the image (network/prompt_decoder.py) before it drives the heads; False = the
-    #: sentence-only heads of model card version 1.
-    prompt_decoder: bool = True
+    #: Read the sentence against the image (network/prompt_decoder.py) before it drives the heads. Off by default
+    #: (ABLATIONS["prompt_decoder"] turns it on): not yet better at the README benchmark's budget.
+    prompt_decoder: bool = False
     prompt_decoder_layers: int = 2
     #: Coarsest encoder scales the prompt decoder reads (their voxels are its keys).
     prompt_decoder_scales: int = 3
     #: Per-prompt "the referred object is here" output; at inference a prompt judged absent gets an empty mask.
-    existence_head: bool = True
+    existence_head: bool = False
     existence_weight: float = 0.5
     #: The heads also weigh each voxel's position in the patch ("left lobe", "upper").
-    head_position: bool = True
+    head_position: bool = False
     #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
     #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
     language_gate_init: float = 1.0
