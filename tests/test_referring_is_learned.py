@@ -20,7 +20,7 @@ from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network.prompting import PromptableLSMSNet
 from lsms_nnunet.inference.predictor import empty_where_absent
 from lsms_nnunet.network.lsms_net import build_lsms_network
-from lsms_nnunet.preprocessing.prompts import REFERRING
+from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING
 from lsms_nnunet.training.lsms_trainer import uses_batch_dice
 from test_network import plans_architecture
 
@@ -126,49 +126,11 @@ def test_asking_for_an_absent_kind_gives_an_empty_mask(prompt_decoder_dice):
     assert prompt_decoder_dice[DARK] > 0.9, prompt_decoder_dice  # Dice 1 only for an exactly empty mask
 
 
-# --- 3D: LSMS learns at all (issue 15) ---------------------------------------------------------------------------
-VOLUME = (16, 32, 32)
+# --- 3D: the referring loss pools Dice over the batch (issue 15) ---------------------------------------------------
 
-
-def _volumes(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
-    """Volumes with a bright and a dark lesion of ~130 voxels (0.8% of the volume, like small liver lesions); even
-    texts ask for the bright one, odd texts for the dark one."""
-    images = rng.normal(0, 0.3, (size, 1, *VOLUME)).astype(np.float32)
-    targets = np.zeros_like(images)
-    asked = rng.integers(0, 4, size)
-    zz, yy, xx = np.mgrid[:VOLUME[0], :VOLUME[1], :VOLUME[2]]
-    for i in range(size):
-        for value in (2.0, -2.0):
-            cz, cy, cx = rng.integers(4, 12), rng.integers(5, 27), rng.integers(5, 27)
-            images[i, 0][((zz - cz) * 2) ** 2 + (yy - cy) ** 2 + (xx - cx) ** 2 <= 16] = value
-        targets[i, 0] = images[i, 0] == (2.0 if asked[i] % 2 == 0 else -2.0)
-    return torch.from_numpy(images), torch.from_numpy(targets), asked
-
-
-def test_lsms_learns_small_referred_lesions_in_3d():
-    """With nnU-Net's 3d_fullres per-sample Dice this collapsed to an all-background answer (Dice 0.00 at step 100);
-    the trainer's referring loss pools Dice over the batch (`uses_batch_dice`)."""
-    torch.manual_seed(0)
-    rng = np.random.default_rng(0)
-    config = LSMSConfig(text_dim=TEXT_DIM, max_tokens=TOKENS, attention_dim=16, num_heads=2, contrastive=False,
-                        fsd_channels_per_scale=4, visual_branch=False, prompt_decoder=False, existence_head=False,
-                        head_position=False)
-    architecture = plans_architecture(3, residual=False)
-    network = build_lsms_network(architecture["network_class_name"], architecture["arch_kwargs"],
-                                 architecture["_kw_requires_import"], 1, 2, False, config)
-    loss_function = DC_and_CE_loss({"batch_dice": uses_batch_dice(REFERRING, planned=False), "smooth": 1e-5,
-                                    "do_bg": False, "ddp": False}, {}, weight_ce=1, weight_dice=1,
-                                   dice_class=MemoryEfficientSoftDiceLoss)
-    optimizer = torch.optim.SGD(network.parameters(), 1e-2, momentum=0.99, nesterov=True, weight_decay=3e-5)
-    tokens, mask = _text_bank()
-    for _ in range(100):
-        images, targets, asked = _volumes(rng, 4)
-        optimizer.zero_grad()
-        loss_function(network(images, tokens[asked], mask[asked]), targets).backward()
-        optimizer.step()
-    network.eval()
-    images, targets, asked = _volumes(np.random.default_rng(1), 16)
-    with torch.no_grad():
-        answer = network(images, tokens[asked], mask[asked]).argmax(1, keepdim=True).numpy().astype(bool)
-    dice = np.mean([dice_score(answer[i], targets[i].numpy() > 0) for i in range(len(asked))])
-    assert dice > 0.3, f"3D LSMS found almost nothing (mean Dice {dice:.3f}): it collapsed to background"
+def test_referring_training_pools_dice_whatever_the_plans_say():
+    """nnU-Net plans per-sample Dice for 3d_fullres; a referred lesion of a few dozen voxels (or none) then gives
+    little usable gradient (a 3D micro task collapsed to background with it). Plain tasks keep the planned choice."""
+    assert uses_batch_dice(REFERRING, planned=False) is True
+    assert uses_batch_dice(PLAIN, planned=False) is False
+    assert uses_batch_dice(PLAIN, planned=True) is True
