@@ -10,12 +10,13 @@ import json
 import os
 import re
 import sys
-import tempfile
 import unicodedata
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from text_conditioning.io import write_bytes_atomically
 
 EXPRESSIONS_FORMAT = "lsms-expressions"
 EXPRESSIONS_VERSION = 1
@@ -92,26 +93,6 @@ def expression_from_dict(entry: Mapping[str, Any]) -> Expression:
     return Expression(id=entry["id"], case=entry["case"], text=entry["text"],
                       targets=tuple(entry["targets"]) if "targets" in entry else None,
                       category=entry.get("category"), phrasing=entry.get("phrasing"))
-
-
-def write_file_atomically(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that readers only ever see the old or the complete new file.
-
-    The temporary file lives in the target folder so that ``os.replace`` is a rename on one file system.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "wb") as temporary_file:
-            temporary_file.write(data)
-            temporary_file.flush()
-            os.fsync(temporary_file.fileno())
-        os.replace(temporary_name, path)
-    except BaseException:
-        if os.path.exists(temporary_name):
-            os.remove(temporary_name)
-        raise
 
 
 def _format_problems(header: str, problems: Sequence[str]) -> str:
@@ -287,7 +268,7 @@ def save_expressions(path: str | os.PathLike, expressions: Iterable[Expression])
     _expressions_from_entries(entries, f"{path} (not written)", require_targets=False)
     document = {"format": EXPRESSIONS_FORMAT, "version": EXPRESSIONS_VERSION, "expressions": entries}
     text = json.dumps(document, ensure_ascii=False, indent=1) + "\n"
-    write_file_atomically(path, text.encode("utf-8"))
+    write_bytes_atomically(path, text.encode("utf-8"))
 
 
 def validate_against_cases(expressions: Iterable[Expression], case_regions: Mapping[str, Collection[int]],
