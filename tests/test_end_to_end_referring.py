@@ -119,6 +119,15 @@ def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained, run, t
     assert (tmp_path / "from_file" / "q1.nii.gz").stat().st_mtime_ns == before
 
 
+def _folder_with_one_test_image(trained: dict, tmp_path: Path) -> tuple[Path, str]:
+    """A fresh input folder holding a copy of the model's first test image; returns the folder and the case id."""
+    images = tmp_path / "images"
+    images.mkdir()
+    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    (images / case.name).write_bytes(case.read_bytes())
+    return images, case.name[: -len("_0000.nii.gz")]
+
+
 @pytest.mark.parametrize("problem, message", [
     ("missing", "needs expressions"),
     ("malformed", "expressions.json"),
@@ -129,11 +138,7 @@ def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained, run, t
 def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, run_failing, tmp_path, problem,
                                                                message):
     trained = trained_models["2d"]
-    images = tmp_path / "images"
-    images.mkdir()
-    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
-    (images / case.name).write_bytes(case.read_bytes())
-    case_id = case.name[: -len("_0000.nii.gz")]
+    images, case_id = _folder_with_one_test_image(trained, tmp_path)
     good = {"format": "lsms-expressions", "version": 1,
             "expressions": [{"id": "q1", "case": case_id, "text": "the largest lesion"}]}
     extra = []
@@ -157,18 +162,14 @@ def test_bad_prediction_input_fails_clearly_and_writes_nothing(trained_models, r
 
 def test_prediction_never_writes_over_the_input_images(trained_models, run_failing, tmp_path):
     trained = trained_models["2d"]
-    images = tmp_path / "images"
-    images.mkdir()
-    case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
-    (images / case.name).write_bytes(case.read_bytes())
-    case_id = case.name[: -len("_0000.nii.gz")]
+    images, case_id = _folder_with_one_test_image(trained, tmp_path)
     (images / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
         {"id": f"{case_id}_0000", "case": case_id, "text": "the largest lesion"}]}))
     before = {path.name: path.read_bytes() for path in images.iterdir()}
     output = run_failing("LSMSv2_predict", *_predict_args(trained, images, images))
     assert "is the input folder" in output and "Fix: pass an output folder (-o) outside" in output
     output = run_failing("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "out"))
-    assert f"would write masks named like input images in {images} (e.g. {case.name})" in output
+    assert f"would write masks named like input images in {images} (e.g. {case_id}_0000.nii.gz)" in output
     assert {path.name: path.read_bytes() for path in images.iterdir()} == before
     assert not any((tmp_path / "out").iterdir())
 

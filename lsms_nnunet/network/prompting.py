@@ -4,11 +4,14 @@ nnU-Net's trainer and predictor only ever call `self.network(x)`. Binding the te
 code paths (training step, deep supervision, sliding window, mirroring, fold averaging) unchanged:
 
 - `bind_batch_text(tokens, mask)`: one text per sample (training and online validation); outputs 2-class logits,
-  and the contrastive features of the last forward are kept in `last_aux` for the loss.
+  and the auxiliary outputs of the last training forward (contrastive embeddings, existence logits) are kept in
+  `last_aux` for the loss.
 - `bind_prompts(tokens, mask)`: E prompts for every input sample (inference); each patch is run once per prompt *in
   one batch* and the output is `[B, 1 + E, ...]`: channel 0 is a zero background logit, channel e the
   target-vs-background logit of prompt e. For a plain task (prompts = labels) that is an ordinary nnU-Net
-  (K+1)-class logit map; for referring inference each channel thresholded at 0 is one expression's mask.
+  (K+1)-class logit map; for referring inference each channel thresholded at 0 is one expression's mask. With an
+  existence output, the strongest "it is here" per prompt over the image's patches is kept in `case_existence`
+  (reset by `start_case`) for the predictor's per-image decision.
 
 The model card (task mode, text-encoder identity, network settings, label prompts) travels in the state dict as
 PyTorch "extra state", so every nnU-Net checkpoint carries it without changing nnU-Net's checkpoint code, and
