@@ -87,3 +87,15 @@ def test_each_drawn_image_is_asked_different_questions_in_one_batch():
             assert first != second
         for first, second in zip(batch["target"][0::2], batch["target"][1::2]):
             assert not torch.equal(first, second)  # same image (whole-image patch), different answers
+
+
+def test_the_finding_prompt_refers_to_every_lesion_of_the_case():
+    """The finding prompt (all_regions) has no listed targets: every region of the drawn case is its answer."""
+    prompts = {"case": [Prompt(("all lesions",), (), "case-finding", all_regions=True)]}
+    bank = TextEmbeddingBank({"all lesions": (np.zeros((4, 8), np.float32), np.ones(4, bool), np.zeros(8))})
+    loader = LSMSDataLoader(_FakeDataset(_region_map()), 2, (64, 64), (64, 64),
+                            LabelManager({"background": 0, "target": 1}, None), prompts_by_case=prompts,
+                            text_bank=bank)
+    target = loader.generate_train_batch()["target"]
+    assert (target[:, 0, 2:6, 2:6] == 1).all() and (target[:, 0, 56:60, 56:60] == 1).all()
+    assert int((target == 1).sum()) == 2 * 32

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lsms_nnunet.preprocessing.prompts import (PLAIN, REFERRING, PromptSet, load_prompt_set, read_prompt_set,
-                                               readable_label_name, save_prompt_set)
+from lsms_nnunet.preprocessing.prompts import (FINDING_TEXT, PLAIN, REFERRING, PromptSet, load_prompt_set,
+                                               read_prompt_set, readable_label_name, save_prompt_set)
 from text_conditioning.expressions import ExpressionsError
 
 
@@ -43,8 +43,11 @@ def test_referring_prompts_are_validated_against_region_maps(tmp_path):
                             {"a": _two_region_map()}, expressions)
     prompt_set = load_prompt_set(folder)
     assert prompt_set.mode == REFERRING
-    assert [p.targets for p in prompt_set.prompts_for_case("a")] == [(1,), ()]
+    assert [(p.targets, p.all_regions) for p in prompt_set.prompts_for_case("a")] == [((1,), False), ((), False),
+                                                                                      ((), True)]
+    assert prompt_set.prompts_for_case("a")[-1].texts == (FINDING_TEXT,)  # the finding prompt: every lesion
     assert prompt_set.all_texts() == ["the left lesion", "nothing here"]
+    assert prompt_set.texts_to_encode() == ["the left lesion", "nothing here", FINDING_TEXT]
 
 
 def test_referring_target_absent_from_region_map_is_rejected(tmp_path):

@@ -32,12 +32,15 @@ from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
 from text_conditioning.cache import TextEmbeddingCache
-from text_conditioning.encoders import EncoderIdentity, TextEncoder, encoder_identity
+from text_conditioning.encoders import EncodedTexts, EncoderIdentity, TextEncoder, encoder_identity
 from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
 
 from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError
-from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, PLAIN
+from lsms_nnunet.network.prompting import network_config_of
+from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
+from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
+from lsms_nnunet.selection.selector import CaseSelector
 
 EXPRESSIONS_ENV = "LSMS_EXPRESSIONS"
 TEXT_ENV = "LSMS_TEXT"
@@ -57,9 +60,9 @@ def user_text_cache_folder(identity: EncoderIdentity) -> Path:
     return Path(root) / identity.slug
 
 
-def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
-                encoder_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings of `texts` with the model's own encoder; only texts never seen before are encoded.
+def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
+                 encoder_source: str | None = None) -> EncodedTexts:
+    """Embeddings of `texts` with the model's own encoder; only texts never seen before are encoded.
 
     An encoder named by the user (argument or LSMS_TEXT_ENCODER) is always checked against the model's identity.
     """
@@ -77,7 +80,13 @@ def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: P
                 f"{TEXT_ENCODER_ENV}).")
         if cache.missing(unique):
             cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
-    encoded = cache.load(list(texts))
+    return cache.load(list(texts))
+
+
+def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
+                encoder_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token embeddings and attention mask of `texts` (see encode_texts), as the network takes them."""
+    encoded = encode_texts(texts, identity, cache_folder, encoder_source)
     return torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
 
 
@@ -166,6 +175,8 @@ class LSMSPredictor(nnUNetPredictor):
     """nnUNetPredictor that answers referring expressions (see module docstring)."""
 
     expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
+    #: The case-level selectors of the folds in use (empty: each expression is answered by the network alone).
+    case_selectors: list[CaseSelector] = []
 
     @property
     def model_card(self) -> dict:
@@ -173,11 +184,26 @@ class LSMSPredictor(nnUNetPredictor):
 
     def predict_prompt_logits(self, data: torch.Tensor, texts: Sequence[str],
                               cache_folder: Path | None = None) -> torch.Tensor:
-        """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts."""
+        """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts.
+
+        With case selectors, the image is also asked the finding prompt, and each expression is answered by the
+        selector's choice among the finding answer's lesion candidates (selection/case_level.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
-        tokens, mask = embed_texts(_maybe_constant(self.model_card, texts), identity, cache_folder)
+        selecting = bool(self.case_selectors) and network_config_of(self.model_card).case_selection
+        asked = _maybe_constant(self.model_card, [*texts, *([FINDING_TEXT] if selecting else [])])
+        encoded = encode_texts(asked, identity, cache_folder)
+        logits = self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
+                                                    torch.from_numpy(encoded.mask))
+        if not selecting:
+            return logits
+        answers = select_case_lesions(logits[1:-1], logits[-1], data, asked[:-1], TextFeatures(asked, encoded),
+                                      self.case_selectors, self.configuration_manager.spacing)
+        return torch.cat((logits[:1], answers))
+
+    def _sliding_window_prompt_logits(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
+                                      ) -> torch.Tensor:
         chunks = []
-        for start in range(0, len(texts), self.expression_batch_size):
+        for start in range(0, len(tokens), self.expression_batch_size):
             chunk = slice(start, start + self.expression_batch_size)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
             self.network.start_case()
@@ -368,12 +394,17 @@ def model_card_for_builder(caller_locals: Mapping) -> dict:
     if isinstance(caller, nnUNetPredictor) and caller_locals.get("parameters"):
         if not isinstance(caller, LSMSPredictor):
             caller.__class__ = LSMSPredictor
-        return caller_locals["parameters"][0]["_extra_state"]
+        card = caller_locals["parameters"][0]["_extra_state"]
+        if card["mode"] != PLAIN and network_config_of(card).case_selection:
+            caller.case_selectors = load_case_selectors(caller_locals["model_training_output_dir"],
+                                                        caller_locals["use_folds"], card["text_encoder"]["sha256"])
+        return card
     raise RuntimeError("An LSMS network needs its model card: build it through LSMSTrainer or restore it from an LSMS "
                        "checkpoint with nnU-Net's predictor (nnUNetv2_predict / LSMSv2_predict).")
 
 
-def validate_referring_fold(trainer, validation_cases: Sequence[str]) -> dict:
+def validate_referring_fold(trainer, validation_cases: Sequence[str],
+                            case_selectors: Sequence[CaseSelector] = ()) -> dict:
     """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
     from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 
@@ -382,6 +413,7 @@ def validate_referring_fold(trainer, validation_cases: Sequence[str]) -> dict:
     predictor.manual_initialization(trainer._unwrapped_network(), trainer.plans_manager, trainer.configuration_manager,
                                     None, trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
+    predictor.case_selectors = list(case_selectors)
     output_folder = Path(trainer.output_folder) / "validation"
     output_folder.mkdir(parents=True, exist_ok=True)
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(validation_cases))

@@ -19,11 +19,14 @@ ABLATIONS: dict[str, dict] = {
     # heads. Measured on the README benchmark (20 x 50 iterations, nnU-Net's SGD) it scored below the sentence-only
     # heads (mean Dice 0.40 vs 0.56), so it is not the default yet; on the micro task it learns what they cannot.
     "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
+    "no_case_selection": {"case_selection": False},
 }
 
-#: What a model card of version 1 (before the prompt decoder) implied: loading such a checkpoint rebuilds exactly
-#: the network it was trained with.
-VERSION_1_NETWORK = {"prompt_decoder": False, "existence_head": False, "head_position": False}
+#: What the model cards of older versions implied for settings added since: loading such a checkpoint rebuilds
+#: exactly the model it was trained with (version 1: before the prompt decoder; version 2: before case selection).
+SETTINGS_ADDED_SINCE = {1: {"prompt_decoder": False, "existence_head": False, "head_position": False,
+                            "case_selection": False},
+                        2: {"case_selection": False}}
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,10 @@ class LSMSConfig:
     #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
     #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
     language_gate_init: float = 1.0
+    #: Referring tasks: after the sliding window, choose among the case's lesion candidates (the components of the
+    #: network's finding answer) with the case-level selector (lsms_nnunet/selection/), fitted on the training
+    #: cases at validation. False = each expression's mask is the network's own answer.
+    case_selection: bool = True
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "max_tokens", "attention_dim", "num_heads", "fsd_channels_per_scale",
@@ -74,7 +81,7 @@ class LSMSConfig:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
         for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head", "prompt_decoder",
-                     "existence_head", "head_position"):
+                     "existence_head", "head_position", "case_selection"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LSMSConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.attention_dim % self.num_heads:

@@ -23,13 +23,13 @@ from typing import Any, Mapping
 
 import torch
 
-from lsms_nnunet.network.config import VERSION_1_NETWORK, LSMSConfig
+from lsms_nnunet.network.config import SETTINGS_ADDED_SINCE, LSMSConfig
 from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 
 MODEL_CARD_FORMAT = "lsms-model-card"
-#: Version 2 added the prompt decoder, the existence head and position-aware heads (network settings of version 1
-#: cards are completed with config.VERSION_1_NETWORK, so their checkpoints load unchanged).
-MODEL_CARD_VERSION = 2
+#: Version 2 added the prompt decoder, the existence head and position-aware heads, version 3 case selection (the
+#: settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so their checkpoints load unchanged).
+MODEL_CARD_VERSION = 3
 
 
 class TextEncoderMismatchError(RuntimeError):
@@ -115,12 +115,11 @@ def make_model_card(mode: str, network_config: LSMSConfig, text_encoder: Mapping
 def network_config_of(model_card: Mapping) -> LSMSConfig:
     """The network settings of a model card of any known version."""
     version = model_card.get("version")
-    if version not in (1, MODEL_CARD_VERSION):
-        raise ValueError(f"Model card version {version!r} is not known to this lsms-nnunet (it reads versions 1 and "
+    if version != MODEL_CARD_VERSION and version not in SETTINGS_ADDED_SINCE:
+        raise ValueError(f"Model card version {version!r} is not known to this lsms-nnunet (it reads versions 1 to "
                          f"{MODEL_CARD_VERSION}). Fix: install the lsms-nnunet release the model was trained with, "
                          f"or retrain.")
-    settings = model_card["network"] if version == MODEL_CARD_VERSION else {**VERSION_1_NETWORK,
-                                                                            **model_card["network"]}
+    settings = {**SETTINGS_ADDED_SINCE.get(version, {}), **model_card["network"]}
     return LSMSConfig.from_dict(settings)
 
 

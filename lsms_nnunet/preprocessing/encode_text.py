@@ -40,7 +40,7 @@ def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None 
     prompt_set = load_prompt_set(raw_folder)
     identity = encoder_identity(text_encoder, max_tokens)
     cache = TextEmbeddingCache(text_folder / identity.slug, identity)
-    texts = prompt_set.all_texts()
+    texts = prompt_set.texts_to_encode()
     missing = cache.missing(texts)
     if missing:
         print(f"{name}: encoding {len(missing)} of {len(texts)} texts with {identity.name} (stored every "

@@ -24,6 +24,10 @@ PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
 EXPRESSIONS_FILE = "expressions.json"
 REFERRING, PLAIN = "referring", "plain"
+#: The finding prompt: every referring case is also asked for all of its lesions (targets: every region id), so the
+#: network learns to find all lesions and its answer gives the case-level selector its candidates.
+FINDING_TEXT = "all lesions"
+FINDING_ID = "finding"
 _GENERIC_WORDS = {"label", "labels", "class", "region", "structure", "object", "foreground", "segment", "mask", "roi"}
 
 
@@ -33,6 +37,7 @@ class Prompt:
     texts: tuple[str, ...]
     targets: tuple[int, ...]
     expression_id: str | None = None
+    all_regions: bool = False  # the finding prompt: targets are every region id of the case
 
 
 @dataclass(frozen=True)
@@ -43,8 +48,10 @@ class PromptSet:
     label_prompts: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (label name, label value, phrasings)
 
     def prompts_for_case(self, case: str) -> list[Prompt]:
+        """What training asks of a case: its expressions and the finding prompt, or the label prompts."""
         if self.mode == REFERRING:
-            return [Prompt((e.text,), tuple(e.targets or ()), e.id) for e in self.expressions if e.case == case]
+            return [*(Prompt((e.text,), tuple(e.targets or ()), e.id) for e in self.expressions if e.case == case),
+                    Prompt((FINDING_TEXT,), (), f"{case}-{FINDING_ID}", all_regions=True)]
         return [Prompt(texts, (value,)) for _, value, texts in self.label_prompts]
 
     def cases(self) -> set[str]:
@@ -56,6 +63,11 @@ class PromptSet:
         else:
             texts = [t for _, _, phrasings in self.label_prompts for t in phrasings]
         return list(dict.fromkeys(texts))
+
+    def texts_to_encode(self) -> list[str]:
+        """Every text training reads: all_texts() plus, for a referring task, the finding prompt."""
+        return self.all_texts() + ([FINDING_TEXT] if self.mode == REFERRING and FINDING_TEXT not in
+                                   self.all_texts() else [])
 
     def canonical_label_prompts(self) -> list[tuple[str, int, str]]:
         """The first phrasing of every label, in label order: what inference asks for on a plain task."""

@@ -58,7 +58,7 @@ class PromptSamplingDataset:
 
     def _draw(self, case: str, class_locations: Mapping) -> Prompt:
         prompts = self._not_yet_answered(case)
-        present = [p for p in prompts if any(len(class_locations.get(t, ())) for t in p.targets)]
+        present = [p for p in prompts if p.all_regions or any(len(class_locations.get(t, ())) for t in p.targets)]
         if present and random.random() < self.present_label_bias:
             return random.choice(present)
         return random.choice(prompts)
@@ -67,19 +67,20 @@ class PromptSamplingDataset:
         """The case's prompts whose targets differ from those already drawn for its image group (all prompts, if
         none differ): one image asked different questions can only be answered through the text."""
         group_start = len(self.drawn) - len(self.drawn) % self.prompts_per_image
-        answered = {tuple(prompt.targets) for prompt, _ in self.drawn[group_start:]}
-        different = [p for p in self.prompts_by_case[case] if tuple(p.targets) not in answered]
+        answered = {(prompt.all_regions, tuple(prompt.targets)) for prompt, _ in self.drawn[group_start:]}
+        different = [p for p in self.prompts_by_case[case] if (p.all_regions, tuple(p.targets)) not in answered]
         return different or self.prompts_by_case[case]
 
     def load_case(self, identifier: str):
         data, seg, seg_prev, properties = self.dataset.load_case(identifier)
         prompt = self._draw(identifier, properties["class_locations"])
         self.drawn.append((prompt, random.choice(prompt.texts)))
-        locations = [properties["class_locations"][t] for t in prompt.targets
+        targets = [t for t in properties["class_locations"] if t > 0] if prompt.all_regions else prompt.targets
+        locations = [properties["class_locations"][t] for t in targets
                      if len(properties["class_locations"].get(t, ()))]
         referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
         properties = {**properties, "class_locations": {1: referred}}
-        return data, ReferredSegmentation(seg, prompt.targets), seg_prev, properties
+        return data, ReferredSegmentation(seg, targets), seg_prev, properties
 
 
 class TextEmbeddingBank:

@@ -12,6 +12,7 @@ What changes, each in the narrowest hook:
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 import sys
 from pathlib import Path
@@ -36,7 +37,9 @@ from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_ne
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
-from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, Prompt, read_prompt_set
+from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
+from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selector
+from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selector
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 
 BINARY_LABELS = {"background": 0, "target": 1}
@@ -190,7 +193,7 @@ class LSMSTrainer(nnUNetTrainer):
 
     def _text_bank(self) -> TextEmbeddingBank:
         cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
-        texts = self.prompt_set.all_texts()
+        texts = self.prompt_set.texts_to_encode()
         encoded = cache.load(texts)
         return TextEmbeddingBank({t: (encoded.tokens[i], encoded.mask[i], encoded.pooled[i])
                                   for i, t in enumerate(texts)})
@@ -240,7 +243,7 @@ class LSMSTrainer(nnUNetTrainer):
 
     def _prompts_by_case(self, identifiers: list[str]) -> dict:
         prompts = {case: self.prompt_set.prompts_for_case(case) for case in identifiers}
-        without = sorted(case for case, p in prompts.items() if not p)
+        without = sorted(case for case, p in prompts.items() if all(q.all_regions for q in p))
         if without:
             raise RuntimeError(f"Cases {without[:10]} (of {len(without)}) have no expression in "
                                f"{self.text_cache_folder.parent / 'prompts.json'}; LSMS cannot train on them. Fix: "
@@ -248,7 +251,7 @@ class LSMSTrainer(nnUNetTrainer):
                                f"and rerun LSMSv2_encode_text.")
         if self.model_card["constant_text"] is not None:
             constant = (self.model_card["constant_text"],)
-            prompts = {case: [Prompt(constant, p.targets, p.expression_id) for p in ps] for case, ps in prompts.items()}
+            prompts = {case: [dataclasses.replace(p, texts=constant) for p in ps] for case, ps in prompts.items()}
         return prompts
 
     # ---------------------------------------------------------------- steps
@@ -277,12 +280,27 @@ class LSMSTrainer(nnUNetTrainer):
             return super().perform_actual_validation(save_probabilities)
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        _, val_keys = self.do_split()
-        summary = validate_referring_fold(self, val_keys)
+        train_keys, val_keys = self.do_split()
+        selectors = [self.fit_case_selector(train_keys)] if network.config.case_selection else []
+        summary = validate_referring_fold(self, val_keys, selectors)
         self.print_to_log_file("Validation complete", also_print_to_console=True)
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
+
+    def fit_case_selector(self, train_keys: list[str]) -> CaseSelector:
+        """Fit the case-level selector on this fold's training cases and save it next to the checkpoints (where
+        `nnUNetv2_predict` finds it); refitted by every validation run, `--val` included (seconds)."""
+        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
+        texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
+        constant = self.model_card["constant_text"]
+        features = TextFeatures(texts, TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity).load(texts))
+        selector = fit_case_selector(dataset, train_keys, self.prompt_set.expressions, features,
+                                     self.configuration_manager.spacing,
+                                     text_of=(lambda _: constant) if constant else (lambda text: text),
+                                     log=self.print_to_log_file)
+        save_selector(selector, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
+        return selector
 
     # ---------------------------------------------------------------- checkpoints that survive a kill
     def save_checkpoint(self, filename: str) -> None:

@@ -1,0 +1,98 @@
+"""Lesion candidates of a whole case and what the case-level selector knows about each.
+
+A candidate is a connected component of an all-lesion mask: the ground-truth region map when the selector is
+fitted, the network's answer to the finding prompt at inference. Each is described by numbers that mean the same in
+every case of a dataset (nnU-Net's preprocessed intensities, physical size, position in the case), so relations such
+as "the largest" or "in the left lobe" can be decided over the whole case rather than inside one patch.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import numpy as np
+from scipy import ndimage
+
+#: Components smaller than this are speckles of the finding mask, not lesions (the smallest synthetic lesion covers
+#: 13 voxels in 3D, ~26 pixels in 2D).
+MIN_CANDIDATE_VOXELS = 4
+SHELL_VOXELS = 2  # the ring of surrounding tissue a lesion is compared with ("hypodense" = darker than its liver)
+INTENSITY_FEATURES = ("mean", "std", "p10", "p90", "core", "rim", "shell", "contrast")
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """Connected lesion candidates of one case: `labels` holds 1..count, 0 elsewhere."""
+
+    labels: np.ndarray
+    count: int
+    volumes_mm3: np.ndarray  # [count]
+
+    def masks(self, selected: Sequence[int] | np.ndarray) -> np.ndarray:
+        """The union of the selected candidates (indices 0..count-1) as a bool array."""
+        lookup = np.zeros(self.count + 1, dtype=bool)
+        lookup[np.asarray(selected, dtype=np.int64) + 1] = True
+        return lookup[self.labels]
+
+
+def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float]) -> Candidates:
+    """Connected components (full connectivity) of a bool mask, without speckles, numbered from 1."""
+    structure = ndimage.generate_binary_structure(lesion_mask.ndim, lesion_mask.ndim)
+    labels, count = ndimage.label(lesion_mask, structure)
+    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+    keep = np.flatnonzero(sizes >= MIN_CANDIDATE_VOXELS)
+    keep = keep[keep > 0]
+    renumber = np.zeros(count + 1, dtype=np.int32)
+    renumber[keep] = np.arange(1, len(keep) + 1)
+    labels = renumber[labels]
+    volumes = sizes[keep].astype(np.float64) * float(np.prod(spacing))
+    return Candidates(labels, len(keep), volumes)
+
+
+def candidates_from_regions(region_map: np.ndarray, spacing: Sequence[float], targets: Sequence[int]
+                            ) -> tuple[Candidates, np.ndarray]:
+    """Candidates of a ground-truth region map and, per candidate, whether most of it is among `targets`."""
+    candidates = find_candidates(region_map > 0, spacing)
+    return candidates, referred_fraction(candidates, region_map, targets) > 0.5
+
+
+def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: Sequence[int]) -> np.ndarray:
+    """Per candidate, the share of its voxels whose region id is one of `targets`."""
+    if candidates.count == 0:
+        return np.zeros(0)
+    referred = np.isin(region_map, np.asarray(list(targets), dtype=region_map.dtype))
+    inside = ndimage.sum_labels(referred, candidates.labels, np.arange(1, candidates.count + 1))
+    return np.asarray(inside) / np.bincount(candidates.labels.ravel(), minlength=candidates.count + 1)[1:]
+
+
+def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequence[float]) -> np.ndarray:
+    """[count, features]: centroid position in the case (-1..1 per axis) and, per image channel, the intensity
+    statistics of INTENSITY_FEATURES (core and rim split the lesion at half its inner depth; shell is the
+    tissue just around it, other candidates excluded). Size is left out on purpose: the selector's set operations
+    compare volumes; a size descriptor lets the match score imitate "the largest" on the training cases instead."""
+    spatial = candidates.labels.shape
+    channels = image.reshape(-1, *spatial)
+    extent = np.maximum(np.asarray(spatial, dtype=np.float64) - 1, 1)
+    rows = []
+    for index, box in enumerate(ndimage.find_objects(candidates.labels), start=1):
+        if box is None:
+            continue
+        padded = tuple(slice(max(s.start - SHELL_VOXELS, 0), min(s.stop + SHELL_VOXELS, n)) for s, n in zip(box, spatial))
+        local = candidates.labels[padded]
+        inside = local == index
+        depth = ndimage.distance_transform_edt(inside, sampling=spacing)
+        core = inside & (depth >= 0.5 * depth.max())
+        rim = inside & ~core
+        shell = ndimage.binary_dilation(inside, iterations=SHELL_VOXELS) & (local == 0)
+        centroid = np.array([c.mean() + s.start for c, s in zip(np.nonzero(inside), padded)])
+        row = list(2 * centroid / extent - 1)
+        for channel in channels:
+            values = channel[padded]
+            lesion = values[inside]
+            around = values[shell] if shell.any() else lesion
+            row += [lesion.mean(), lesion.std(), np.percentile(lesion, 10), np.percentile(lesion, 90),
+                    values[core].mean(), values[rim].mean() if rim.any() else lesion.mean(), around.mean(),
+                    lesion.mean() - around.mean()]
+        rows.append(row)
+    width = len(spatial) + len(INTENSITY_FEATURES) * len(channels)
+    return np.asarray(rows, dtype=np.float32).reshape(-1, width)

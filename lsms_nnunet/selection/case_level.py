@@ -1,0 +1,107 @@
+"""Case-level selection in the pipeline: fitting the selector on a fold's training cases, applying it at inference.
+
+At inference every image is also asked the finding prompt (preprocessing/prompts.FINDING_TEXT); the components of
+that answer are the candidates, and each expression's mask becomes the union of the candidates the selector picks
+for it. Everything happens on nnU-Net's preprocessed arrays (the same intensities and voxel grid the selector was
+fitted on), before the logits are resampled back to the original geometry.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from text_conditioning.encoders import EncodedTexts
+from text_conditioning.expressions import Expression
+
+from lsms_nnunet.selection.candidates import candidates_from_regions, describe_candidates, find_candidates
+from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, fit_selector,
+                                            load_selector)
+
+UNSELECTED_LOGIT = -1.0  # outside the chosen candidates: below the mask threshold, saved probabilities still rank
+
+
+class TextFeatures:
+    """Per text, the sentence embedding and the real tokens' embeddings the selector reads."""
+
+    def __init__(self, texts: Sequence[str], encoded: EncodedTexts):
+        self.by_text = {text: (encoded.pooled[i], encoded.tokens[i][encoded.mask[i]].astype(np.float32))
+                        for i, text in enumerate(texts)}
+
+    def example(self, text: str, descriptors: np.ndarray, volumes: np.ndarray,
+                referred: np.ndarray | None = None) -> SelectionExample:
+        sentence, words = self.by_text[text]
+        return SelectionExample(descriptors, volumes, sentence, words, referred)
+
+
+def preprocessed_spacing(configured_spacing: Sequence[float], spatial_dims: int) -> list[float]:
+    """The voxel spacing of a preprocessed array; a 2D configuration's stacked slices get 1 along the stack (only
+    ratios of volumes within one case matter to the selector)."""
+    spacing = [float(s) for s in configured_spacing]
+    return [1.0] * (spatial_dims - len(spacing)) + spacing
+
+
+def fit_case_selector(dataset, cases: Sequence[str], expressions: Sequence[Expression], text_features: TextFeatures,
+                      configured_spacing: Sequence[float], text_of: Callable[[str], str] = lambda text: text,
+                      log=print) -> CaseSelector:
+    """Fit on the ground-truth lesions of `cases` (an nnU-Net dataset of preprocessed cases) and their expressions.
+
+    `text_of` maps an expression's text to the text the model is given (the constant-text control gives one text).
+    """
+    examples = []
+    wanted = set(cases)
+    by_case: dict[str, list[Expression]] = {}
+    for expression in expressions:
+        if expression.case in wanted:
+            by_case.setdefault(expression.case, []).append(expression)
+    for case, case_expressions in by_case.items():
+        data, seg, _, _ = dataset.load_case(case)
+        data, region_map = np.asarray(data[:]), np.asarray(seg[:])[0]
+        spacing = preprocessed_spacing(configured_spacing, region_map.ndim)
+        for expression in case_expressions:
+            candidates, referred = candidates_from_regions(region_map, spacing, expression.targets or ())
+            if expression is case_expressions[0]:
+                descriptors = describe_candidates(data, candidates, spacing)
+            examples.append(text_features.example(text_of(expression.text), descriptors, candidates.volumes_mm3,
+                                                  referred))
+    if not examples:
+        raise ValueError("No training expression to fit the case selector on. Fix: check that expressions.json has "
+                         "expressions for the training cases of this fold.")
+    log(f"case selector: fitting on {len(examples)} expressions of {len(by_case)} training cases")
+    return fit_selector(examples, log=log)
+
+
+def load_case_selectors(model_folder: str | Path, folds: Sequence, text_encoder_sha256: str) -> list[CaseSelector]:
+    """The selectors of the folds used for prediction (each fitted with its fold); missing ones are reported."""
+    selectors, missing = [], []
+    for fold in folds:
+        path = Path(model_folder) / f"fold_{fold}" / SELECTOR_FILE
+        if path.is_file():
+            selectors.append(load_selector(path, text_encoder_sha256))
+        else:
+            missing.append(str(path))
+    if missing:
+        print(f"WARNING: no case selector at {missing}: these models answer without case-level selection. Fix: "
+              f"rerun their validation (nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER --val) to fit it.")
+        return []
+    return selectors
+
+
+def select_case_lesions(expression_logits: torch.Tensor, finding_logits: torch.Tensor, data: torch.Tensor,
+                        texts: Sequence[str], text_features: TextFeatures, selectors: Sequence[CaseSelector],
+                        configured_spacing: Sequence[float]) -> torch.Tensor:
+    """[E, *spatial] logits of one image -> logits whose positive part is, per expression, the union of the
+    finding candidates the selectors (averaged over folds) pick; chosen voxels keep the finding logits."""
+    finding = finding_logits.float().cpu()
+    spacing = preprocessed_spacing(configured_spacing, finding.ndim)
+    candidates = find_candidates((finding > 0).numpy(), spacing)
+    descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing)
+    examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
+    probabilities = np.mean([selector.predict(examples) for selector in selectors], axis=0) \
+        if candidates.count else np.zeros((len(texts), 0))
+    selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(p > 0.5))) for p in probabilities])
+    chosen = torch.where(selected, finding.clamp_min(0.0).unsqueeze(0), torch.tensor(UNSELECTED_LOGIT))
+    return chosen.to(expression_logits.dtype)
+

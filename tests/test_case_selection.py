@@ -1,0 +1,126 @@
+"""The case-level selector: lesion candidates, their descriptors, and set operations learned from few examples.
+
+The learning tests are micro tasks in the style of test_text_is_learned.py (real optimisation, seconds): "the
+largest/smallest/second largest (bright or dark) lesion" over random cases in which only the volumes tell the
+answer, with word vectors standing in for a text encoder, and combinations of words never seen together in
+fitting.
+"""
+import numpy as np
+import pytest
+import torch
+
+from text_conditioning.encoders import EncodedTexts
+
+from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
+                                              describe_candidates, find_candidates)
+from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
+from lsms_nnunet.selection.selector import (SelectionExample, fit_selector, load_selector, save_selector)
+
+WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
+rng_words = np.random.default_rng(7)
+WORD_VECTORS = {word: rng_words.normal(size=16).astype(np.float32) for word in WORDS}
+
+
+def _text(sentence: str) -> tuple[np.ndarray, np.ndarray]:
+    words = np.stack([WORD_VECTORS[w] for w in sentence.split()])
+    return words.mean(0), words
+
+
+def _answer(sentence: str, bright: np.ndarray, volumes: np.ndarray) -> np.ndarray:
+    wanted = bright if "bright" in sentence else ~bright if "dark" in sentence else np.ones_like(bright)
+    order = [i for i in np.argsort(-volumes) if wanted[i]]
+    answer = np.zeros(len(volumes), dtype=bool)
+    if "second" in sentence:
+        answer[order[1:2]] = True
+    elif "largest" in sentence:
+        answer[order[:1]] = True
+    elif "smallest" in sentence:
+        answer[order[-1:]] = True
+    else:
+        answer[order] = True
+    return answer
+
+
+def _example(sentence: str, rng: np.random.Generator) -> SelectionExample:
+    count = int(rng.integers(2, 6))
+    bright = rng.random(count) < 0.5
+    volumes = rng.permutation(np.geomspace(20, 400, count)) * rng.uniform(0.8, 1.2)
+    descriptors = np.stack([np.where(bright, 1.0, -1.0) + 0.1 * rng.normal(size=count),
+                            rng.normal(size=count)], axis=1).astype(np.float32)  # brightness, an irrelevant feature
+    sentence_vector, words = _text(sentence)
+    return SelectionExample(descriptors, volumes, sentence_vector, words, _answer(sentence, bright, volumes))
+
+
+def _accuracy(selector, examples) -> float:
+    predictions = selector.predict(examples)
+    return float(np.mean([np.array_equal(p > 0.5, e.referred) for p, e in zip(predictions, examples)]))
+
+
+def test_selector_learns_size_relations_and_combines_them_with_a_description():
+    fitted = ["the largest lesion", "the smallest lesion", "the second largest lesion", "all bright lesions",
+              "all dark lesions", "the largest bright lesion", "the smallest dark lesion"]
+    unseen_combinations = ["the smallest bright lesion", "the largest dark lesion"]
+    rng = np.random.default_rng(0)
+    training = [_example(sentence, rng) for _ in range(40) for sentence in fitted]
+    selector = fit_selector(training, steps=500, log=lambda *_: None)
+    for sentence in fitted:
+        assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.9, sentence
+    for sentence in unseen_combinations:
+        assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.8, sentence
+
+
+def test_candidates_are_components_without_speckles_and_know_what_is_referred():
+    regions = np.zeros((1, 20, 20), dtype=np.int16)
+    regions[0, 2:6, 2:6] = 3  # 16 voxels
+    regions[0, 10:12, 10:14] = 1  # 8 voxels
+    regions[0, 10:12, 14:16] = 2  # touches region 1: one candidate, mostly region 1
+    regions[0, 18, 18] = 4  # a speckle below MIN_CANDIDATE_VOXELS
+    candidates, referred = candidates_from_regions(regions, (1.0, 2.0, 1.0), targets=[1])
+    assert candidates.count == 2
+    assert sorted(candidates.volumes_mm3) == [2 * 12, 2 * 16]
+    assert referred[candidates.labels[0, 10, 10] - 1] and not referred[candidates.labels[0, 3, 3] - 1]
+    assert MIN_CANDIDATE_VOXELS > 1 and candidates.labels[0, 18, 18] == 0
+    image = np.where(regions > 0, 100.0, 0.0)[None].astype(np.float32)
+    descriptors = describe_candidates(image, candidates, (1.0, 2.0, 1.0))
+    assert descriptors.shape == (2, 3 + len(INTENSITY_FEATURES))
+    contrast = descriptors[:, -1]
+    assert np.allclose(contrast, 100.0)  # lesion 100, surrounding tissue 0
+
+
+def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:
+    count = int(rng.integers(2, 6))
+    volumes = rng.permutation(np.geomspace(20, 400, count))
+    return SelectionExample(rng.normal(size=(count, width)).astype(np.float32), volumes, *_text(sentence),
+                            _answer(sentence, np.ones(count, dtype=bool), volumes))
+
+
+def test_select_case_lesions_answers_with_whole_finding_components():
+    """Two found lesions; the selector answers "the largest/smallest lesion" with one whole finding component."""
+    finding = torch.full((1, 32, 32), -5.0)
+    finding[0, 2:12, 2:12] = 3.0  # the larger lesion
+    finding[0, 20:25, 20:25] = 2.0  # the smaller one
+    data = torch.rand(1, 1, 32, 32)
+    texts = ["the largest lesion", "the smallest lesion"]
+    width = 3 + len(INTENSITY_FEATURES)  # position (3 axes) + one channel's intensity statistics
+    rng = np.random.default_rng(1)
+    selector = fit_selector([_size_only_example(t, width, rng) for _ in range(30) for t in texts],
+                            log=lambda *_: None)
+    words = [np.stack([WORD_VECTORS[w] for w in t.split()]) for t in texts]
+    encoded = EncodedTexts(tokens=np.stack(words), mask=np.ones((2, 3), dtype=bool),
+                           pooled=np.stack([w.mean(0) for w in words]), truncated=0)
+    answers = select_case_lesions(torch.zeros(2, 1, 32, 32), finding, data, texts, TextFeatures(texts, encoded),
+                                  [selector], (1.0, 1.0))
+    largest, smallest = (answers > 0).numpy()
+    assert largest[0, 2:12, 2:12].all() and largest.sum() == 100
+    assert smallest[0, 20:25, 20:25].all() and smallest.sum() == 25
+
+
+def test_selector_round_trip_and_encoder_check(tmp_path):
+    rng = np.random.default_rng(2)
+    examples = [_size_only_example("the largest lesion", 4, rng) for _ in range(10)]
+    selector = fit_selector(examples, steps=20, log=lambda *_: None)
+    save_selector(selector, tmp_path / "case_selector.pt", "abc")
+    loaded = load_selector(tmp_path / "case_selector.pt", "abc")
+    assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded.predict(examples)))
+    with pytest.raises(ValueError, match="another text encoder"):
+        load_selector(tmp_path / "case_selector.pt", "other")
