@@ -14,7 +14,7 @@ from text_conditioning.encoders import EncodedTexts
 from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
                                               describe_candidates, find_candidates)
 from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
-from lsms_nnunet.selection.selector import (SelectionExample, fit_selector, load_selector, save_selector)
+from lsms_nnunet.selection.selector import (SelectionExample, fit_selector, load_selectors, save_selectors)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
@@ -119,8 +119,9 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     rng = np.random.default_rng(2)
     examples = [_size_only_example("the largest lesion", 4, rng) for _ in range(10)]
     selector = fit_selector(examples, steps=20, log=lambda *_: None)
-    save_selector(selector, tmp_path / "case_selector.pt", "abc")
-    loaded = load_selector(tmp_path / "case_selector.pt", "abc")
-    assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded.predict(examples)))
+    save_selectors([selector], tmp_path / "case_selector.pt", "abc")
+    loaded = load_selectors(tmp_path / "case_selector.pt", "abc")
+    assert len(loaded) == 1
+    assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded[0].predict(examples)))
     with pytest.raises(ValueError, match="another text encoder"):
-        load_selector(tmp_path / "case_selector.pt", "other")
+        load_selectors(tmp_path / "case_selector.pt", "other")

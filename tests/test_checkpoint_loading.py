@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lsms_nnunet.network.config import LSMSConfig
-from lsms_nnunet.network.prompting import make_model_card
+from lsms_nnunet.network.prompting import make_model_card, network_config_of
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 IDENTITY = {"name": "all-MiniLM-L6-v2", "sha256": "0" * 64, "dim": 384, "max_tokens": 32}
@@ -40,3 +40,24 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     with pytest.raises(pickle.UnpicklingError, match="Weights only load failed"):
         load_checkpoint_safely(tmp_path / "checkpoint_final.pth")
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("version, expected", [(1, {"prompt_decoder": False, "case_selection": False}),
+                                               (2, {"prompt_decoder": True, "case_selection": False}),
+                                               (3, {"prompt_decoder": True, "case_selection": True})])
+def test_older_model_cards_rebuild_the_model_they_were_trained_with(version, expected):
+    """A card written before a setting existed means that setting was off: its checkpoint loads unchanged, and a
+    model trained before case selection answers without a selector."""
+    settings = LSMSConfig(text_dim=384, max_tokens=32, prompt_decoder=True, existence_head=True).to_dict()
+    card = {**make_model_card("referring", LSMSConfig(), IDENTITY), "version": version}
+    card["network"] = {key: value for key, value in settings.items() if key in ("text_dim", "max_tokens")} \
+        if version == 1 else {key: value for key, value in settings.items() if key != "case_selection"} \
+        if version == 2 else settings
+    config = network_config_of(card)
+    assert {key: getattr(config, key) for key in expected} == expected
+
+
+def test_unknown_model_card_version_is_refused_with_the_fix():
+    card = {**make_model_card("referring", LSMSConfig(), IDENTITY), "version": 99}
+    with pytest.raises(ValueError, match="install the lsms-nnunet release"):
+        network_config_of(card)

@@ -12,10 +12,12 @@ import pytest
 import SimpleITK as sitk
 
 from lsms_nnunet.planning.variants import make_plans_variant
+from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
 
+MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DATASETS = {
     "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),
     "3d_fullres": dict(dataset_id=512, dim=3, shape=("16", "32", "32"), cases=5),
@@ -59,6 +61,9 @@ def test_stock_train_writes_per_expression_validation(trained):
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
     assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
+    assert "case selector: fitting on" in (next((trained["model"] / "fold_0").glob("training_log_*.txt"))
+                                           .read_text(encoding="utf-8"))
+    load_selectors(trained["model"] / "fold_0" / SELECTOR_FILE, MINILM_SHA256)  # fitted with the model's encoder
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
 
@@ -68,7 +73,7 @@ def test_checkpoint_records_text_encoder(trained):
     card = checkpoint["network_weights"]["_extra_state"]
     assert card["mode"] == "referring"
     assert card["text_encoder"]["name"] == "all-MiniLM-L6-v2"
-    assert card["text_encoder"]["sha256"] == "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+    assert card["text_encoder"]["sha256"] == MINILM_SHA256
     assert card["text_encoder"]["dim"] == 384
 
 
@@ -91,6 +96,21 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
     run("LSMSv2_evaluate", "-ref", trained["raw"] / "labelsTs", "-pred", out, "-e", images / "expressions.json")
     summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
     assert summary["aggregate"]["n_expressions"] == len(expressions)
+
+
+def test_stock_predict_answers_through_the_fold_case_selector(trained_models, run, tmp_path):
+    """nnUNetv2_predict loads the fold's case selector; without it, it says so and answers with the network."""
+    trained = trained_models["2d"]
+    images = trained["raw"] / "imagesTs"
+    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "with"))
+    assert "no case selector" not in result.stdout + result.stderr
+    selector = trained["model"] / "fold_0" / SELECTOR_FILE
+    moved = selector.rename(tmp_path / SELECTOR_FILE)
+    try:
+        result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "without"))
+    finally:
+        moved.rename(selector)
+    assert "no case selector" in result.stdout + result.stderr and "--val" in result.stdout + result.stderr
 
 
 def _predict_args(trained, images, out):

@@ -403,17 +403,26 @@ def model_card_for_builder(caller_locals: Mapping) -> dict:
                        "checkpoint with nnU-Net's predictor (nnUNetv2_predict / LSMSv2_predict).")
 
 
-def validate_referring_fold(trainer, validation_cases: Sequence[str],
-                            case_selectors: Sequence[CaseSelector] = ()) -> dict:
-    """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
-    from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
-
+def referring_predictor(trainer) -> LSMSPredictor:
+    """A predictor on the trainer's network, as nnU-Net's own validation builds one."""
     predictor = LSMSPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
                               perform_everything_on_device=True, device=trainer.device, allow_tqdm=False)
     predictor.manual_initialization(trainer._unwrapped_network(), trainer.plans_manager, trainer.configuration_manager,
                                     None, trainer.dataset_json, trainer.__class__.__name__,
                                     trainer.inference_allowed_mirroring_axes)
-    predictor.case_selectors = list(case_selectors)
+    return predictor
+
+
+def finding_mask(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
+    """The network's answer to the finding prompt (all lesions) on one preprocessed image, as a bool array."""
+    logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data)), [FINDING_TEXT], cache_folder)
+    return (logits[1] > 0).numpy()
+
+
+def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:
+    """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
+    from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+
     output_folder = Path(trainer.output_folder) / "validation"
     output_folder.mkdir(parents=True, exist_ok=True)
     dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(validation_cases))

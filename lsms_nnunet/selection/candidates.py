@@ -77,7 +77,8 @@ def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequ
     for index, box in enumerate(ndimage.find_objects(candidates.labels), start=1):
         if box is None:
             continue
-        padded = tuple(slice(max(s.start - SHELL_VOXELS, 0), min(s.stop + SHELL_VOXELS, n)) for s, n in zip(box, spatial))
+        padded = tuple(slice(max(s.start - SHELL_VOXELS, 0), min(s.stop + SHELL_VOXELS, n))
+                       for s, n in zip(box, spatial))
         local = candidates.labels[padded]
         inside = local == index
         depth = ndimage.distance_transform_edt(inside, sampling=spacing)

@@ -16,7 +16,9 @@ import dataclasses
 import math
 import sys
 from pathlib import Path
+from typing import Callable
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -38,8 +40,8 @@ from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
-from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selector
-from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selector
+from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selectors
+from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 
 BINARY_LABELS = {"background": 0, "target": 1}
@@ -270,7 +272,7 @@ class LSMSTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        from lsms_nnunet.inference.predictor import validate_referring_fold
+        from lsms_nnunet.inference.predictor import finding_mask, referring_predictor, validate_referring_fold
 
         network = self._unwrapped_network()
         if self.prompt_set.mode == PLAIN:
@@ -281,26 +283,32 @@ class LSMSTrainer(nnUNetTrainer):
         self.set_deep_supervision_enabled(False)
         self.network.eval()
         train_keys, val_keys = self.do_split()
-        selectors = [self.fit_case_selector(train_keys)] if network.config.case_selection else []
-        summary = validate_referring_fold(self, val_keys, selectors)
+        predictor = referring_predictor(self)
+        if network.config.case_selection:
+            predictor.case_selectors = self.fit_and_save_case_selectors(
+                train_keys, lambda data: finding_mask(predictor, data, self.text_cache_folder))
+        summary = validate_referring_fold(self, predictor, val_keys)
         self.print_to_log_file("Validation complete", also_print_to_console=True)
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
 
-    def fit_case_selector(self, train_keys: list[str]) -> CaseSelector:
-        """Fit the case-level selector on this fold's training cases and save it next to the checkpoints (where
-        `nnUNetv2_predict` finds it); refitted by every validation run, `--val` included (seconds)."""
+    def fit_and_save_case_selectors(self, train_keys: list[str], finding_mask: Callable[[np.ndarray], np.ndarray]
+                                    ) -> list[CaseSelector]:
+        """Fit the case-level selector on this fold's training cases (candidates: the network's finding answers) and
+        save it next to the checkpoints, where `nnUNetv2_predict` finds it; refitted by every validation run,
+        `--val` included."""
         dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
         texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
         constant = self.model_card["constant_text"]
-        features = TextFeatures(texts, TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity).load(texts))
-        selector = fit_case_selector(dataset, train_keys, self.prompt_set.expressions, features,
+        cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
+        features = TextFeatures(texts, cache.load(texts))
+        selectors = fit_case_selectors(dataset, train_keys, self.prompt_set.expressions, features,
                                      self.configuration_manager.spacing,
                                      text_of=(lambda _: constant) if constant else (lambda text: text),
-                                     log=self.print_to_log_file)
-        save_selector(selector, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
-        return selector
+                                     finding_mask=finding_mask, log=self.print_to_log_file)
+        save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
+        return selectors
 
     # ---------------------------------------------------------------- checkpoints that survive a kill
     def save_checkpoint(self, filename: str) -> None:
