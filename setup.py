@@ -37,6 +37,7 @@ setup(
         "SimpleITK>=2.2",
         "numpy",
         "scipy",
+        "scikit-image",
         "tqdm",
         "filelock",
         "surface-distance==0.1",
