@@ -119,7 +119,7 @@ def test_select_case_lesions_answers_with_whole_finding_components():
     words = [np.stack([WORD_VECTORS[w] for w in t.split()]) for t in texts]
     encoded = EncodedTexts(tokens=np.stack(words), mask=np.ones((2, 3), dtype=bool),
                            pooled=np.stack([w.mean(0) for w in words]), truncated=0)
-    answers = select_case_lesions(torch.zeros(2, 1, 32, 32), finding, data, texts, TextFeatures(texts, encoded),
+    answers = select_case_lesions(finding, data, texts, TextFeatures(texts, encoded),
                                   [selector], (1.0, 1.0))
     largest, smallest = (answers > 0).numpy()
     assert largest[0, 2:12, 2:12].all() and largest.sum() == 100

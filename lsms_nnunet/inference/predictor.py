@@ -36,8 +36,7 @@ from text_conditioning.encoders import EncodedTexts, EncoderIdentity, TextEncode
 from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
 
 from lsms_nnunet.inference.input_checks import check_input_images
-from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError
-from lsms_nnunet.network.prompting import network_config_of
+from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError, network_config_of
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
 from lsms_nnunet.selection.selector import CaseSelector
@@ -186,17 +185,18 @@ class LSMSPredictor(nnUNetPredictor):
                               cache_folder: Path | None = None) -> torch.Tensor:
         """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts.
 
-        With case selectors, the image is also asked the finding prompt, and each expression is answered by the
+        With case selectors, the network is asked the finding prompt only, and each expression is answered by the
         selector's choice among the finding answer's lesion candidates (selection/case_level.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         selecting = bool(self.case_selectors) and network_config_of(self.model_card).case_selection
         asked = _maybe_constant(self.model_card, [*texts, *([FINDING_TEXT] if selecting else [])])
         encoded = encode_texts(asked, identity, cache_folder)
-        logits = self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
-                                                    torch.from_numpy(encoded.mask))
+        to_network = slice(len(texts), None) if selecting else slice(None)
+        logits = self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens[to_network]),
+                                                    torch.from_numpy(encoded.mask[to_network]))
         if not selecting:
             return logits
-        answers = select_case_lesions(logits[1:-1], logits[-1], data, asked[:-1], TextFeatures(asked, encoded),
+        answers = select_case_lesions(logits[1], data, asked[:-1], TextFeatures(asked, encoded),
                                       self.case_selectors, self.configuration_manager.spacing)
         return torch.cat((logits[:1], answers))
 

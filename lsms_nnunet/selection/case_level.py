@@ -101,11 +101,11 @@ def load_case_selectors(model_folder: str | Path, folds: Sequence, text_encoder_
     return selectors
 
 
-def select_case_lesions(expression_logits: torch.Tensor, finding_logits: torch.Tensor, data: torch.Tensor,
+def select_case_lesions(finding_logits: torch.Tensor, data: torch.Tensor,
                         texts: Sequence[str], text_features: TextFeatures, selectors: Sequence[CaseSelector],
                         configured_spacing: Sequence[float]) -> torch.Tensor:
-    """[E, *spatial] logits of one image -> logits whose positive part is, per expression, the union of the
-    finding candidates the selectors (averaged over folds) pick; chosen voxels keep the finding logits."""
+    """[E, *spatial] logits for the E `texts` on one image: positive on the union of the finding candidates the
+    selectors (averaged over folds and seeds) pick for each text, where they keep the finding logits."""
     finding = finding_logits.float().cpu()
     spacing = preprocessed_spacing(configured_spacing, finding.ndim)
     candidates = find_candidates((finding > 0).numpy(), spacing)
@@ -115,5 +115,5 @@ def select_case_lesions(expression_logits: torch.Tensor, finding_logits: torch.T
         if candidates.count else np.zeros((len(texts), 0))
     selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(p > 0.5))) for p in probabilities])
     chosen = torch.where(selected, finding.clamp_min(0.0).unsqueeze(0), torch.tensor(UNSELECTED_LOGIT))
-    return chosen.to(expression_logits.dtype)
+    return chosen.to(finding_logits.dtype)
 
