@@ -73,16 +73,20 @@ def test_all_nan_nifti_read_as_zeros_is_warned_as_constant(tmp_path, monkeypatch
         check_input_images(str(tmp_path / "in"), {**DATASET_JSON, "file_ending": ".nii.gz"}, SimpleITKIO(), [])
 
 
-def test_direction_unlike_the_training_data_is_warned(tmp_path, monkeypatch):
+def test_axes_ordered_unlike_the_training_data_are_warned_but_flips_are_not(tmp_path, monkeypatch):
     monkeypatch.delenv(ALLOW_NONFINITE_ENV, raising=False)
     identity = [1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0]
-    folder = _folder(tmp_path, {"mirrored": _noise()}, direction=FLIPPED)
-    with pytest.warns(UserWarning, match=r"case 'mirrored' has direction matrix \[-1.0, 0.0, .*the training data "
-                                         r"\[1.0, 0.0, .*\(left/right"):
+    transposed = (0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 1.0)
+    folder = _folder(tmp_path, {"transposed": _noise()}, direction=transposed)
+    with pytest.warns(UserWarning, match=r"case 'transposed' has direction matrix \[0.0, 1.0, .*the training data "
+                                         r"\[1.0, 0.0, .*ordered or rotated .*\(left/right"):
         check_input_images(folder, DATASET_JSON, SimpleITKIO(), [identity])
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        check_input_images(folder, DATASET_JSON, SimpleITKIO(), [identity, list(FLIPPED)])
+        check_input_images(folder, DATASET_JSON, SimpleITKIO(), [identity, list(transposed)])
+        (tmp_path / "flipped").mkdir()
+        check_input_images(_folder(tmp_path / "flipped", {"mirrored": _noise()}, direction=FLIPPED), DATASET_JSON,
+                           SimpleITKIO(), [identity])
 
 
 def test_training_directions_come_from_the_preprocessed_properties(tmp_path):

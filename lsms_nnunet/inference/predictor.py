@@ -5,7 +5,8 @@ window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue
 - the expressions come from the companion `expressions.json` in the input folder (or `LSMS_EXPRESSIONS` /
   `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written, as is the output:
   never the input folder or inside it, no expression id named like an input image;
-- each image is preprocessed once; all of its expressions are bound to the network as prompts, so every sliding-window
+- each image is preprocessed once and seen in canonical orientation (preprocessing/orientation.py; flipped back
+  before export); all of its expressions are bound to the network as prompts, so every sliding-window
   patch runs once for all of them, batched;
 - the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
   (`<expression id><file ending>`), plus `expressions_index.json`.
@@ -37,6 +38,7 @@ from text_conditioning.expressions import Expression, ExpressionsError, load_exp
 
 from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError, network_config_of
+from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
 from lsms_nnunet.selection.selector import CaseSelector
@@ -369,7 +371,9 @@ class LSMSPredictor(nnUNetPredictor):
             output_folder, case = os.path.split(item["ofile"])
             expressions = [e for e in self._expressions if e.case == case]
             print(f"\nPredicting {case}: {len(expressions)} expressions")
-            logits = self.predict_prompt_logits(data, [e.text for e in expressions])
+            flips = canonical_flip_axes(item["data_properties"], self.plans_manager.transpose_forward)
+            logits = flip_spatial(self.predict_prompt_logits(flip_spatial(data, flips), [e.text for e in expressions]),
+                                  flips)
             export_expression_masks(logits, item["data_properties"], self.configuration_manager, self.plans_manager,
                                     reader_writer, [e.id for e in expressions], output_folder, ending,
                                     save_probabilities)
@@ -425,7 +429,8 @@ def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases:
 
     output_folder = Path(trainer.output_folder) / "validation"
     output_folder.mkdir(parents=True, exist_ok=True)
-    dataset = trainer.dataset_class(trainer.preprocessed_dataset_folder, list(validation_cases))
+    dataset = trainer.canonically_oriented(trainer.dataset_class(trainer.preprocessed_dataset_folder,
+                                                                 list(validation_cases)))
     reader_writer = trainer.plans_manager.image_reader_writer_class()
     ending = trainer.dataset_json["file_ending"]
     expressions = [e for e in trainer.prompt_set.expressions if e.case in set(validation_cases)]
@@ -434,6 +439,7 @@ def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases:
         data, _, _, properties = dataset.load_case(case)
         logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
                                                  [e.text for e in case_expressions], trainer.text_cache_folder)
+        logits = flip_spatial(logits, canonical_flip_axes(properties, trainer.plans_manager.transpose_forward))
         export_expression_masks(logits, properties, trainer.configuration_manager, trainer.plans_manager,
                                 reader_writer, [e.id for e in case_expressions], output_folder, ending)
     gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"

@@ -2,7 +2,8 @@
 
 nnU-Net segments whatever array it reads. An all-NaN or constant image still gets lesion masks, NaNs in training
 images poison the intensity fingerprint (CT normalisation clips to NaN percentiles), and an image stored with another
-direction matrix than the training data is a mirrored array to the network ("left" answered as "right"). These
+direction matrix than the training data is a mirrored or transposed array to the network (flips are undone for
+referring models by preprocessing/orientation.py; axis order and rotation are only warned about). These
 functions read nothing themselves: callers pass what nnU-Net's reader returned.
 """
 from __future__ import annotations
@@ -62,13 +63,25 @@ def training_directions(preprocessed_folder: str | Path) -> list[list[float]]:
     return directions
 
 
+def _up_to_flips(direction: Sequence[float]) -> list[float]:
+    """A direction matrix with each index axis turned to point along its dominant patient axis: flips are undone for
+    referring models (preprocessing/orientation.py), so only axis order and rotation remain to compare."""
+    dim = int(round(len(direction) ** 0.5))
+    matrix = np.reshape(np.asarray(direction, dtype=float), (dim, dim))
+    signs = np.sign(matrix[np.argmax(np.abs(matrix), axis=0), np.arange(dim)])
+    return [round(float(v), DIRECTION_DECIMALS) + 0.0 for v in (matrix * signs).ravel()]
+
+
 def warn_if_orientation_differs(case: str, properties: Mapping, known_directions: Sequence[Sequence[float]]) -> None:
-    """nnU-Net never reorients: an image stored with another direction than every training image is a mirrored or
-    rotated array to the network, which turns "left" into "right". Warn; the arrays may still be right."""
+    """nnU-Net never reorients. Flips are undone for referring models, but an image whose axes are ordered or rotated
+    unlike every training image is a transposed or rotated array to the network, which turns "left" into "upper".
+    Warn; the arrays may still be right."""
     direction = direction_of(properties)
-    if direction is None or not known_directions or list(direction) in [list(d) for d in known_directions]:
+    if direction is None or not known_directions or \
+            _up_to_flips(direction) in [_up_to_flips(d) for d in known_directions]:
         return
     warnings.warn(f"Image of case {case!r} has direction matrix {list(direction)}, the training data "
-                  f"{' or '.join(str(list(d)) for d in known_directions)}: nnU-Net does not reorient, so sides and "
-                  "positions in the expressions (left/right, upper/lower) may be answered mirrored. Fix: resample the "
-                  "image to the training orientation (e.g. SimpleITK DICOMOrient) before predicting.", stacklevel=2)
+                  f"{' or '.join(str(list(d)) for d in known_directions)}: its axes are ordered or rotated unlike "
+                  "the training images and nnU-Net does not reorient, so sides and positions in the expressions "
+                  "(left/right, upper/lower) may be answered wrongly. Fix: resample the image to the training "
+                  "orientation (e.g. SimpleITK DICOMOrient) before predicting.", stacklevel=2)

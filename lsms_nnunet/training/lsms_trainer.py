@@ -39,6 +39,7 @@ from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_ne
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
+from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
 from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selectors
 from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors
@@ -218,6 +219,8 @@ class LSMSTrainer(nnUNetTrainer):
                                                         foreground_labels=binary.foreground_labels, regions=None,
                                                         ignore_label=None)
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
+        if self.prompt_set.mode == REFERRING:
+            dataset_tr, dataset_val = self.canonically_oriented(dataset_tr), self.canonically_oriented(dataset_val)
         text_bank = self._text_bank()
         prompts_by_case = self._prompts_by_case(dataset_tr.identifiers + dataset_val.identifiers)
         bias = self.present_label_bias if self.prompt_set.mode == PLAIN else 0.0
@@ -293,12 +296,16 @@ class LSMSTrainer(nnUNetTrainer):
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
 
+    def canonically_oriented(self, dataset) -> CanonicallyOrientedDataset:
+        """Referring images are seen in one orientation: "left" is the patient's left however a scan is stored."""
+        return CanonicallyOrientedDataset(dataset, self.plans_manager.transpose_forward)
+
     def fit_and_save_case_selectors(self, train_keys: list[str], finding_mask: Callable[[np.ndarray], np.ndarray]
                                     ) -> list[CaseSelector]:
         """Fit the case-level selector on this fold's training cases (candidates: the network's finding answers) and
         save it next to the checkpoints, where `nnUNetv2_predict` finds it; refitted by every validation run,
         `--val` included."""
-        dataset = self.dataset_class(self.preprocessed_dataset_folder, train_keys)
+        dataset = self.canonically_oriented(self.dataset_class(self.preprocessed_dataset_folder, train_keys))
         texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
         constant = self.model_card["constant_text"]
         cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
