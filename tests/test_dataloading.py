@@ -99,3 +99,18 @@ def test_the_finding_prompt_refers_to_every_lesion_of_the_case():
     target = loader.generate_train_batch()["target"]
     assert (target[:, 0, 2:6, 2:6] == 1).all() and (target[:, 0, 56:60, 56:60] == 1).all()
     assert int((target == 1).sum()) == 2 * 32
+
+
+def test_finding_fraction_sets_how_often_the_finding_prompt_is_drawn():
+    prompts = {"case": [Prompt(("all lesions",), (), "case-finding", all_regions=True),
+                        Prompt(("the upper lesion",), (1,), "case-e0"), Prompt(("the lower lesion",), (2,), "case-e1")]}
+    bank = TextEmbeddingBank({text: (np.zeros((4, 8), np.float32), np.ones(4, bool), np.zeros(8))
+                              for text in ("all lesions", "the upper lesion", "the lower lesion")})
+    counts = {}
+    for fraction in (0.0, 0.75):
+        loader = LSMSDataLoader(_FakeDataset(_region_map()), 8, (64, 64), (64, 64),
+                                LabelManager({"background": 0, "target": 1}, None), prompts_by_case=prompts,
+                                text_bank=bank, finding_fraction=fraction)
+        keys = [key for _ in range(40) for key in loader.generate_train_batch()["text_keys"]]
+        counts[fraction] = keys.count("all lesions") / len(keys)
+    assert abs(counts[0.0] - 1 / 3) < 0.08 and abs(counts[0.75] - 0.75) < 0.08

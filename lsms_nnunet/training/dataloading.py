@@ -48,16 +48,22 @@ class PromptSamplingDataset:
     """
 
     def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float,
-                 prompts_per_image: int = 1):
+                 prompts_per_image: int = 1, finding_fraction: float = 0.0):
         self.dataset = dataset
         self.identifiers = dataset.identifiers
         self.prompts_by_case = prompts_by_case
         self.present_label_bias = present_label_bias
         self.prompts_per_image = prompts_per_image
+        self.finding_fraction = finding_fraction
         self.drawn: list[tuple[Prompt, str]] = []  # (prompt, text) per slot of the batch being built
 
     def _draw(self, case: str, class_locations: Mapping) -> Prompt:
         prompts = self._not_yet_answered(case)
+        finding = [p for p in prompts if p.all_regions]
+        if finding and self.finding_fraction > 0:
+            if random.random() < self.finding_fraction:
+                return finding[0]
+            prompts = [p for p in prompts if not p.all_regions] or prompts
         present = [p for p in prompts if p.all_regions or any(len(class_locations.get(t, ())) for t in p.targets)]
         if present and random.random() < self.present_label_bias:
             return random.choice(present)
@@ -103,10 +109,12 @@ class LSMSDataLoader(nnUNetDataLoader):
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
-                 present_label_bias: float = 0.0, prompts_per_image: int = 1, **kwargs):
+                 present_label_bias: float = 0.0, prompts_per_image: int = 1, finding_fraction: float = 0.0,
+                 **kwargs):
         if prompts_per_image < 1:
             raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}.")
-        super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image),
+        super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image,
+                                               finding_fraction),
                          batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
 

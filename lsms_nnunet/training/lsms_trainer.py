@@ -119,6 +119,9 @@ class LSMSTrainer(nnUNetTrainer):
     #: one step). Default 1, nnU-Net's own sampling: on the synthetic 2D benchmark (batch 8, 1,000 iterations, two
     #: runs each) 2 gave mean Dice 0.525 / 0.567 and 1 gave 0.559 / 0.659 — no gain for fewer distinct images.
     prompts_per_image: int = 1
+    #: Referring tasks: share of draws that ask a case's finding prompt (all lesions), whose answer is every
+    #: expression's candidate set under case selection; the rest are drawn uniformly among its expressions.
+    finding_fraction: float = 0.0
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -226,6 +229,7 @@ class LSMSTrainer(nnUNetTrainer):
         bias = self.present_label_bias if self.prompt_set.mode == PLAIN else 0.0
         common = dict(prompts_by_case=prompts_by_case, text_bank=text_bank, present_label_bias=bias,
                       prompts_per_image=min(self.prompts_per_image, self.batch_size),
+                      finding_fraction=self.finding_fraction if self.prompt_set.mode == REFERRING else 0.0,
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,
