@@ -5,12 +5,14 @@ nnUNetv2_train -tr LSMSTrainer_test -> stock nnUNetv2_predict with a companion e
 """
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
@@ -75,6 +77,26 @@ def test_checkpoint_records_text_encoder(trained):
     assert card["text_encoder"]["name"] == "all-MiniLM-L6-v2"
     assert card["text_encoder"]["sha256"] == MINILM_SHA256
     assert card["text_encoder"]["dim"] == 384
+    plans = json.loads((trained["model"] / "plans.json").read_text(encoding="utf-8"))
+    assert plans["configurations"][trained["configuration"]][MODEL_CARD_PLANS_KEY] == card  # the card is in the plans
+
+
+def test_model_folder_from_before_cards_in_plans_predicts_the_same(trained_models, run, tmp_path):
+    """A model folder whose plans.json has no card (written by an earlier lsms-nnunet) takes it from the checkpoint."""
+    trained = trained_models["2d"]
+    legacy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
+    shutil.copytree(trained["model"], legacy)
+    plans = json.loads((legacy / "plans.json").read_text(encoding="utf-8"))
+    del plans["configurations"]["2d"][MODEL_CARD_PLANS_KEY]
+    (legacy / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
+    images = trained["raw"] / "imagesTs"
+    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "now"))
+    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "legacy"),
+        nnUNet_results=str(tmp_path / "results"))
+    for expression in json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]:
+        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / f"{expression['id']}.nii.gz")))
+                 for folder in ("now", "legacy")]
+        assert np.array_equal(*masks)
 
 
 def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path):

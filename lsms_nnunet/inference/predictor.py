@@ -13,7 +13,7 @@ window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue
 A plain-task model without a companion file binds its label prompts and the stock nnU-Net export writes an ordinary
 label map (and `--save_probabilities` npz) per case.
 
-The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`; `model_card_for_builder` (called from
+The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`; inference/nnunet_shim.py (called from
 `LSMSTrainer.build_network_architecture`) turns it into an `LSMSPredictor`.
 """
 from __future__ import annotations
@@ -40,7 +40,7 @@ from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError, network_config_of
 from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
-from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
+from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
 from lsms_nnunet.selection.selector import CaseSelector
 
 EXPRESSIONS_ENV = "LSMS_EXPRESSIONS"
@@ -381,30 +381,6 @@ class LSMSPredictor(nnUNetPredictor):
             write_index(Path(output_folder), entries)
             written.extend(entries)
         return written
-
-
-def model_card_for_builder(caller_locals: Mapping) -> dict:
-    """The model card for `LSMSTrainer.build_network_architecture`, found from whoever is calling it.
-
-    - an LSMSTrainer building its network: the trainer's card;
-    - nnU-Net's predictor restoring a checkpoint (stock `nnUNetv2_predict`): the card stored in the checkpoint's
-      weights; the predictor is switched to `LSMSPredictor` so the stock command answers expressions.
-    """
-    from lsms_nnunet.training.lsms_trainer import LSMSTrainer
-
-    caller = caller_locals.get("self")
-    if isinstance(caller, LSMSTrainer):
-        return caller.model_card
-    if isinstance(caller, nnUNetPredictor) and caller_locals.get("parameters"):
-        if not isinstance(caller, LSMSPredictor):
-            caller.__class__ = LSMSPredictor
-        card = caller_locals["parameters"][0]["_extra_state"]
-        if card["mode"] != PLAIN and network_config_of(card).case_selection:
-            caller.case_selectors = load_case_selectors(caller_locals["model_training_output_dir"],
-                                                        caller_locals["use_folds"], card["text_encoder"]["sha256"])
-        return card
-    raise RuntimeError("An LSMS network needs its model card: build it through LSMSTrainer or restore it from an LSMS "
-                       "checkpoint with nnU-Net's predictor (nnUNetv2_predict / LSMSv2_predict).")
 
 
 def referring_predictor(trainer) -> LSMSPredictor:

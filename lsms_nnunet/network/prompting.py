@@ -30,6 +30,8 @@ MODEL_CARD_FORMAT = "lsms-model-card"
 #: Version 2 added the prompt decoder, the existence head and position-aware heads, version 3 case selection (the
 #: settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so their checkpoints load unchanged).
 MODEL_CARD_VERSION = 3
+#: The card's key in the configuration of the plans that LSMSTrainer hands nnU-Net (copied to the model folder).
+MODEL_CARD_PLANS_KEY = "lsms_model_card"
 
 
 class TextEncoderMismatchError(RuntimeError):

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import sys
 from pathlib import Path
 from typing import Callable
 
@@ -35,7 +34,9 @@ from text_conditioning.encoders import EncoderIdentity
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
-from lsms_nnunet.network.prompting import PromptableLSMSNet, build_promptable_network, make_model_card
+from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_model_card, stock_loader_locals
+from lsms_nnunet.network.prompting import (MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network,
+                                          make_model_card)
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
@@ -137,6 +138,11 @@ class LSMSTrainer(nnUNetTrainer):
         self.configuration_manager.configuration["batch_dice"] = uses_batch_dice(
             self.prompt_set.mode, self.configuration_manager.batch_dice)
         self.model_card = self._make_model_card()
+        # nnU-Net copies these plans into the model folder (plans.json): the card travels with them, and
+        # build_network_architecture reads it from the configuration, in training and in prediction alike.
+        for configuration_dict in (self.plans_manager.plans["configurations"][configuration],
+                                   self.configuration_manager.configuration):
+            configuration_dict[MODEL_CARD_PLANS_KEY] = self.model_card
 
     def _make_model_card(self) -> dict:
         identity = self.text_encoder_identity
@@ -171,9 +177,17 @@ class LSMSTrainer(nnUNetTrainer):
     @staticmethod
     def build_network_architecture(plans_manager, configuration_manager, num_input_channels: int,
                                    num_output_channels: int, enable_deep_supervision: bool = True) -> nn.Module:
-        from lsms_nnunet.inference.predictor import model_card_for_builder
-
-        model_card = model_card_for_builder(sys._getframe(1).f_locals)
+        """The card comes with the configuration (the plans); nnU-Net's stock predictor restoring an LSMS checkpoint is
+        turned into an LSMSPredictor here, the one moment LSMS code sees it (inference/nnunet_shim.py)."""
+        model_card = configuration_manager.configuration.get(MODEL_CARD_PLANS_KEY)
+        stock_loader = stock_loader_locals()
+        if model_card is None:
+            if stock_loader is None:
+                raise RuntimeError(f"The configuration has no LSMS model card ('{MODEL_CARD_PLANS_KEY}'). Fix: "
+                                   "build the network through LSMSTrainer, or restore it from an LSMS model folder.")
+            model_card = checkpoint_model_card(stock_loader)  # a model folder from before cards lived in the plans
+        if stock_loader is not None:
+            adopt_stock_predictor(stock_loader, model_card)
         return build_promptable_network(configuration_manager, num_input_channels, model_card,
                                         enable_deep_supervision)
 
