@@ -11,10 +11,12 @@ import torch
 
 from text_conditioning.encoders import EncodedTexts
 
+from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
                                               describe_candidates, find_candidates)
-from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
-from lsms_nnunet.selection.selector import (SelectionExample, fit_selector, load_selectors, save_selectors)
+from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
+from lsms_nnunet.selection.selector import (SELECTOR_FILE, SelectionExample, fit_selector, load_selectors,
+                                            save_selectors, selectors_to_payload)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
@@ -136,3 +138,17 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded[0].predict(examples)))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")
+
+
+def test_fold_selectors_come_from_the_checkpoint_else_the_file_else_none(tmp_path, capsys):
+    rng = np.random.default_rng(3)
+    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5,
+                            log=lambda *_: None)
+    in_checkpoint = {"_extra_state": {CASE_SELECTOR_STATE_KEY: selectors_to_payload([selector], "abc")}}
+    (tmp_path / "fold_1").mkdir()
+    save_selectors([selector, selector], tmp_path / "fold_1" / SELECTOR_FILE, "abc")  # validated before checkpoints
+    assert len(load_case_selectors(tmp_path, [0, 1], [in_checkpoint, {"_extra_state": {}}], "abc")) == 3
+    assert "no case selector" not in capsys.readouterr().out
+    assert load_case_selectors(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") == []
+    warning = capsys.readouterr().out
+    assert "no case selector" in warning and "fold_2" in warning and "--val" in warning

@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import SimpleITK as sitk
+import torch
 
-from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY
+from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
-from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors
+from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors, selectors_from_payload
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
@@ -66,6 +67,8 @@ def test_stock_train_writes_per_expression_validation(trained):
     assert "case selector: fitting on" in (next((trained["model"] / "fold_0").glob("training_log_*.txt"))
                                            .read_text(encoding="utf-8"))
     load_selectors(trained["model"] / "fold_0" / SELECTOR_FILE, MINILM_SHA256)  # fitted with the model's encoder
+    weights = load_checkpoint_safely(trained["model"] / "fold_0" / "checkpoint_final.pth")["network_weights"]
+    selectors_from_payload(weights["_extra_state"][CASE_SELECTOR_STATE_KEY], MINILM_SHA256, "the checkpoint")
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
 
@@ -78,6 +81,7 @@ def test_checkpoint_records_text_encoder(trained):
     assert card["text_encoder"]["sha256"] == MINILM_SHA256
     assert card["text_encoder"]["dim"] == 384
     plans = json.loads((trained["model"] / "plans.json").read_text(encoding="utf-8"))
+    card.pop(CASE_SELECTOR_STATE_KEY)  # fitted at validation, per fold
     assert plans["configurations"][trained["configuration"]][MODEL_CARD_PLANS_KEY] == card  # the card is in the plans
 
 
@@ -120,18 +124,24 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
     assert summary["aggregate"]["n_expressions"] == len(expressions)
 
 
-def test_stock_predict_answers_through_the_fold_case_selector(trained_models, run, tmp_path):
-    """nnUNetv2_predict loads the fold's case selector; without it, it says so and answers with the network."""
+def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(trained_models, run, tmp_path):
+    """nnUNetv2_predict takes each fold's case selector from its checkpoint (what nnUNetv2_export_model_to_zip packs);
+    a model validated before checkpoints carried it uses case_selector.pt; with neither it says so and answers with
+    the network alone."""
     trained = trained_models["2d"]
     images = trained["raw"] / "imagesTs"
-    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "with"))
+    without_file = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
+    shutil.copytree(trained["model"], without_file)
+    (without_file / "fold_0" / SELECTOR_FILE).unlink()
+    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "checkpoint_only"),
+                 nnUNet_results=str(tmp_path / "results"))
     assert "no case selector" not in result.stdout + result.stderr
-    selector = trained["model"] / "fold_0" / SELECTOR_FILE
-    moved = selector.rename(tmp_path / SELECTOR_FILE)
-    try:
-        result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "without"))
-    finally:
-        moved.rename(selector)
+    checkpoint_file = without_file / "fold_0" / "checkpoint_final.pth"
+    checkpoint = load_checkpoint_safely(checkpoint_file)
+    del checkpoint["network_weights"]["_extra_state"][CASE_SELECTOR_STATE_KEY]
+    torch.save(checkpoint, checkpoint_file)
+    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither"),
+                 nnUNet_results=str(tmp_path / "results"))
     assert "no case selector" in result.stdout + result.stderr and "--val" in result.stdout + result.stderr
 
 
@@ -281,7 +291,7 @@ def _stored_mirrored(image: sitk.Image) -> sitk.Image:
     return mirrored
 
 
-def test_a_scan_stored_mirrored_gets_the_same_physical_answer(trained_models, run, tmp_path):
+def test_a_scan_stored_mirrored_gets_the_same_physical_answer(trained_models, tmp_path):
     trained = trained_models["3d_fullres"]
     source = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
     image = sitk.ReadImage(str(source))
@@ -289,15 +299,18 @@ def test_a_scan_stored_mirrored_gets_the_same_physical_answer(trained_models, ru
     images.mkdir()
     sitk.WriteImage(image, str(images / "stored_0000.nii.gz"))
     sitk.WriteImage(_stored_mirrored(image), str(images / "mirrored_0000.nii.gz"))
-    selector = trained["model"] / "fold_0" / SELECTOR_FILE
-    aside = selector.with_name("aside.pt")
-    selector.rename(aside)  # the network's own answer: voxel-wise probabilities, not a choice among candidates
-    try:
-        run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "out"), "--text", "the lesion in the left lobe",
-            "--save_probabilities")
-    finally:
-        aside.rename(selector)
-    stored, mirrored = (np.load(tmp_path / "out" / f"{case}-text.npz")["probabilities"][1]
+    expressions = [{"id": f"{case}-left", "case": case, "text": "the lesion in the left lobe"}
+                   for case in ("stored", "mirrored")]
+    (images / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1,
+                                                          "expressions": expressions}), encoding="utf-8")
+    import lsms_nnunet_ext_hook  # noqa: F401  (nnU-Net finds the trainer named in the checkpoint)
+    from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+    predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained["model"]), (0,), "checkpoint_final.pth")
+    predictor.case_selectors = []  # the network's own voxel-wise answer, not a choice among candidates
+    predictor.predict_from_files_sequential(str(images), str(tmp_path / "out"), save_probabilities=True)
+    stored, mirrored = (np.load(tmp_path / "out" / f"{case}-left.npz")["probabilities"][1]
                         for case in ("stored", "mirrored"))
     assert not np.allclose(stored, stored[..., ::-1], atol=1e-3)  # the answer has a side: the check can fail
     assert np.allclose(mirrored[..., ::-1], stored, atol=1e-5)

@@ -4,9 +4,9 @@ The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`, which knows nothi
 hook through which a trainer chooses its predictor. The only LSMS code its `initialize_from_trained_model_folder`
 runs is `LSMSTrainer.build_network_architecture`, which calls `adopt_stock_predictor` below: that reads the calling
 frame's local variables (`self`, `model_training_output_dir`, `use_folds`, `parameters`: names in nnU-Net 2.8), turns
-the predictor into an `LSMSPredictor` and loads the case selectors of the folds it uses. It was checked against
-CHECKED_NNUNET_VERSIONS and refuses others with a message naming the fix; everything else (the model card) reaches
-the network through the plans.
+the predictor into an `LSMSPredictor` and loads the case selectors of the folds it uses (from their checkpoints). It
+was checked against CHECKED_NNUNET_VERSIONS and refuses others with a message naming the fix; everything else (the
+model card) reaches the network through the plans.
 """
 from __future__ import annotations
 
@@ -56,7 +56,8 @@ def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
         predictor.__class__ = LSMSPredictor
     if model_card["mode"] != PLAIN and network_config_of(model_card).case_selection:
         predictor.case_selectors = load_case_selectors(loader_locals["model_training_output_dir"],
-                                                       loader_locals["use_folds"], model_card["text_encoder"]["sha256"])
+                                                       loader_locals["use_folds"], loader_locals["parameters"],
+                                                       model_card["text_encoder"]["sha256"])
 
 
 def checkpoint_model_card(loader_locals: Mapping) -> Mapping:

@@ -32,6 +32,9 @@ MODEL_CARD_FORMAT = "lsms-model-card"
 MODEL_CARD_VERSION = 3
 #: The card's key in the configuration of the plans that LSMSTrainer hands nnU-Net (copied to the model folder).
 MODEL_CARD_PLANS_KEY = "lsms_model_card"
+#: Where a fold's checkpoint carries its case selector, beside the card in the weights' extra state (written at
+#: validation; the checkpoint is the one file nnUNetv2_export_model_to_zip is sure to pack).
+CASE_SELECTOR_STATE_KEY = "case_selector"
 
 
 class TextEncoderMismatchError(RuntimeError):
@@ -90,7 +93,7 @@ class PromptableLSMSNet(LSMSNet):
 
     def set_extra_state(self, state: Any) -> None:
         check_same_text_encoder(state, self.model_card)
-        self.model_card = dict(state)
+        self.model_card = {key: value for key, value in state.items() if key != CASE_SELECTOR_STATE_KEY}
 
 
 def check_same_text_encoder(loaded_card: Mapping, expected_card: Mapping) -> None:

@@ -8,7 +8,7 @@ fitted on), before the logits are resampled back to the original geometry.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -16,10 +16,11 @@ import torch
 from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
+from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (candidates_from_regions, describe_candidates, find_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, fit_selectors,
-                                            load_selectors)
+                                            load_selectors, selectors_from_payload)
 
 UNSELECTED_LOGIT = -1.0  # outside the chosen candidates: below the mask threshold, saved probabilities still rank
 
@@ -85,18 +86,25 @@ def fit_case_selectors(dataset, cases: Sequence[str], expressions: Sequence[Expr
     return fit_selectors(examples, log=log)
 
 
-def load_case_selectors(model_folder: str | Path, folds: Sequence, text_encoder_sha256: str) -> list[CaseSelector]:
-    """The selectors of the folds used for prediction (each fold's members); if one is missing, none is used."""
+def load_case_selectors(model_folder: str | Path, folds: Sequence, fold_weights: Sequence[Mapping],
+                        text_encoder_sha256: str) -> list[CaseSelector]:
+    """The selectors of the folds used for prediction (each fold's members), from each fold's checkpoint weights or,
+    for models validated before checkpoints carried them, from `fold_X/case_selector.pt`; if a fold has neither, no
+    selector is used."""
     selectors, missing = [], []
-    for fold in folds:
+    for fold, weights in zip(folds, fold_weights):
+        payload = weights.get("_extra_state", {}).get(CASE_SELECTOR_STATE_KEY)
         path = Path(model_folder) / f"fold_{fold}" / SELECTOR_FILE
-        if path.is_file():
+        if payload is not None:
+            selectors.extend(selectors_from_payload(payload, text_encoder_sha256, f"the checkpoint of fold {fold}"))
+        elif path.is_file():
             selectors.extend(load_selectors(path, text_encoder_sha256))
         else:
             missing.append(str(path))
     if missing:
-        print(f"WARNING: no case selector at {missing}: these models answer without case-level selection. Fix: "
-              f"rerun their validation (nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER --val) to fit it.")
+        print(f"WARNING: no case selector for {missing} (in the checkpoint or beside it): these models answer without "
+              f"case-level selection. Fix: rerun their validation (nnUNetv2_train DATASET CONFIG FOLD -tr TRAINER "
+              f"--val) to fit it.")
         return []
     return selectors
 

@@ -167,28 +167,37 @@ def fit_selectors(examples: Sequence[SelectionExample], members: int = ENSEMBLE_
     return [fit_selector(examples, seed=seed, log=log) for seed in range(members)]
 
 
-def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str) -> None:
-    """Write atomically; plain tensors and numbers only, so it loads with weights_only=True."""
-    path = Path(path)
-    partial = path.with_name(f".partial-{path.name}")
+def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256: str) -> dict:
+    """Plain tensors and numbers only, so it loads with weights_only=True (in its own file or in a checkpoint)."""
     first = selectors[0]
-    torch.save({"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
-                "text_dim": first.text_dim, "width": first.width, "text_encoder_sha256": text_encoder_sha256,
-                "members": [selector.state_dict() for selector in selectors]}, partial)
-    partial.replace(path)
+    return {"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
+            "text_dim": first.text_dim, "width": first.width, "text_encoder_sha256": text_encoder_sha256,
+            "members": [selector.state_dict() for selector in selectors]}
 
 
-def load_selectors(path: Path, text_encoder_sha256: str) -> list[CaseSelector]:
-    content = torch.load(path, map_location="cpu", weights_only=True)
+def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str) -> list[CaseSelector]:
     if content.get("format") != SELECTOR_FORMAT or content.get("version") != SELECTOR_VERSION:
-        raise ValueError(f"{path} is not a case selector of version {SELECTOR_VERSION}. Fix: refit it by rerunning "
+        raise ValueError(f"{source} holds no case selector of version {SELECTOR_VERSION}. Fix: refit it by rerunning "
                          f"validation (nnUNetv2_train ... --val) with this lsms-nnunet.")
     if content["text_encoder_sha256"] != text_encoder_sha256:
-        raise ValueError(f"{path} was fitted with another text encoder than its model. Fix: rerun validation "
-                         f"(nnUNetv2_train ... --val) to refit it.")
+        raise ValueError(f"The case selector in {source} was fitted with another text encoder than its model. Fix: "
+                         f"rerun validation (nnUNetv2_train ... --val) to refit it.")
     selectors = []
     for state in content["members"]:
         selector = CaseSelector(content["descriptor_dim"], content["text_dim"], content["width"])
         selector.load_state_dict(state)
         selectors.append(selector.eval())
     return selectors
+
+
+def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str) -> None:
+    """Write atomically."""
+    path = Path(path)
+    partial = path.with_name(f".partial-{path.name}")
+    torch.save(selectors_to_payload(selectors, text_encoder_sha256), partial)
+    partial.replace(path)
+
+
+def load_selectors(path: Path, text_encoder_sha256: str) -> list[CaseSelector]:
+    return selectors_from_payload(torch.load(path, map_location="cpu", weights_only=True), text_encoder_sha256,
+                                  str(path))

@@ -35,15 +35,15 @@ from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_model_card, stock_loader_locals
-from lsms_nnunet.network.prompting import (MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network,
-                                          make_model_card)
+from lsms_nnunet.network.prompting import (CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY, PromptableLSMSNet,
+                                          build_promptable_network, make_model_card)
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
 from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selectors
-from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors
+from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors, selectors_to_payload
 from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
 
 BINARY_LABELS = {"background": 0, "target": 1}
@@ -123,6 +123,8 @@ class LSMSTrainer(nnUNetTrainer):
     #: Referring tasks: share of draws that ask a case's finding prompt (all lesions), whose answer is every
     #: expression's candidate set under case selection; the rest are drawn uniformly among its expressions.
     finding_fraction: float = 0.0
+    #: The checkpoint file the weights in memory came from, when loaded (None: the final weights of this run).
+    validated_checkpoint: str | None = None
 
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
@@ -333,7 +335,25 @@ class LSMSTrainer(nnUNetTrainer):
                                      text_of=(lambda _: constant) if constant else (lambda text: text),
                                      finding_mask=finding_mask, log=self.print_to_log_file)
         save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
+        self._put_selectors_in_validated_checkpoint(selectors)
         return selectors
+
+    def _put_selectors_in_validated_checkpoint(self, selectors: list[CaseSelector]) -> None:
+        """The checkpoint whose weights were validated carries the selectors fitted on them (atomically rewritten):
+        `nnUNetv2_export_model_to_zip` packs checkpoints, not `case_selector.pt`, and stock prediction reads them from
+        the weights it loads."""
+        from lsms_nnunet.training.checkpoints import load_checkpoint_safely, save_atomically
+
+        path = Path(self.validated_checkpoint or Path(self.output_folder) / "checkpoint_final.pth")
+        if not path.is_file():
+            return  # checkpointing disabled: case_selector.pt alone
+        checkpoint = load_checkpoint_safely(path)
+        weights = checkpoint["network_weights"]
+        weights["_extra_state"] = {**weights["_extra_state"],
+                                   CASE_SELECTOR_STATE_KEY: selectors_to_payload(selectors,
+                                                                                 self.text_encoder_identity.sha256)}
+        save_atomically(lambda temporary: torch.save(checkpoint, temporary), path)
+        self.print_to_log_file(f"case selector: stored in {path.name}")
 
     # ---------------------------------------------------------------- checkpoints that survive a kill
     def save_checkpoint(self, filename: str) -> None:
@@ -348,4 +368,9 @@ class LSMSTrainer(nnUNetTrainer):
 
         if isinstance(filename_or_checkpoint, str):
             filename_or_checkpoint = readable_checkpoint(filename_or_checkpoint, self.print_to_log_file)
+            self.validated_checkpoint = filename_or_checkpoint  # what --val / --val_best validate
         super().load_checkpoint(filename_or_checkpoint)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        self.validated_checkpoint = None  # the weights in memory are the final ones (checkpoint_final.pth)
