@@ -240,6 +240,8 @@ class LSMSPredictor(nnUNetPredictor):
         inputs, outputs, previous = self._manage_input_and_output_lists(
             list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
             folder_with_segs_from_prev_stage, overwrite, 0, 1, save_probabilities)
+        for folder in {os.path.dirname(output) or os.curdir for output in outputs}:  # as nnU-Net's own loop does
+            os.makedirs(folder, exist_ok=True)
         with torch.inference_mode():
             return self.predict_from_data_iterator(self._preprocessed_in_this_process(inputs, outputs, previous),
                                                    save_probabilities)
