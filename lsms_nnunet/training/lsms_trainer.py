@@ -31,10 +31,10 @@ from batchgenerators.dataloading.single_threaded_augmenter import SingleThreaded
 from text_conditioning.cache import TextEmbeddingCache
 from text_conditioning.encoders import EncoderIdentity
 
+from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_model_card, stock_loader_locals
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
-from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_model_card, stock_loader_locals
 from lsms_nnunet.network.prompting import (CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY, PromptableLSMSNet,
                                           build_promptable_network, make_model_card)
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
@@ -323,8 +323,8 @@ class LSMSTrainer(nnUNetTrainer):
     def fit_and_save_case_selectors(self, train_keys: list[str], finding_mask: Callable[[np.ndarray], np.ndarray]
                                     ) -> list[CaseSelector]:
         """Fit the case-level selector on this fold's training cases (candidates: the network's finding answers) and
-        save it next to the checkpoints, where `nnUNetv2_predict` finds it; refitted by every validation run,
-        `--val` included."""
+        save it in the validated checkpoint and beside it, where `nnUNetv2_predict` finds it; refitted by every
+        validation run, `--val` included."""
         dataset = self.canonically_oriented(self.dataset_class(self.preprocessed_dataset_folder, train_keys))
         texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
         constant = self.model_card["constant_text"]
