@@ -1,10 +1,13 @@
 """LSMSv2_benchmark end to end on a tiny synthetic 2D referring dataset (1 epoch x 2 iterations, tiny plans):
 vanilla nnU-Net on merged labels, LSMS and LSMS with constant text; then a re-run that must not retrain."""
 import json
+import random
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
+import torch
 
 from lsms_nnunet.planning.variants import make_plans_variant
 
@@ -241,3 +244,58 @@ def test_merged_lesion_labels_make_one_region_of_all_ids():
     assert regions["labels"]["region_1"] == 1  # the caller's dataset_json is not modified
     single = merged_lesion_labels({"labels": {"background": 0, "region_1": 1}, "regions_class_order": [1]})
     assert single["labels"] == {"background": 0, "lesion": 1} and "regions_class_order" not in single
+
+
+def _seed_results(lsms_dice: float, vanilla_lesion_dice: float, size_dice: float) -> dict:
+    def variant(name, dice, lesion, categories):
+        return {"name": name, "referring": {"mean_dice": dice, "no_target_accuracy": 0.5},
+                "plain_lesion": {"mean_dice": lesion}, "cost": {"seconds_per_iteration_vs_vanilla": 2.0},
+                "referring_per_category": {c: {"mean_dice": d} for c, d in categories.items()}}
+    return {"dataset": "Dataset1_x", "configuration": "2d", "plans": "nnUNetPlans", "folds": [0],
+            "budget": {"epochs": 1, "iterations_per_epoch": 2}, "device": "cpu",
+            "text_blind_ceiling": {"mean_dice": 0.5},
+            "variants": [variant("nnunet_merged", 0.5, vanilla_lesion_dice, {"size": 0.25}),
+                         variant("lsms", lsms_dice, 0.7, {"size": size_dice, "kind": 0.9})]}
+
+
+def test_results_over_seeds_report_mean_spread_and_the_ratio_to_vanillas_lesion_dice():
+    from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
+
+    combined = combine_seeds([0, 1, 2], [_seed_results(0.8, 1.0, 0.6), _seed_results(0.9, 0.9, 0.7),
+                                         _seed_results(0.7, 0.875, 0.8)])
+    lsms = combined["variants"][1]
+    assert lsms["mean_dice"]["mean"] == pytest.approx(0.8) and lsms["mean_dice"]["std"] == pytest.approx(0.1)
+    assert lsms["mean_dice"]["per_seed"] == [0.8, 0.9, 0.7]
+    assert lsms["per_category"]["size"]["mean"] == pytest.approx(0.7)
+    assert lsms["per_category"]["kind"]["std"] == pytest.approx(0.0)
+    assert lsms["mean_dice_vs_vanilla_lesion_dice"]["per_seed"] == pytest.approx([0.8, 1.0, 0.8])
+    table = format_seeds_table(combined)
+    assert "| lsms          | 0.800 ± 0.100 |" in table
+    assert "seed 2" in table and "0.7000" in table
+
+
+def test_seeded_setup_trains_in_its_own_folder_with_the_seed_in_the_environment(tmp_path):
+    from lsms_nnunet.benchmark.preparation import BenchmarkSetup
+    from lsms_nnunet.benchmark.variants import VANILLA
+    from lsms_nnunet.training.variants import BUDGET_SEED_ENV
+
+    setup = BenchmarkSetup("Dataset1_x", "2d", "nnUNetPlans", (0,), 1, 2, "cpu", (VANILLA,), tmp_path / "out",
+                           tmp_path / "pre", (), tmp_path / "text", ".nii.gz", (), results_root=tmp_path / "results")
+    seeded = setup.for_seed(2)
+    assert setup.fold_folder(VANILLA, 0) == tmp_path / "results" / "Dataset1_x" / \
+        "nnUNetTrainer_budget_merged__nnUNetPlans__2d" / "fold_0"
+    assert seeded.fold_folder(VANILLA, 0) == tmp_path / "out" / "seed_2" / "nnUNet_results" / "Dataset1_x" / \
+        "nnUNetTrainer_budget_merged__nnUNetPlans__2d" / "fold_0"
+    assert seeded.training_environment()[BUDGET_SEED_ENV] == "2"
+    assert seeded.training_environment()["nnUNet_results"] == str(tmp_path / "out" / "seed_2" / "nnUNet_results")
+    assert BUDGET_SEED_ENV not in setup.training_environment()
+
+
+def test_a_budget_seed_makes_the_initial_weights_repeat():
+    from lsms_nnunet.training.variants import seed_everything
+
+    seed_everything(5)
+    first = torch.nn.Conv2d(2, 3, 3).weight.detach().clone(), np.random.rand(), random.random()
+    seed_everything(5)
+    second = torch.nn.Conv2d(2, 3, 3).weight.detach().clone(), np.random.rand(), random.random()
+    assert torch.equal(first[0], second[0]) and first[1:] == second[1:]

@@ -42,17 +42,23 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
     assert not marker.exists()
 
 
-@pytest.mark.parametrize("version, expected", [(1, {"prompt_decoder": False, "case_selection": False}),
-                                               (2, {"prompt_decoder": True, "case_selection": False}),
-                                               (3, {"prompt_decoder": True, "case_selection": True})])
+#: Per card version, the settings its network entry did not have yet.
+_SETTINGS_UNKNOWN_TO = {1: None, 2: ("case_selection", "finding_head"), 3: ("finding_head",), 4: ()}
+
+
+@pytest.mark.parametrize("version, expected", [
+    (1, {"prompt_decoder": False, "case_selection": False, "finding_head": False}),
+    (2, {"prompt_decoder": True, "case_selection": False, "finding_head": False}),
+    (3, {"prompt_decoder": True, "case_selection": True, "finding_head": False}),
+    (4, {"prompt_decoder": True, "case_selection": True, "finding_head": True})])
 def test_older_model_cards_rebuild_the_model_they_were_trained_with(version, expected):
     """A card written before a setting existed means that setting was off: its checkpoint loads unchanged, and a
     model trained before case selection answers without a selector."""
     settings = LSMSConfig(text_dim=384, max_tokens=32, prompt_decoder=True, existence_head=True).to_dict()
     card = {**make_model_card("referring", LSMSConfig(), IDENTITY), "version": version}
+    unknown = _SETTINGS_UNKNOWN_TO[version]
     card["network"] = {key: value for key, value in settings.items() if key in ("text_dim", "max_tokens")} \
-        if version == 1 else {key: value for key, value in settings.items() if key != "case_selection"} \
-        if version == 2 else settings
+        if unknown is None else {key: value for key, value in settings.items() if key not in unknown}
     config = network_config_of(card)
     assert {key: getattr(config, key) for key in expected} == expected
 

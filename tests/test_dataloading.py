@@ -114,3 +114,23 @@ def test_finding_fraction_sets_how_often_the_finding_prompt_is_drawn():
         keys = [key for _ in range(40) for key in loader.generate_train_batch()["text_keys"]]
         counts[fraction] = keys.count("all lesions") / len(keys)
     assert abs(counts[0.0] - 1 / 3) < 0.08 and abs(counts[0.75] - 0.75) < 0.08
+
+
+def test_all_lesions_channel_holds_every_region_beside_the_referred_one():
+    """The finding head's target: a second channel with all lesions, cropped and augmented with the first."""
+    view = ReferredSegmentation(_region_map(), [2], all_lesions=True)
+    assert view.shape == (2, 1, 64, 64)
+    crop = view[(slice(None), slice(None), slice(0, 64), slice(0, 64))]
+    referred, lesions = crop[0, 0], crop[1, 0]
+    assert int((referred == 1).sum()) == 16 and (referred[2:6, 2:6] == 0).all()
+    assert int((lesions == 1).sum()) == 32 and (lesions[2:6, 2:6] == 1).all() and (lesions[56:60, 56:60] == 1).all()
+    assert (crop[:, 0, 0] == -1).all()  # the outside-of-mask marker stays in both channels
+    texts = ["the lesion at the bottom right"]
+    bank = TextEmbeddingBank({texts[0]: (np.zeros((4, 8), np.float32), np.ones(4, bool), np.zeros(8))})
+    loader = LSMSDataLoader(_FakeDataset(_region_map()), 2, (64, 64), (64, 64),
+                            LabelManager({"background": 0, "target": 1}, None),
+                            prompts_by_case={"case": [Prompt((texts[0],), (2,), "case-e0")]}, text_bank=bank,
+                            all_lesions_target=True)
+    target = loader.generate_train_batch()["target"]
+    assert target.shape == (2, 2, 64, 64)
+    assert [int((target[:, c] == 1).sum()) for c in (0, 1)] == [2 * 16, 2 * 32]

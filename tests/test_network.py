@@ -103,7 +103,7 @@ def test_ablations_switch_exactly_their_flag():
                         "static_head": {"text_conditioned_head": False},
                         "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False},
-                        "no_case_selection": {"case_selection": False}}
+                        "no_case_selection": {"case_selection": False}, "no_finding_head": {"finding_head": False}}
     assert set(ABLATIONS) == set(expected_changes)
     for name, changes in expected_changes.items():
         ablated = TINY.with_ablation(name).to_dict()
@@ -250,8 +250,12 @@ def test_every_ablation_builds_and_runs(ablation, dim, residual):
     assert text_matters == config.language_branch
     assert all(block.visual is not None for block in network.svla.values()) == config.visual_branch
     expected_aux = ({"voxel_embedding", "sentence_embedding", "logit_scale"} if config.contrastive else set()) | \
-        ({"existence_logit"} if config.existence_head else set())
-    assert set(network(x, *random_text(2, 0), return_aux=True)[1]) == expected_aux
+        ({"existence_logit"} if config.existence_head else set()) | ({"finding_logits"} if config.finding_head else set())
+    logits, aux = network(x, *random_text(2, 0), return_aux=True)
+    assert set(aux) == expected_aux
+    if config.finding_head:  # one 2-class all-lesion map per deep-supervision level, each the size of its level
+        assert [f.shape[2:] for f in aux["finding_logits"]] == [level.shape[2:] for level in logits]
+        assert all(f.shape[:2] == (2, 2) for f in aux["finding_logits"])
 
 
 def test_unsupported_architecture_is_named_in_the_error():
@@ -272,7 +276,7 @@ def test_new_modules_get_he_init_and_the_encoder_keeps_nnunet_init():
 # --- gradients -------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("dim, residual", ARCHITECTURES)
-def test_every_parameter_gets_gradient_from_segmentation_contrastive_and_existence_losses(dim, residual):
+def test_every_parameter_gets_gradient_from_segmentation_finding_contrastive_and_existence_losses(dim, residual):
     # Without conv biases: a bias right before an InstanceNorm has a structurally zero gradient (nnU-Net's too).
     network = build(plans_architecture(dim, residual, conv_bias=False), config=TINY.with_ablation("prompt_decoder"))
     if residual:  # nnU-Net zero-inits the last norm of each residual block, which blocks that branch at step 0
@@ -293,7 +297,7 @@ def test_every_parameter_gets_gradient_from_segmentation_contrastive_and_existen
     loss = segmentation_loss(logits, targets) + contrastive_loss(
         aux["voxel_embedding"], aux["sentence_embedding"], target, aux["logit_scale"], ["a", "b"])
     # At step 0 the zero-initialised head controllers pass no gradient to the prompt; its existence output does.
-    loss = loss + existence_loss(aux["existence_logit"], target)
+    loss = loss + existence_loss(aux["existence_logit"], target) + segmentation_loss(aux["finding_logits"], targets)
     loss.backward()
     without_gradient = [name for name, parameter in network.named_parameters()
                         if parameter.grad is None or not parameter.grad.abs().sum() > 0]
@@ -431,3 +435,57 @@ def test_contrastive_loss_rejects_mismatched_inputs():
         loss(voxel, sentence, torch.zeros(2, 1, 4, 4), torch.tensor(1.0), ["a"])
     with pytest.raises(ValueError, match="contrastive"):
         VisionLanguageContrastiveLoss(TINY.with_ablation("no_contrastive"))
+
+
+# --- finding head -----------------------------------------------------------------------------------------------
+def _promptable(config: LSMSConfig, deep_supervision: bool = True):
+    from lsms_nnunet.network.prompting import PromptableLSMSNet
+
+    architecture = plans_architecture(2, False)
+    network = build_lsms_network(architecture["network_class_name"], architecture["arch_kwargs"],
+                                 architecture["_kw_requires_import"], 1, 2, deep_supervision, config,
+                                 network_class=PromptableLSMSNet)
+    network.model_card = {}
+    return network
+
+
+def test_finding_head_answers_bound_finding_prompts_and_the_text_heads_answer_bound_prompts():
+    network = _promptable(TINY, deep_supervision=False).eval()
+    x, (tokens, mask) = image(2), random_text(3, 0)
+    with torch.no_grad():
+        network.bind_finding(tokens, mask)
+        finding = network(x)
+        network.bind_prompts(tokens, mask)
+        prompts = network(x)
+        _, aux = network(x, tokens[:1].expand(2, -1, -1), mask[:1].expand(2, -1), return_aux=True)
+        logits = network(x, tokens[:1].expand(2, -1, -1), mask[:1].expand(2, -1))
+    assert finding.shape == prompts.shape == (2, 4, *patch_shape(2))
+    assert torch.allclose(finding[:, 1], aux["finding_logits"][:, 1] - aux["finding_logits"][:, 0], atol=1e-5)
+    assert torch.allclose(prompts[:, 1], logits[:, 1] - logits[:, 0], atol=1e-5)
+    assert not torch.allclose(finding[:, 1], prompts[:, 1])
+    with pytest.raises(RuntimeError, match="no finding head"):
+        _promptable(TINY.with_ablation("no_finding_head")).bind_finding(tokens, mask)
+
+
+def test_loss_adds_the_finding_heads_dice_and_ce_against_all_lesions():
+    """LSMSLoss reads the loader's second target channel (all lesions) for the finding head's outputs."""
+    from lsms_nnunet.training.lsms_trainer import LSMSLoss
+
+    network = _promptable(dataclasses.replace(TINY, contrastive=False)).train()
+    segmentation_loss = DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                       dice_class=MemoryEfficientSoftDiceLoss), [1.0, 0.5, 0.25])
+    loss = LSMSLoss(segmentation_loss, None, network)
+    target = torch.zeros(2, 2, *patch_shape(2))
+    target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
+    target[:, 1, 2:9, 3:10] = target[:, 1, 20:26, 20:26] = 1  # ... and all lesions
+    network.bind_batch_text(*random_text(2, 0))
+    output = network(image(2))
+    aux = network.last_aux
+    targets = [F.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in output]
+    total = loss(output, targets)
+    expected = segmentation_loss(output, [t[:, :1] for t in targets]) + \
+        segmentation_loss(aux["finding_logits"], [t[:, 1:] for t in targets])
+    assert torch.allclose(total, expected)
+    network.eval()
+    assert torch.allclose(loss(output, targets), segmentation_loss(output, [t[:, :1] for t in targets]))

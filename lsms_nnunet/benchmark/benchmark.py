@@ -11,6 +11,8 @@
    (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
    The text-blind ceiling (a perfect all-lesion mask answering every expression) is scored too, as a reference.
 4. Writes results.json, results.md (one table) and plots.
+5. With `--seeds`, all of this once per seed (seeded trainings in `seed_<k>/`), then results_over_seeds.json/.md:
+   mean and spread over seeds (seeds.py).
 
 Resumable: a finished training (checkpoint_final.pth + validation/summary.json) is never redone or touched, an
 interrupted one continues with `--c`; measurements are kept per model and fold in `records/` (keyed by the final
@@ -29,6 +31,7 @@ import torch
 from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measure_variant
 from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, prepare_benchmark, say
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
+from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 from lsms_nnunet.benchmark.training_runner import train_variant
 from lsms_nnunet.benchmark.variants import VANILLA, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
@@ -131,10 +134,26 @@ def run_benchmark(setup: BenchmarkSetup) -> dict:
     return results
 
 
+def run_benchmark_over_seeds(setup: BenchmarkSetup, seeds: Sequence[int]) -> dict:
+    """The benchmark once per seed (each resumable on its own), then the mean and spread over seeds."""
+    results = []
+    for index, seed in enumerate(seeds, 1):
+        say(f"seed {seed} ({index}/{len(seeds)})")
+        results.append(run_benchmark(setup.for_seed(seed)))
+    combined = combine_seeds(seeds, results)
+    write_json_atomically(setup.output_folder / "results_over_seeds.json", combined, ensure_ascii=True,
+                          allow_nan=False)
+    table = format_seeds_table(combined)
+    write_text_atomically(setup.output_folder / "results_over_seeds.md", table + "\n")
+    print(table)
+    say(f"wrote {setup.output_folder / 'results_over_seeds.json'} and results_over_seeds.md")
+    return combined
+
+
 @console_entry
 def benchmark_entry() -> None:
     """`LSMSv2_benchmark -d ID -c CONFIG [--folds 0 ...] [--epochs E] [--iterations I] [-p PLANS] [--variants ...]
-    [--out DIR] [-device cpu|cuda]`."""
+    [--seeds S ...] [--out DIR] [-device cpu|cuda]`."""
     parser = argparse.ArgumentParser(
         description="Benchmark LSMS against vanilla nnU-Net (all regions merged into one lesion label) on a "
                     "referring dataset: same splits, same budget; accuracy and cost in one table.")
@@ -149,6 +168,9 @@ def benchmark_entry() -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS_BY_NAME),
                         help="variants to run (default: all)")
+    parser.add_argument("--seeds", nargs="+", type=int, default=None,
+                        help="repeat everything once per seed (seeded trainings, each in seed_<k>/ of the output "
+                             "folder) and report mean and spread over seeds (default: one unseeded run)")
     parser.add_argument("--out", default=None, help="output folder (default: nnUNet_results/DatasetXXX/"
                                                     "lsms_benchmark_<configuration>)")
     parser.add_argument("-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
@@ -156,4 +178,9 @@ def benchmark_entry() -> None:
     args = parser.parse_args()
     setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
                               args.out, args.device)
-    run_benchmark(setup)
+    if args.seeds is None:
+        run_benchmark(setup)
+    elif len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:
+        parser.error(f"--seeds must be distinct integers >= 0, got {args.seeds}")
+    else:
+        run_benchmark_over_seeds(setup, args.seeds)

@@ -3,6 +3,7 @@ variant trains and validates on the same cases; the checked settings travel as o
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass
@@ -14,7 +15,7 @@ import torch
 from lsms_nnunet.benchmark.variants import VARIANTS, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
-from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV
+from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, Expression, ExpressionsError, load_expressions
 from text_conditioning.io import write_json_atomically
@@ -47,7 +48,14 @@ class BenchmarkSetup:
     text_cache_folder: Path
     file_ending: str
     splits: tuple[dict, ...]
+    results_root: Path  # nnUNet_results, or a seed's own copy of the layout inside the output folder
     heldout_expressions: tuple[Expression, ...] = ()
+    seed: int | None = None  # None: nnU-Net's unseeded training in nnUNet_results
+
+    def for_seed(self, seed: int) -> BenchmarkSetup:
+        """The same benchmark as one seeded repetition: its models and measurements in `seed_<seed>/`."""
+        folder = self.output_folder / f"seed_{seed}"
+        return dataclasses.replace(self, seed=seed, output_folder=folder, results_root=folder / "nnUNet_results")
 
     @property
     def sections(self) -> tuple[str, ...]:
@@ -63,9 +71,9 @@ class BenchmarkSetup:
         return self.preprocessed_folder / "splits_final.json"
 
     def model_folder(self, variant: Variant) -> Path:
-        from nnunetv2.utilities.file_path_utilities import get_output_folder
-
-        return Path(get_output_folder(self.dataset_name, variant.trainer, self.plans, self.configuration))
+        """nnU-Net's model folder layout (nnunetv2.utilities.file_path_utilities.get_output_folder) under the
+        setup's results root."""
+        return self.results_root / self.dataset_name / f"{variant.trainer}__{self.plans}__{self.configuration}"
 
     def fold_folder(self, variant: Variant, fold: int) -> Path:
         return self.model_folder(variant) / f"fold_{fold}"
@@ -85,7 +93,11 @@ class BenchmarkSetup:
         return self.output_folder / "predictions" / variant.name / f"fold_{fold}" / kind
 
     def training_environment(self) -> dict:
-        return {**os.environ, BUDGET_EPOCHS_ENV: str(self.epochs), BUDGET_ITERATIONS_ENV: str(self.iterations)}
+        environment = {**os.environ, BUDGET_EPOCHS_ENV: str(self.epochs), BUDGET_ITERATIONS_ENV: str(self.iterations),
+                       "nnUNet_results": str(self.results_root)}
+        if self.seed is not None:
+            environment[BUDGET_SEED_ENV] = str(self.seed)
+        return environment
 
 
 def say(message: str) -> None:
@@ -169,7 +181,8 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
                           output_folder=output_folder, preprocessed_folder=preprocessed_folder,
                           expressions=tuple(prompt_set.expressions),
                           text_cache_folder=preprocessed_folder / TEXT_FOLDER / EncoderIdentity.from_dict(encoder).slug,
-                          file_ending=dataset_json["file_ending"], splits=tuple(splits), heldout_expressions=heldout)
+                          file_ending=dataset_json["file_ending"], splits=tuple(splits), results_root=Path(nnUNet_results),
+                          heldout_expressions=heldout)
 
 
 def read_heldout_expressions(raw_folder: Path, known_cases: set[str]) -> tuple[Expression, ...]:

@@ -15,7 +15,7 @@ TABLE_COLUMNS = ("variant", "mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target 
                  "infer s/case", "infer s/expr")
 
 
-def _number(value: float | None, digits: int) -> str:
+def format_number(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
 
@@ -34,17 +34,17 @@ def _ratio(value: float | None) -> str:
 
 def _row(variant: dict) -> list[str]:
     referring, cost = variant["referring"], variant["cost"]
-    return [variant["name"], _number(referring["mean_dice"], 4), _number(referring["mIoU"], 4),
-            _number(referring["oIoU"], 4), _number(referring["precision@0.5"], 3),
-            _number(referring["no_target_accuracy"], 3), _number(variant["plain_lesion"]["mean_dice"], 4),
-            _number(cost["seconds_per_iteration"], 3), _ratio(cost["seconds_per_iteration_vs_vanilla"]),
-            _number(cost["probe_seconds_per_iteration"], 3), _ratio(cost["probe_seconds_per_iteration_vs_vanilla"]),
-            _number(cost["gflops_per_patch"], 2), _parameters(cost["trainable_parameters"], cost["frozen_parameters"]),
-            _memory(cost["peak_memory_bytes"]), _number(cost["inference_seconds_per_case"], 3),
-            _number(cost["inference_seconds_per_expression"], 3)]
+    return [variant["name"], format_number(referring["mean_dice"], 4), format_number(referring["mIoU"], 4),
+            format_number(referring["oIoU"], 4), format_number(referring["precision@0.5"], 3),
+            format_number(referring["no_target_accuracy"], 3), format_number(variant["plain_lesion"]["mean_dice"], 4),
+            format_number(cost["seconds_per_iteration"], 3), _ratio(cost["seconds_per_iteration_vs_vanilla"]),
+            format_number(cost["probe_seconds_per_iteration"], 3), _ratio(cost["probe_seconds_per_iteration_vs_vanilla"]),
+            format_number(cost["gflops_per_patch"], 2), _parameters(cost["trainable_parameters"], cost["frozen_parameters"]),
+            _memory(cost["peak_memory_bytes"]), format_number(cost["inference_seconds_per_case"], 3),
+            format_number(cost["inference_seconds_per_expression"], 3)]
 
 
-def _markdown_table(rows: list[list[str]]) -> list[str]:
+def markdown_table(rows: list[list[str]]) -> list[str]:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["| " + " | ".join(cell.ljust(width) for cell, width in zip(row, widths)) + " |" for row in rows]
     lines.insert(1, "|" + "|".join("-" * (width + 2) for width in widths) + "|")
@@ -63,10 +63,10 @@ def format_category_table(results: dict) -> list[str]:
         for category, group in groups.items():
             counts.setdefault(category, group["n_expressions"])
     header = ["variant", *(f"{category} (n={counts[category]})" for category in categories)]
-    rows = [[name, *(_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
+    rows = [[name, *(format_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
                      for category in categories)] for name, groups in rows_by_name.items()]
     return ["Mean Dice per expression category (the expressions file's `category`; \"uncategorized\" when absent):",
-            "", *_markdown_table([header, *rows])]
+            "", *markdown_table([header, *rows])]
 
 
 def format_phrasing_table(results: dict) -> list[str]:
@@ -75,18 +75,18 @@ def format_phrasing_table(results: dict) -> list[str]:
     if not variants:
         return []
     header = ["variant", "seen mean Dice", "held-out mean Dice", "held-out / seen", "expressions (each)"]
-    rows = [[variant["name"], _number(variant["referring_per_phrasing"]["seen"]["mean_dice"], 4),
-             _number(variant["referring_per_phrasing"]["heldout"]["mean_dice"], 4),
+    rows = [[variant["name"], format_number(variant["referring_per_phrasing"]["seen"]["mean_dice"], 4),
+             format_number(variant["referring_per_phrasing"]["heldout"]["mean_dice"], 4),
              _ratio(variant["heldout_vs_seen_dice"]),
              str(variant["referring_per_phrasing"]["heldout"]["n_expressions"])] for variant in variants]
     return ["Phrasing never seen in training (expressions_heldout.json: the same validation expressions and targets "
             "in held-out wording, predicted in one pass per case without mirroring):", "",
-            *_markdown_table([header, *rows])]
+            *markdown_table([header, *rows])]
 
 
 def format_results_table(results: dict) -> str:
     """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
-    lines = _markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
+    lines = markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
     for extra in (format_category_table(results), format_phrasing_table(results)):
         if extra:
             lines += ["", *extra]
@@ -111,8 +111,8 @@ def format_results_table(results: dict) -> str:
         f"(every region merged into one lesion label); being text-blind, its answer to every expression of an image "
         f"is its lesion mask.",
         f"- Text-blind ceiling: a perfect all-lesion mask answering every expression scores mean Dice "
-        f"{_number(ceiling['mean_dice'], 4)}, mIoU {_number(ceiling['mIoU'], 4)}, oIoU {_number(ceiling['oIoU'], 4)}, "
-        f"Prec@0.5 {_number(ceiling['precision@0.5'], 3)}: what the vanilla row would reach if it segmented every "
+        f"{format_number(ceiling['mean_dice'], 4)}, mIoU {format_number(ceiling['mIoU'], 4)}, oIoU {format_number(ceiling['oIoU'], 4)}, "
+        f"Prec@0.5 {format_number(ceiling['precision@0.5'], 3)}: what the vanilla row would reach if it segmented every "
         f"lesion perfectly.",
         f"- Plain lesion Dice: predicted lesion mask vs the union of all regions, mean over {cases} validation cases. "
         f"Vanilla: its stock final-validation label maps (with nnU-Net's test-time mirroring; LSMS never mirrors, "

@@ -187,20 +187,29 @@ class LSMSPredictor(nnUNetPredictor):
                               cache_folder: Path | None = None) -> torch.Tensor:
         """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts.
 
-        With case selectors, the network is asked the finding prompt only, and each expression is answered by the
-        selector's choice among the finding answer's lesion candidates (selection/case_level.py)."""
+        With case selectors, the network is asked for the finding answer only, and each expression is answered by
+        the selector's choice among its lesion candidates (selection/case_level.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
-        selecting = bool(self.case_selectors) and network_config_of(self.model_card).case_selection
-        asked = _maybe_constant(self.model_card, [*texts, *([FINDING_TEXT] if selecting else [])])
+        asked = _maybe_constant(self.model_card, texts)
         encoded = encode_texts(asked, identity, cache_folder)
-        to_network = slice(len(texts), None) if selecting else slice(None)
-        logits = self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens[to_network]),
-                                                    torch.from_numpy(encoded.mask[to_network]))
-        if not selecting:
-            return logits
-        answers = select_case_lesions(logits[1], data, asked[:-1], TextFeatures(asked, encoded),
+        if not (self.case_selectors and network_config_of(self.model_card).case_selection):
+            return self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
+                                                      torch.from_numpy(encoded.mask))
+        finding = self.predict_finding_logits(data, cache_folder)
+        answers = select_case_lesions(finding, data, asked, TextFeatures(asked, encoded),
                                       self.case_selectors, self.configuration_manager.spacing)
-        return torch.cat((logits[:1], answers))
+        return torch.cat((torch.zeros_like(answers[:1]), answers))
+
+    def predict_finding_logits(self, data: torch.Tensor, cache_folder: Path | None = None) -> torch.Tensor:
+        """All-lesion logits [*spatial] of one preprocessed image, the case selector's candidates: the finding
+        head's answer (the finding prompt bound), or for networks without one the answer to the finding prompt."""
+        identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
+        encoded = encode_texts(_maybe_constant(self.model_card, [FINDING_TEXT]), identity, cache_folder)
+        tokens, mask = torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
+        if not self.network.config.finding_head:
+            return self._sliding_window_prompt_logits(data, tokens, mask)[1]
+        self.network.bind_finding(tokens, mask)
+        return self._sliding_window_bound(data, 1)[0]
 
     def _sliding_window_prompt_logits(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                                       ) -> torch.Tensor:
@@ -208,13 +217,16 @@ class LSMSPredictor(nnUNetPredictor):
         for start in range(0, len(tokens), self.expression_batch_size):
             chunk = slice(start, start + self.expression_batch_size)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
-            self.network.start_case()
-            self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in
-                                                                   range(len(tokens[chunk]))}}, None)
-            logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \
-                else self.predict_sliding_window_return_logits(data).cpu()
-            chunks.append(empty_where_absent(logits[1:], self.network.case_existence))
+            chunks.append(self._sliding_window_bound(data, len(tokens[chunk])))
         return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
+
+    def _sliding_window_bound(self, data: torch.Tensor, prompts: int) -> torch.Tensor:
+        """[prompts, *spatial] target-vs-background logits of the prompts bound on the network, over all folds."""
+        self.network.start_case()
+        self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in range(prompts)}}, None)
+        logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \
+            else self.predict_sliding_window_return_logits(data).cpu()
+        return empty_where_absent(logits[1:], self.network.case_existence)
 
     # -- stock entries: predict_from_files(...), its sequential twin (-npp 0 -nps 0) and the numpy entries --------
     def predict_from_files(self, list_of_lists_or_source_folder, output_folder_or_list_of_truncated_output_files,
@@ -396,9 +408,8 @@ def referring_predictor(trainer) -> LSMSPredictor:
 
 
 def finding_mask(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
-    """The network's answer to the finding prompt (all lesions) on one preprocessed image, as a bool array."""
-    logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data)), [FINDING_TEXT], cache_folder)
-    return (logits[1] > 0).numpy()
+    """The network's all-lesion answer on one preprocessed image (the selector's candidates), as a bool array."""
+    return (predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder) > 0).numpy()
 
 
 def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:

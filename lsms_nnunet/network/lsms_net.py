@@ -68,6 +68,12 @@ class LSMSNet(nn.Module):
             self.decoder.seg_layers = nn.ModuleList(TextConditionedHead(layer, config.attention_dim,
                                                                         position_channels)
                                                     for layer in self.decoder.seg_layers)
+        if config.finding_head:  # text-free all-lesion output beside every deep-supervision head
+            self.finding_heads = nn.ModuleList(conv_op(getattr(layer, "static", layer).in_channels, 2, 1)
+                                               for layer in self.decoder.seg_layers)
+            self._finding_logits: list[torch.Tensor] = []
+            for head, layer in zip(self.finding_heads, self.decoder.seg_layers):
+                layer.register_forward_hook(self._finding_hook(head))
         if config.contrastive:
             self.voxel_projection = conv_op(encoder.output_channels[0], config.contrastive_dim, 1)
             self.sentence_projection = nn.Linear(config.attention_dim, config.contrastive_dim)
@@ -85,6 +91,11 @@ class LSMSNet(nn.Module):
             if id(module) not in encoder_modules:
                 initialize(module)
 
+    def _finding_hook(self, head: nn.Module):
+        def keep_finding_logits(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self._finding_logits.append(head(inputs[0]))
+        return keep_finding_logits
+
     def _keep_highest_resolution_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._decoder_features["highest_resolution"] = output
 
@@ -95,7 +106,8 @@ class LSMSNet(nn.Module):
         x [B, C, *spatial]; text_tokens [B or 1, L, text_dim]; text_mask [B or 1, L] bool, True = real token.
         Returns the decoder's logits (a list, highest resolution first, under deep supervision) and, with
         return_aux, also a dict with what the losses and the predictor read: "existence_logit" [B] (existence
-        head), "voxel_embedding", "sentence_embedding", "logit_scale" (contrastive projection heads).
+        head), "finding_logits" (finding head: 2-class all-lesion logits, a list like the decoder's),
+        "voxel_embedding", "sentence_embedding", "logit_scale" (contrastive projection heads).
         """
         text_tokens, text_mask, prompts_per_image = self._match_text_to_images(x, text_tokens, text_mask)
         tokens = self.text_adapter(text_tokens)
@@ -122,6 +134,9 @@ class LSMSNet(nn.Module):
             if existence is not None:
                 aux["existence_logit"] = existence
         logits = self._decode(skips, prompt)
+        if self.config.finding_head:
+            finding, self._finding_logits = self._finding_logits[::-1], []  # highest resolution first, as the decoder
+            aux["finding_logits"] = finding if isinstance(logits, (list, tuple)) else finding[0]
         if self.config.contrastive:
             features = self._decoder_features.pop("highest_resolution")
             if return_aux:

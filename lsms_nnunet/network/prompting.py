@@ -12,6 +12,8 @@ code paths (training step, deep supervision, sliding window, mirroring, fold ave
   (K+1)-class logit map; for referring inference each channel thresholded at 0 is one expression's mask. With an
   existence output, the strongest "it is here" per prompt over the image's patches is kept in `case_existence`
   (reset by `start_case`) for the predictor's per-image decision.
+- `bind_finding(tokens, mask)`: like `bind_prompts`, but each channel is the text-free finding head's all-lesion
+  logit (computed with that prompt bound; the predictor binds the finding prompt): the case selector's candidates.
 
 The model card (task mode, text-encoder identity, network settings, label prompts) travels in the state dict as
 PyTorch "extra state", so every nnU-Net checkpoint carries it without changing nnU-Net's checkpoint code, and
@@ -27,9 +29,10 @@ from lsms_nnunet.network.config import SETTINGS_ADDED_SINCE, LSMSConfig
 from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 
 MODEL_CARD_FORMAT = "lsms-model-card"
-#: Version 2 added the prompt decoder, the existence head and position-aware heads, version 3 case selection (the
-#: settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so their checkpoints load unchanged).
-MODEL_CARD_VERSION = 3
+#: Version 2 added the prompt decoder, the existence head and position-aware heads, version 3 case selection,
+#: version 4 the finding head (the settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so their
+#: checkpoints load unchanged).
+MODEL_CARD_VERSION = 4
 #: The card's key in the configuration of the plans that LSMSTrainer hands nnU-Net (copied to the model folder).
 MODEL_CARD_PLANS_KEY = "lsms_model_card"
 #: Where a fold's checkpoint carries its case selector, beside the card in the weights' extra state (written at
@@ -52,6 +55,11 @@ class PromptableLSMSNet(LSMSNet):
     def bind_prompts(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
         self._bound = ("prompts", tokens, mask)
 
+    def bind_finding(self, tokens: torch.Tensor, mask: torch.Tensor) -> None:
+        if not self.config.finding_head:
+            raise RuntimeError("This network has no finding head (LSMSConfig.finding_head); ask the finding prompt.")
+        self._bound = ("finding", tokens, mask)
+
     def forward(self, x: torch.Tensor, text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
                 return_aux: bool = False):
         if text_tokens is not None:
@@ -65,14 +73,17 @@ class PromptableLSMSNet(LSMSNet):
                 output, self.last_aux = super().forward(x, tokens, mask, return_aux=True)
                 return output
             return super().forward(x, tokens, mask)
-        return self._forward_prompts(x, tokens, mask)
+        return self._forward_prompts(x, tokens, mask, finding=kind == "finding")
 
-    def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, finding: bool = False
+                         ) -> torch.Tensor:
         batch, prompts = x.shape[0], tokens.shape[0]
         logits, aux = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1), return_aux=True)
+        if finding:
+            logits = aux["finding_logits"]
         if isinstance(logits, (list, tuple)):
             logits = logits[0]
-        if "existence_logit" in aux:
+        if "existence_logit" in aux and not finding:
             self._record_existence(aux["existence_logit"].reshape(batch, prompts).amax(dim=0))
         target_vs_background = (logits[:, 1] - logits[:, 0]).reshape(batch, prompts, *logits.shape[2:])
         background = torch.zeros_like(target_vs_background[:, :1])

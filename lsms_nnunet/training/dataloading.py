@@ -2,7 +2,9 @@
 
 nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `load_case` draws one prompt of the
 case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
-(referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path. The loader subclass
+(referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path; for a network with a
+finding head a second channel holds all of the case's lesions, augmented with the first (as nnU-Net's cascade
+carries the previous stage's segmentation). The loader subclass
 adds the text tensors of the drawn prompts to the batch and, with `prompts_per_image` > 1, fills consecutive slots
 with one case, each slot with a prompt of different targets.
 """
@@ -20,23 +22,29 @@ from lsms_nnunet.preprocessing.prompts import Prompt
 
 
 class ReferredSegmentation:
-    """A lazy view of an nnU-Net segmentation in which only the referred region ids are foreground.
+    """A lazy view of an nnU-Net segmentation in which only the referred region ids are foreground; with
+    `all_lesions`, a second channel in which every region is (the finding head's target).
 
-    Slicing (what nnU-Net's `crop_and_pad_nd` does) reads just the crop, so big volumes are never fully loaded.
-    Negative values (nnU-Net's outside-of-mask marker) are kept.
+    Slicing (what nnU-Net's `crop_and_pad_nd` does, every channel at once) reads just the crop, so big volumes are
+    never fully loaded. Negative values (nnU-Net's outside-of-mask marker) are kept.
     """
 
-    def __init__(self, segmentation, targets: Sequence[int]):
+    def __init__(self, segmentation, targets: Sequence[int], all_lesions: bool = False):
+        if segmentation.shape[0] != 1:
+            raise ValueError(f"Expected a one-channel nnU-Net segmentation, got shape {segmentation.shape}.")
         self.segmentation = segmentation
         self.targets = np.asarray(sorted(targets), dtype=np.int16)
-        self.shape = segmentation.shape
+        self.all_lesions = all_lesions
+        self.shape = (2 if all_lesions else 1, *segmentation.shape[1:])
         self.ndim = len(segmentation.shape)
         self.dtype = np.dtype(np.int16)
 
     def __getitem__(self, item) -> np.ndarray:
         crop = np.asarray(self.segmentation[item])
         binary = np.isin(crop, self.targets).astype(np.int16)
-        binary[crop < 0] = -1
+        if self.all_lesions:
+            binary = np.concatenate((binary, (crop > 0).astype(np.int16)))
+        binary[np.broadcast_to(crop < 0, binary.shape)] = -1
         return binary
 
 
@@ -48,8 +56,9 @@ class PromptSamplingDataset:
     """
 
     def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float,
-                 prompts_per_image: int = 1, finding_fraction: float = 0.0):
+                 prompts_per_image: int = 1, finding_fraction: float = 0.0, all_lesions_target: bool = False):
         self.dataset = dataset
+        self.all_lesions_target = all_lesions_target
         self.identifiers = dataset.identifiers
         self.prompts_by_case = prompts_by_case
         self.present_label_bias = present_label_bias
@@ -86,7 +95,7 @@ class PromptSamplingDataset:
                      if len(properties["class_locations"].get(t, ()))]
         referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
         properties = {**properties, "class_locations": {1: referred}}
-        return data, ReferredSegmentation(seg, targets), seg_prev, properties
+        return data, ReferredSegmentation(seg, targets, self.all_lesions_target), seg_prev, properties
 
 
 class TextEmbeddingBank:
@@ -105,16 +114,17 @@ class LSMSDataLoader(nnUNetDataLoader):
     """nnU-Net's loader over a prompt-sampling dataset; batches carry `text_tokens`, `text_mask`, `text_keys`.
 
     Each drawn case fills `prompts_per_image` consecutive batch slots (own crop and augmentation, different prompts).
+    With `all_lesions_target` the target has a second channel: all of the case's lesions.
     """
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
                  present_label_bias: float = 0.0, prompts_per_image: int = 1, finding_fraction: float = 0.0,
-                 **kwargs):
+                 all_lesions_target: bool = False, **kwargs):
         if prompts_per_image < 1:
             raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}.")
         super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image,
-                                               finding_fraction),
+                                               finding_fraction, all_lesions_target),
                          batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
 

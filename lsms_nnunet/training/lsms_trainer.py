@@ -80,7 +80,8 @@ def uses_batch_dice(mode: str, planned: bool) -> bool:
 
 class LSMSLoss(nn.Module):
     """nnU-Net's deep-supervised Dice+CE, plus the terms of LSMS's auxiliary outputs of the last forward:
-    lambda * vision-language contrast and the weighted existence BCE ("is the referred object in this patch")."""
+    the finding head's Dice+CE against all lesions (the target's second channel), lambda * vision-language contrast
+    and the weighted existence BCE ("is the referred object in this patch")."""
 
     def __init__(self, segmentation_loss: nn.Module, contrastive: VisionLanguageContrastiveLoss | None,
                  network: PromptableLSMSNet):
@@ -91,13 +92,16 @@ class LSMSLoss(nn.Module):
         self.text_keys: list[str] | None = None
 
     def forward(self, output, target) -> torch.Tensor:
-        loss = self.segmentation_loss(output, target)
         network = self.network[0]
+        referred, all_lesions = split_target(target)
+        loss = self.segmentation_loss(output, referred)
         aux = getattr(network, "last_aux", None)
         if not network.training or aux is None:
             return loss
         network.last_aux = None
-        full_resolution_target = (target[0] if isinstance(target, (list, tuple)) else target).clamp_min(0)
+        if "finding_logits" in aux:
+            loss = loss + self.segmentation_loss(aux["finding_logits"], all_lesions)
+        full_resolution_target = (referred[0] if isinstance(referred, (list, tuple)) else referred).clamp_min(0)
         if self.contrastive is not None:
             loss = loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
                                            aux["logit_scale"], self.text_keys)
@@ -105,6 +109,15 @@ class LSMSLoss(nn.Module):
             loss = loss + network.config.existence_weight * existence_loss(aux["existence_logit"],
                                                                            full_resolution_target)
         return loss
+
+
+def split_target(target):
+    """(referred, all lesions) from the loader's target (each a list per deep-supervision level, like the target);
+    all lesions is None for a one-channel target."""
+    if isinstance(target, (list, tuple)):
+        pairs = [split_target(level) for level in target]
+        return [referred for referred, _ in pairs], None if pairs[0][1] is None else [lesions for _, lesions in pairs]
+    return target[:, :1], target[:, 1:] if target.shape[1] > 1 else None
 
 
 class LSMSTrainer(nnUNetTrainer):
@@ -151,6 +164,8 @@ class LSMSTrainer(nnUNetTrainer):
         planned = lsms_settings_from_plans(self.plans_manager.plans, self.configuration_name)  # {} for nnUNetPlans
         config = LSMSConfig(**{**planned, **self.lsms_config_overrides, "text_dim": identity.dim,
                                "max_tokens": identity.max_tokens})
+        if self.prompt_set.mode == PLAIN:  # the finding head serves the referring case selector only
+            config = dataclasses.replace(config, finding_head=False)
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
@@ -246,6 +261,7 @@ class LSMSTrainer(nnUNetTrainer):
         common = dict(prompts_by_case=prompts_by_case, text_bank=text_bank, present_label_bias=bias,
                       prompts_per_image=min(self.prompts_per_image, self.batch_size),
                       finding_fraction=self.finding_fraction if self.prompt_set.mode == REFERRING else 0.0,
+                      all_lesions_target=self._unwrapped_network().config.finding_head,
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,
@@ -290,8 +306,9 @@ class LSMSTrainer(nnUNetTrainer):
         return super().train_step(batch)
 
     def validation_step(self, batch: dict) -> dict:
+        """nnU-Net's online validation (loss and pseudo Dice) of the referred target."""
         self._bind_batch_text(batch)
-        return super().validation_step(batch)
+        return super().validation_step({**batch, "target": split_target(batch["target"])[0]})
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:

@@ -3,12 +3,16 @@
 - `LSMSTrainer_test` / `nnUNetTrainer_test`: 1 epoch x 2 iterations, for tests and smoke runs.
 - `LSMSTrainer_quick`: a short demo run that still learns on the synthetic dataset (CPU: minutes).
 - `*_budget`: the benchmark's equal-budget runs; epochs and iterations come from LSMS_BUDGET_EPOCHS and
-  LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget.
+  LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget;
+  LSMS_BUDGET_SEED, when set, seeds Python's, NumPy's and PyTorch's generators first (`LSMSv2_benchmark --seeds`:
+  the initial weights and, with in-process augmentation (nnUNet_n_proc_DA=0), the batches repeat).
 - `LSMSTrainer_budget_<ablation>`: one per entry of `ABLATIONS` (network/config.py), generated; and the
   constant-text control.
 """
 import os
+import random
 
+import numpy as np
 import torch
 
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
@@ -16,7 +20,15 @@ from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 from lsms_nnunet.network.config import ABLATIONS
 from lsms_nnunet.training.lsms_trainer import LSMSTrainer
 
-BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV = "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS"
+BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV = \
+    "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS", "LSMS_BUDGET_SEED"
+
+
+def seed_everything(seed: int) -> None:
+    """One seed for every generator a training draws from (nnU-Net itself seeds none)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
 
 
 class _TestBudget:
@@ -37,6 +49,8 @@ class _QuickBudget:
 class _EnvironmentBudget:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        if os.environ.get(BUDGET_SEED_ENV):
+            seed_everything(int(os.environ[BUDGET_SEED_ENV]))
         super().__init__(plans, configuration, fold, dataset_json, device)
         missing = [v for v in (BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV) if v not in os.environ]
         if missing:
