@@ -43,17 +43,23 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
 
 
 #: Per card version, the settings its network entry did not have yet.
-_SETTINGS_UNKNOWN_TO = {1: None, 2: ("case_selection", "finding_head"), 3: ("finding_head",), 4: ()}
+_VERSION_5 = ("svla_first_stage", "contrastive_level", "fsd_projection")
+_SETTINGS_UNKNOWN_TO = {1: None, 2: ("case_selection", "finding_head", *_VERSION_5),
+                        3: ("finding_head", *_VERSION_5), 4: _VERSION_5, 5: ()}
+_BEFORE_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned"}
+_SINCE_5 = {"svla_first_stage": 2, "contrastive_level": 1, "fsd_projection": "pointwise"}
 
 
 @pytest.mark.parametrize("version, expected", [
-    (1, {"prompt_decoder": False, "case_selection": False, "finding_head": False}),
-    (2, {"prompt_decoder": True, "case_selection": False, "finding_head": False}),
-    (3, {"prompt_decoder": True, "case_selection": True, "finding_head": False}),
-    (4, {"prompt_decoder": True, "case_selection": True, "finding_head": True})])
+    (1, {"prompt_decoder": False, "case_selection": False, "finding_head": False, **_BEFORE_5}),
+    (2, {"prompt_decoder": True, "case_selection": False, "finding_head": False, **_BEFORE_5}),
+    (3, {"prompt_decoder": True, "case_selection": True, "finding_head": False, **_BEFORE_5}),
+    (4, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_BEFORE_5}),
+    (5, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_SINCE_5})])
 def test_older_model_cards_rebuild_the_model_they_were_trained_with(version, expected):
-    """A card written before a setting existed means that setting was off: its checkpoint loads unchanged, and a
-    model trained before case selection answers without a selector."""
+    """A card written before a setting existed means the behaviour of its time (a setting off, SVLA from stage 1, the
+    planned projection kernel): its checkpoint loads unchanged, and a model trained before case selection answers
+    without a selector."""
     settings = LSMSConfig(text_dim=384, max_tokens=32, prompt_decoder=True, existence_head=True).to_dict()
     card = {**make_model_card("referring", LSMSConfig(), IDENTITY), "version": version}
     unknown = _SETTINGS_UNKNOWN_TO[version]

@@ -112,8 +112,10 @@ def test_ablations_switch_exactly_their_flag():
         TINY.with_ablation("no_svla")
 
 
-def test_svla_stages_default_to_all_but_the_first():
-    assert LSMSConfig().svla_stage_indices(5) == (1, 2, 3, 4)
+def test_svla_stages_default_to_stride_4_and_deeper():
+    assert LSMSConfig().svla_stage_indices(5) == (2, 3, 4)
+    assert LSMSConfig().svla_stage_indices(2) == (1,)  # a shallow encoder keeps its deepest stage
+    assert LSMSConfig(svla_first_stage=1).svla_stage_indices(5) == (1, 2, 3, 4)
     assert LSMSConfig(svla_stages=(2, 0)).svla_stage_indices(5) == (0, 2)
     assert LSMSConfig(visual_branch=False, language_branch=False).svla_stage_indices(5) == ()
     with pytest.raises(ValueError, match="beyond"):
@@ -136,7 +138,8 @@ def test_outputs_have_nnunet_deep_supervision_shapes(dim, residual, decoder):
     assert isinstance(network.decoder, FullScaleDecoder if decoder == "fsd" else UNetDecoder)
     logits, aux = network(x, *random_text(2, 0), return_aux=True)
     assert [tuple(o.shape) for o in logits] == expected
-    assert aux["voxel_embedding"].shape == (2, TINY.contrastive_dim, *patch_shape(dim))
+    # the contrastive embedding lives at deep-supervision level TINY.contrastive_level (1)
+    assert aux["voxel_embedding"].shape == (2, TINY.contrastive_dim, *expected[TINY.contrastive_level][2:])
     assert aux["sentence_embedding"].shape == (2, TINY.contrastive_dim)
     assert torch.allclose(aux["voxel_embedding"].norm(dim=1), torch.ones(1), atol=1e-5)
     assert torch.allclose(aux["sentence_embedding"].norm(dim=1), torch.ones(1), atol=1e-5)
@@ -294,8 +297,9 @@ def test_every_parameter_gets_gradient_from_segmentation_finding_contrastive_and
                        dice_class=MemoryEfficientSoftDiceLoss),
         [1 / 2 ** i for i in range(len(logits))])
     contrastive_loss = VisionLanguageContrastiveLoss(TINY)
+    contrastive_target = next(t for t in targets if t.shape[2:] == aux["voxel_embedding"].shape[2:])
     loss = segmentation_loss(logits, targets) + contrastive_loss(
-        aux["voxel_embedding"], aux["sentence_embedding"], target, aux["logit_scale"], ["a", "b"])
+        aux["voxel_embedding"], aux["sentence_embedding"], contrastive_target, aux["logit_scale"], ["a", "b"])
     # At step 0 the zero-initialised head controllers pass no gradient to the prompt; its existence output does.
     loss = loss + existence_loss(aux["existence_logit"], target) + segmentation_loss(aux["finding_logits"], targets)
     loss.backward()
@@ -316,20 +320,24 @@ def test_highest_resolution_features_survive_torch_compile():
 
 # --- SVLA building blocks --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("dim, axis, size", [(2, 0, 4), (2, 1, 3), (3, 2, 5), (3, 0, 1)])
-def test_strip_clipped_to_the_map_equals_the_full_strip(dim, axis, size):
+@pytest.mark.parametrize("dim, axis, size, length", [(2, 0, 4, 21), (2, 1, 3, 21), (3, 2, 5, 21), (3, 0, 1, 21),
+                                                     (3, 1, 12, 5), (2, 1, 13, 3), (2, 0, 30, 7)])
+def test_strip_equals_the_zero_padded_depthwise_convolution(dim, axis, size, length):
+    # Band-matrix products (taps clipped to the map) and, on axes much longer than the strip, the convolution itself.
     conv_op = nn.Conv2d if dim == 2 else nn.Conv3d
-    strip = DepthwiseStripConv(conv_op, channels=3, length=21, axis=axis)
+    strip = DepthwiseStripConv(conv_op, channels=3, length=length, axis=axis)
+    nn.init.normal_(strip.conv.bias)
     shape = [6] * dim
     shape[axis] = size
     x = torch.randn(2, 3, *shape, requires_grad=True)
-    clipped = strip(x)
-    full = strip.conv(x)  # the unclipped 21-tap strip with 'same' zero padding
-    assert clipped.shape == x.shape
-    assert torch.allclose(clipped, full, atol=1e-6)
-    (clipped_grad,) = torch.autograd.grad(clipped.square().sum(), strip.conv.weight)
-    (full_grad,) = torch.autograd.grad(full.square().sum(), strip.conv.weight)
-    assert torch.allclose(clipped_grad, full_grad, atol=1e-5)
+    answer = strip(x)
+    reference = strip.conv(x)  # the full strip with 'same' zero padding
+    assert answer.shape == x.shape
+    assert torch.allclose(answer, reference, atol=1e-5)
+    parameters = [x, strip.conv.weight, strip.conv.bias]
+    for got, expected in zip(torch.autograd.grad(answer.square().sum(), parameters),
+                             torch.autograd.grad(reference.square().sum(), parameters)):
+        assert torch.allclose(got, expected, atol=1e-4)
 
 
 # --- memory estimate -------------------------------------------------------------------------------------------
@@ -349,9 +357,9 @@ def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_
     more_tokens = estimate(dataclasses.replace(TINY, max_tokens=64))
     no_language = estimate(TINY.with_ablation("no_language"))
     unet = estimate(TINY.with_ablation("unet_decoder"))
-    stage_one_voxels = 16 * 8 * 8  # SVLA stage 1 of the anisotropic 16^3 patch
+    stage_two_voxels = 8 * 4 * 4  # the one SVLA stage (2) of the anisotropic 16^3 patch
     heads = TINY.num_heads
-    assert more_tokens - full >= heads * (64 - TINY.max_tokens) * stage_one_voxels  # attention maps
+    assert more_tokens - full >= heads * (64 - TINY.max_tokens) * stage_two_voxels  # attention maps
     assert no_language < full
     assert unet < full  # the full-scale fusion stores more than the U-Net decoder
     assert estimate(TINY.with_ablation("prompt_decoder")) > full  # voxel tokens and attention maps

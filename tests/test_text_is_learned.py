@@ -18,8 +18,9 @@ from test_network import build, plans_architecture
 
 SIZE, TOKENS, TEXT_DIM = 32, 4, 16
 TEXTS = ("the bright lesion", "the dark lesion", "the hyperdense lesion", "the hypodense lesion")  # even = bright
+# Blobs of radius 4 in 32 x 32 images live at stride 2: SVLA starts there (the default, stride 4, suits CT patches).
 CONFIG = LSMSConfig(text_dim=TEXT_DIM, max_tokens=TOKENS, attention_dim=16, num_heads=2, contrastive=False,
-                    fsd_channels_per_scale=4)
+                    fsd_channels_per_scale=4, svla_first_stage=1)
 
 
 def _text_bank() -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 DECODERS = ("fsd", "unet")
+FSD_PROJECTIONS = ("pointwise", "planned")  # see FullScaleDecoder
 
 # Each ablation switches off exactly one LSMS component, so its effect is measured against "full" with one flag.
 ABLATIONS: dict[str, dict] = {
@@ -24,21 +25,26 @@ ABLATIONS: dict[str, dict] = {
 }
 
 #: What the model cards of older versions implied for settings added since: loading such a checkpoint rebuilds
-#: exactly the model it was trained with (version 1: before the prompt decoder; version 2: before case selection).
+#: exactly the model it was trained with (version 1: before the prompt decoder; version 2: before case selection;
+#: version 3: before the finding head; version 4: SVLA from stage 1 on, the contrastive term at full resolution and
+#: Full-Scale Decoder projections with the planned kernel).
+_BEFORE_VERSION_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned"}
 SETTINGS_ADDED_SINCE = {1: {"prompt_decoder": False, "existence_head": False, "head_position": False,
-                            "case_selection": False, "finding_head": False},
-                        2: {"case_selection": False, "finding_head": False},
-                        3: {"finding_head": False}}
+                            "case_selection": False, "finding_head": False, **_BEFORE_VERSION_5},
+                        2: {"case_selection": False, "finding_head": False, **_BEFORE_VERSION_5},
+                        3: {"finding_head": False, **_BEFORE_VERSION_5},
+                        4: _BEFORE_VERSION_5}
 
 
 @dataclass(frozen=True)
 class LSMSConfig:
     """What LSMS adds on top of the planned nnU-Net architecture.
 
-    svla_stages: encoder stage indices followed by an SVLA block. None means every stage except the first: the
-    first stage runs at full resolution, where voxel-to-word attention costs the most memory (voxels x tokens x
-    heads) and the features are still edges and intensities that a sentence cannot ground; the coarser stages carry
-    the semantics that the expression refers to (LAVT likewise starts its pixel-word attention at stride 4).
+    svla_stages: encoder stage indices followed by an SVLA block. None means every stage from `svla_first_stage`
+    on (at least the deepest): stage 2 is stride 4 in nnU-Net's plans, where LAVT starts its pixel-word attention.
+    The finer stages cost the most (voxel-to-word attention memory grows with voxels x tokens x heads; stage 1 took
+    60% of SVLA's time in a training step) and their features are still edges and intensities that a sentence
+    cannot ground; the coarser stages carry the semantics that the expression refers to.
     """
 
     text_dim: int = 384
@@ -46,16 +52,26 @@ class LSMSConfig:
     attention_dim: int = 64
     num_heads: int = 4
     svla_stages: tuple[int, ...] | None = None
+    svla_first_stage: int = 2
     visual_branch: bool = True
     language_branch: bool = True
     decoder: str = "fsd"
     #: Output heads whose weights the sentence shifts (network/text_head.py); False = nnU-Net's static heads, the
     #: text then enters through SVLA only.
     text_conditioned_head: bool = True
-    fsd_channels_per_scale: int = 16
+    #: Channels each source is squeezed to before a Full-Scale Decoder level fuses them. 8 rather than UNet 3+'s
+    #: wider fusion: at 16 the decoder cost twice nnU-Net's U-Net decoder per training step (345 vs 172 ms on the
+    #: CPU benchmark's shapes), at 8 it costs 1.3x.
+    fsd_channels_per_scale: int = 8
+    #: How the Full-Scale Decoder squeezes each source (full_scale_decoder.PROJECTIONS): "pointwise" or "planned".
+    fsd_projection: str = "pointwise"
     contrastive: bool = True
     contrastive_dim: int = 64
     contrastive_weight: float = 0.1
+    #: Deep-supervision level (0 = full resolution) at which the contrastive term compares voxels with the sentence:
+    #: the highest-resolution decoder features are average-pooled to it. Level 1 costs a quarter of level 0 in 2D
+    #: (an eighth in 3D); at level 0 the term and its projection took 12% of a CPU training step.
+    contrastive_level: int = 1
     strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
     #: Read the sentence against the image (network/prompt_decoder.py) before it drives the heads. Off by default
     #: (ABLATIONS["prompt_decoder"] turns it on): not yet better at the README benchmark's budget.
@@ -87,6 +103,10 @@ class LSMSConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
+        for name in ("svla_first_stage", "contrastive_level"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"LSMSConfig.{name} must be an integer >= 0, got {value!r}.")
         for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head", "prompt_decoder",
                      "existence_head", "head_position", "case_selection",
                      "finding_head"):
@@ -95,6 +115,9 @@ class LSMSConfig:
         if self.attention_dim % self.num_heads:
             raise ValueError(f"LSMSConfig.attention_dim ({self.attention_dim}) must be divisible by num_heads "
                              f"({self.num_heads}); pick an attention_dim that is a multiple of num_heads.")
+        if self.fsd_projection not in FSD_PROJECTIONS:
+            raise ValueError(f"LSMSConfig.fsd_projection must be one of {FSD_PROJECTIONS}, got "
+                             f"{self.fsd_projection!r}.")
         if self.decoder not in DECODERS:
             raise ValueError(f"LSMSConfig.decoder must be one of {DECODERS}, got {self.decoder!r}.")
         for name in ("contrastive_weight", "existence_weight"):
@@ -121,7 +144,9 @@ class LSMSConfig:
         """The encoder stages that get an SVLA block in an encoder of n_stages; none when both branches are off."""
         if not (self.visual_branch or self.language_branch):
             return ()
-        stages = tuple(range(1, n_stages)) if self.svla_stages is None else tuple(sorted(self.svla_stages))
+        if self.svla_stages is None:
+            return tuple(range(min(self.svla_first_stage, n_stages - 1), n_stages))
+        stages = tuple(sorted(self.svla_stages))
         if any(s >= n_stages for s in stages):
             raise ValueError(f"LSMSConfig.svla_stages {self.svla_stages} names a stage beyond this encoder's "
                              f"{n_stages} stages (valid: 0..{n_stages - 1}); fix svla_stages or use None.")

@@ -19,14 +19,17 @@ from dynamic_network_architectures.building_blocks.simple_conv_blocks import Con
 from torch import nn
 from torch.nn.modules.conv import _ConvNd
 
+from lsms_nnunet.network.config import FSD_PROJECTIONS
+
 DOWN, SAME, UP = "down", "same", "up"
 
 
 class ResampleProject(nn.Module):
-    """Bring one source map to a decoder level: max-pool down then project, or project then interpolate up.
+    """Bring one source map to a decoder level: project it, then interpolate it up if it is coarser.
 
-    Projecting on the coarser side of the resampling keeps the convolution on the smaller map. Resampling targets
-    the actual skip shape, so it stays exact whatever rounding the encoder's strided convolutions did.
+    Finer sources arrive max-pooled to the level already (`FullScaleDecoder.pooled_sources`); projecting on the
+    coarser side of the resampling keeps the convolution on the smaller map. Interpolation targets the actual skip
+    shape, so it stays exact whatever rounding the encoder's strided convolutions did.
     """
 
     def __init__(self, direction: str, projection: ConvDropoutNormReLU, conv_op: Type[_ConvNd]):
@@ -34,12 +37,9 @@ class ResampleProject(nn.Module):
         self.direction = direction
         self.projection = projection
         dim = convert_conv_op_to_dim(conv_op)
-        self._pool = F.adaptive_max_pool2d if dim == 2 else F.adaptive_max_pool3d
         self._interpolation = "bilinear" if dim == 2 else "trilinear"
 
     def forward(self, x: torch.Tensor, target_size: Sequence[int]) -> torch.Tensor:
-        if self.direction == DOWN:
-            return self.projection(self._pool(x, list(target_size)))
         projected = self.projection(x)
         if self.direction == UP:
             return F.interpolate(projected, size=list(target_size), mode=self._interpolation, align_corners=False)
@@ -50,19 +50,25 @@ class FullScaleDecoder(nn.Module):
     """Decoder whose level d fuses all encoder skips and all decoder outputs deeper than d.
 
     Levels are computed deepest first; `stages[-1]` produces the highest-resolution features (as in UNetDecoder).
+    `projection` (config.FSD_PROJECTIONS) is how each source is squeezed to channels_per_scale: a 1x1 convolution
+    ("pointwise"; the fusion convolution after the concatenation has the planned kernel) or one with the planned
+    kernel of its scale ("planned", UNet 3+'s 3x3, 15% of the decoder's training time on the CPU benchmark's shapes).
     Each level has as many output channels as the encoder stage of the same resolution, so capacity follows the
     nnU-Net plan. A segmentation head exists per level whether or not deep supervision is on, so checkpoints load
     either way.
     """
 
     def __init__(self, encoder: PlainConvEncoder | ResidualEncoder, num_classes: int,
-                 n_conv_per_stage: int | Sequence[int], deep_supervision: bool, channels_per_scale: int = 16):
+                 n_conv_per_stage: int | Sequence[int], deep_supervision: bool, channels_per_scale: int = 8,
+                 projection: str = "pointwise"):
         super().__init__()
         n_stages = len(encoder.output_channels)
         if n_stages < 2:
             raise ValueError(f"A decoder needs an encoder with at least 2 stages, got {n_stages}.")
         if isinstance(n_conv_per_stage, int):
             n_conv_per_stage = [n_conv_per_stage] * (n_stages - 1)
+        if projection not in FSD_PROJECTIONS:
+            raise ValueError(f"projection must be one of {FSD_PROJECTIONS}, got {projection!r}.")
         if len(n_conv_per_stage) != n_stages - 1:
             raise ValueError(f"n_conv_per_stage needs one entry per decoder level ({n_stages - 1}), "
                              f"got {list(n_conv_per_stage)}.")
@@ -73,6 +79,8 @@ class FullScaleDecoder(nn.Module):
         self.encoder_strides = [list(s) for s in encoder.strides]
 
         def conv_norm_nonlin(input_channels: int, output_channels: int, kernel_size) -> ConvDropoutNormReLU:
+            if projection == "pointwise":
+                kernel_size = [1] * len(kernel_size)
             return ConvDropoutNormReLU(encoder.conv_op, input_channels, output_channels, kernel_size, 1,
                                        encoder.conv_bias, encoder.norm_op, encoder.norm_op_kwargs, encoder.dropout_op,
                                        encoder.dropout_op_kwargs, encoder.nonlin, encoder.nonlin_kwargs)
@@ -111,11 +119,13 @@ class FullScaleDecoder(nn.Module):
 
     def forward(self, skips: Sequence[torch.Tensor]) -> torch.Tensor | list[torch.Tensor]:
         """skips in encoder order (bottleneck last) -> logits, or a list of logits highest resolution first."""
+        pooled = self.pooled_sources(skips)
         decoded: list[torch.Tensor] = []
         seg_outputs = []
         for step, level in enumerate(self.levels):
             target_size = skips[level].shape[2:]
-            sources = [project(skip, target_size) for project, skip in zip(self.encoder_projections[step], skips)]
+            sources = [project(pooled[source][level] if source < level else skip, target_size)
+                       for source, (project, skip) in enumerate(zip(self.encoder_projections[step], skips))]
             sources += [project(deeper, target_size)
                         for project, deeper in zip(self.decoder_projections[step], decoded)]
             features = self.stages[step](torch.cat(sources, dim=1))
@@ -124,6 +134,25 @@ class FullScaleDecoder(nn.Module):
                 seg_outputs.append(self.seg_layers[step](features))
         seg_outputs = seg_outputs[::-1]
         return seg_outputs if self.deep_supervision else seg_outputs[0]
+
+    @staticmethod
+    def pooled_sources(skips: Sequence[torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
+        """pooled[source][level]: each skip max-pooled to every coarser decoder level's size. Each level pools the
+        previous level's map where the sizes divide (the same maximum over nested windows, at a fraction of the
+        work), else the skip itself with adaptive pooling."""
+        pool = F.adaptive_max_pool2d if skips[0].ndim == 4 else F.adaptive_max_pool3d
+        pooled: dict[int, dict[int, torch.Tensor]] = {}
+        for source, skip in enumerate(skips[:-2]):  # the bottleneck has no decoder level, the last level no coarser
+            pooled[source] = {}
+            finer = skip
+            for level in range(source + 1, len(skips) - 1):
+                size = skips[level].shape[2:]
+                if all(have % want == 0 for have, want in zip(finer.shape[2:], size)):
+                    finer = pool(finer, list(size))
+                else:
+                    finer = pool(skip, list(size))
+                pooled[source][level] = finer
+        return pooled
 
     def compute_conv_feature_map_size(self, input_size: Sequence[int]) -> np.int64:
         """Stored feature-map elements for one sample (input_size = encoder input, no channels), as nnU-Net counts."""

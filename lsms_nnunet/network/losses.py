@@ -40,7 +40,7 @@ class VisionLanguageContrastiveLoss(nn.Module):
                              f"{list(voxel_embedding.shape)}, got {list(sentence_embedding.shape)}.")
         if target.shape != (batch, 1, *voxel_embedding.shape[2:]):
             raise ValueError(f"target must be [{batch}, 1, {', '.join(map(str, voxel_embedding.shape[2:]))}] "
-                             f"(the highest-resolution target), got {list(target.shape)}.")
+                             f"(the target at the embedding's resolution), got {list(target.shape)}.")
         if text_keys is not None and len(text_keys) != batch:
             raise ValueError(f"text_keys needs one key per sample ({batch}), got {len(text_keys)}.")
         voxels = voxel_embedding.float().flatten(2)

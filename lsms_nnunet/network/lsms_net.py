@@ -55,7 +55,7 @@ class LSMSNet(nn.Module):
                                           nn.LayerNorm(config.attention_dim))
         if config.decoder == "fsd":
             self.decoder = FullScaleDecoder(encoder, num_classes, n_conv_per_stage_decoder, deep_supervision,
-                                            config.fsd_channels_per_scale)
+                                            config.fsd_channels_per_scale, config.fsd_projection)
         else:
             self.decoder = UNetDecoder(encoder, num_classes, n_conv_per_stage_decoder, deep_supervision)
         dim = convert_conv_op_to_dim(conv_op)
@@ -107,7 +107,8 @@ class LSMSNet(nn.Module):
         Returns the decoder's logits (a list, highest resolution first, under deep supervision) and, with
         return_aux, also a dict with what the losses and the predictor read: "existence_logit" [B] (existence
         head), "finding_logits" (finding head: 2-class all-lesion logits, a list like the decoder's),
-        "voxel_embedding", "sentence_embedding", "logit_scale" (contrastive projection heads).
+        "voxel_embedding" (at the resolution of deep-supervision level config.contrastive_level),
+        "sentence_embedding", "logit_scale" (contrastive projection heads).
         """
         text_tokens, text_mask, prompts_per_image = self._match_text_to_images(x, text_tokens, text_mask)
         tokens = self.text_adapter(text_tokens)
@@ -140,12 +141,22 @@ class LSMSNet(nn.Module):
         if self.config.contrastive:
             features = self._decoder_features.pop("highest_resolution")
             if return_aux:
+                features = self._pooled_to_contrastive_level(features, logits)
                 aux.update({
                     "voxel_embedding": F.normalize(self.voxel_projection(features), dim=1),
                     "sentence_embedding": F.normalize(self.sentence_projection(sentence), dim=1),
                     "logit_scale": self.log_logit_scale.clamp(0, math.log(MAX_LOGIT_SCALE)).exp(),
                 })
         return (logits, aux) if return_aux else logits
+
+    def _pooled_to_contrastive_level(self, features: torch.Tensor, logits) -> torch.Tensor:
+        """The highest-resolution decoder features averaged to the resolution of deep-supervision level
+        config.contrastive_level (the deepest there is; full resolution without deep supervision)."""
+        if not isinstance(logits, (list, tuple)) or self.config.contrastive_level == 0:
+            return features
+        size = logits[min(self.config.contrastive_level, len(logits) - 1)].shape[2:]
+        pool = F.adaptive_avg_pool2d if features.ndim == 4 else F.adaptive_avg_pool3d
+        return pool(features, size) if size != features.shape[2:] else features
 
     def _decode(self, skips: list[torch.Tensor], prompt: torch.Tensor) -> torch.Tensor | list[torch.Tensor]:
         """The decoder, with the prompt embedding bound to the text-conditioned heads for this pass only."""
@@ -195,8 +206,9 @@ class LSMSNet(nn.Module):
             size = [i // s for i, s in zip(size, stride)]
             if str(index) in self.svla:
                 output += self.svla[str(index)].compute_conv_feature_map_size(size, self.config.max_tokens)
-            if index == 0 and self.config.contrastive:
-                output += 2 * self.config.contrastive_dim * math.prod(size)  # projection and its normalised copy
+            if index == min(self.config.contrastive_level, len(self.encoder.strides) - 2) and self.config.contrastive:
+                # pooled features, their projection and its normalised copy
+                output += (self.encoder.output_channels[0] + 2 * self.config.contrastive_dim) * math.prod(size)
             sizes.append(size)
         if self.config.prompt_decoder:
             output += self.prompt_decoder.compute_conv_feature_map_size(sizes[-self.config.prompt_decoder_scales:],

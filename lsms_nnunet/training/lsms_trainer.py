@@ -101,10 +101,13 @@ class LSMSLoss(nn.Module):
         network.last_aux = None
         if "finding_logits" in aux:
             loss = loss + self.segmentation_loss(aux["finding_logits"], all_lesions)
-        full_resolution_target = (referred[0] if isinstance(referred, (list, tuple)) else referred).clamp_min(0)
+        levels = referred if isinstance(referred, (list, tuple)) else [referred]
+        full_resolution_target = levels[0].clamp_min(0)
         if self.contrastive is not None:
-            loss = loss + self.contrastive(aux["voxel_embedding"], aux["sentence_embedding"], full_resolution_target,
-                                           aux["logit_scale"], self.text_keys)
+            voxels = aux["voxel_embedding"]
+            target = next(level for level in levels if level.shape[2:] == voxels.shape[2:]).clamp_min(0)
+            loss = loss + self.contrastive(voxels, aux["sentence_embedding"], target, aux["logit_scale"],
+                                           self.text_keys)
         if "existence_logit" in aux:
             loss = loss + network.config.existence_weight * existence_loss(aux["existence_logit"],
                                                                            full_resolution_target)
