@@ -20,7 +20,7 @@ EXPECTED_ERRORS = (
     ("text_conditioning.encoders", "TextEncoderError"),
     ("text_conditioning.cache", "TextCacheError"),
     ("text_conditioning.cache", "MissingEmbeddingError"),
-    ("lsms_nnunet.network.prompting", "TextEncoderMismatchError"),
+    ("text_conditioning.model_texts", "TextEncoderMismatchError"),
     ("lsms_nnunet.evaluation.evaluate", "EvaluationInputError"),
     ("lsms_nnunet.inference.predictor", "UnsafeOutputError"),
     ("lsms_nnunet.inference.input_checks", "InputChannelsError"),

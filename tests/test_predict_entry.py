@@ -1,21 +1,64 @@
-"""`LSMSv2_predict`'s own flags are checked before nnU-Net starts (no model needed)."""
+"""`LSMSv2_predict`'s own flags are checked before nnU-Net starts, and reach the predictor as arguments (no model
+needed)."""
+import os
 import sys
 
 import pytest
 
 from lsms_nnunet.inference import predict_entry as entry
+from lsms_nnunet.inference.predictor import LSMSPredictor
+
+
+class _Loaded(Exception):
+    """Stops the entry where it would load the model."""
+
+
+def _run_until_the_model_loads(monkeypatch, tmp_path, *flags: str) -> dict:
+    seen = {}
+
+    def initialize(predictor, model_folder, folds, checkpoint_name):
+        seen.update(predictor=predictor, model_folder=model_folder, folds=folds, checkpoint=checkpoint_name)
+        raise _Loaded
+
+    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder", initialize)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
+                                      "-device", "cpu", *flags])
+    environment = dict(os.environ)
+    with pytest.raises(_Loaded):
+        entry.predict_entry()
+    assert dict(os.environ) == environment  # nothing handed over through the environment
+    return seen
+
+
+def test_expressions_file_text_encoder_and_nonfinite_flag_reach_the_predictor(monkeypatch, tmp_path):
+    seen = _run_until_the_model_loads(monkeypatch, tmp_path, "-e", "elsewhere/expressions.json", "--text_encoder",
+                                      "/models/encoder", "--allow_nonfinite", "-f", "0", "all", "-chk", "x.pth")
+    predictor = seen["predictor"]
+    assert predictor.expressions_file == os.path.abspath("elsewhere/expressions.json")
+    assert predictor.ad_hoc_text is None and predictor.allow_nonfinite
+    assert predictor.text_encoder_source == "/models/encoder"
+    assert seen["model_folder"] == str(tmp_path / "results" / "Dataset001_X" / "LSMSTrainer__nnUNetPlans__2d")
+    assert seen["folds"] == [0, "all"] and seen["checkpoint"] == "x.pth"
+
+
+def test_ad_hoc_text_reaches_the_predictor(monkeypatch, tmp_path):
+    predictor = _run_until_the_model_loads(monkeypatch, tmp_path, "--text", "the largest cyst")["predictor"]
+    assert predictor.ad_hoc_text == "the largest cyst" and predictor.expressions_file is None
+    assert predictor.allow_nonfinite is False and LSMSPredictor.ad_hoc_text is None  # the class stays as it was
 
 
 @pytest.mark.parametrize("text", ["\u0000", "\u200b", "\U0001F600", "\x1b[0m"])
 def test_unusable_text_is_refused_before_prediction(monkeypatch, text):
-    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "1", "--text", text])
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "1", "-c", "2d", "--text", text])
     with pytest.raises(SystemExit) as caught:
         entry.predict_entry()
     assert str(caught.value).startswith("--text ") and "Fix:" in str(caught.value)
 
 
 def test_expressions_option_pointing_to_a_folder_says_so(monkeypatch, tmp_path):
-    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "1", "-e", str(tmp_path)])
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "1", "-c", "2d", "-e",
+                                      str(tmp_path)])
     with pytest.raises(SystemExit, match=r"is a folder\. Fix: point -e at the expressions file itself, e\.g\. -e "
                                          r".*expressions\.json"):
         entry.predict_entry()

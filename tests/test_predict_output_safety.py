@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from lsms_nnunet.inference.predictor import EXPRESSIONS_ENV, TEXT_ENV, LSMSPredictor, UnsafeOutputError
+from lsms_nnunet.inference.predictor import LSMSPredictor, UnsafeOutputError
 
 ENDING = ".nii.gz"
 
@@ -23,9 +23,7 @@ class _StubNetwork:
 
 
 @pytest.fixture
-def predictor(monkeypatch) -> LSMSPredictor:
-    monkeypatch.delenv(EXPRESSIONS_ENV, raising=False)
-    monkeypatch.delenv(TEXT_ENV, raising=False)
+def predictor() -> LSMSPredictor:
     predictor = LSMSPredictor(device=torch.device("cpu"))
     predictor.dataset_json = {"file_ending": ENDING}
     predictor.network = _StubNetwork()

@@ -282,12 +282,12 @@ def test_refuses_to_overwrite_and_replaces_atomically(tmp_path, monkeypatch):
             raise RuntimeError("interrupted")
         return real_generate_case(case_index, *args, **kwargs)
 
-    monkeypatch.setattr(synthetic, "generate_case", fail_on_second_case)
+    monkeypatch.setattr(synthetic.writing, "generate_case", fail_on_second_case)
     with pytest.raises(RuntimeError, match="interrupted"):
         make_synthetic_dataset(7, num_cases=2, num_test_cases=0, shape=SHAPE_2D, name="Second", overwrite=True,
                                raw_root=tmp_path)
     assert [path.name for path in tmp_path.iterdir()] == [first.name]  # old dataset intact, no half dataset
-    monkeypatch.setattr(synthetic, "generate_case", real_generate_case)
+    monkeypatch.setattr(synthetic.writing, "generate_case", real_generate_case)
 
     second = make_synthetic_dataset(7, num_cases=2, num_test_cases=0, shape=SHAPE_2D, name="Second", overwrite=True,
                                     raw_root=tmp_path)

@@ -17,7 +17,8 @@ from torch import nn
 from nnunetv2.utilities.plans_handling.plans_handler import PlansManager
 from text_conditioning.encoders import EncoderIdentity
 
-from lsms_nnunet.inference.predictor import LSMSPredictor, embed_texts
+from lsms_nnunet.inference.predictor import LSMSPredictor
+from text_conditioning.model_texts import embed_texts
 from lsms_nnunet.network.lsms_net import LSMSNet
 from lsms_nnunet.network.prompting import PromptableLSMSNet
 

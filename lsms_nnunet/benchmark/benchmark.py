@@ -32,6 +32,7 @@ from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measu
 from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, prepare_benchmark, say
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
+from lsms_nnunet.benchmark.step_profile import merge_profiles
 from lsms_nnunet.benchmark.training_runner import train_variant
 from lsms_nnunet.benchmark.variants import VANILLA, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
@@ -71,10 +72,21 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
             "probe_seconds_per_iteration": float(np.mean([r["probe"]["seconds_per_step"] for r in records])),
             "peak_memory_bytes": max(r["probe"]["peak_bytes"] for r in records),
             "peak_memory_kind": records[0]["probe"]["kind"],
+            "step_profile": merge_profiles([r["step_profile"] for r in records]),
+            **expression_scaling_summary(records),
         },
         "learning_curves": {str(r["fold"]): {"pseudo_dice": r["training"]["pseudo_dice"],
                                              "ema_pseudo_dice": r["training"]["ema_pseudo_dice"]} for r in records},
     }
+
+
+def expression_scaling_summary(records: Sequence[dict]) -> dict:
+    """Seconds for one image, averaged over folds: per expression count (text variants) or one prediction."""
+    scaling = [r["expression_scaling"] for r in records]
+    if "seconds_per_image" in scaling[0]:
+        return {"seconds_per_image": float(np.mean([s["seconds_per_image"] for s in scaling]))}
+    return {"seconds_by_expressions": {count: float(np.mean([s["seconds_by_expressions"][count] for s in scaling]))
+                                       for count in scaling[0]["seconds_by_expressions"]}}
 
 
 def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dict:
@@ -95,8 +107,12 @@ def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling
     ceiling = [entry for record in ceiling_records for entry in record["per_expression"]]
     vanilla = next((v for v in variants if v["name"] == VANILLA.name), None)
     for summary in variants:
+        cost = summary["cost"]
         for key in ("seconds_per_iteration", "probe_seconds_per_iteration"):
-            summary["cost"][f"{key}_vs_vanilla"] = summary["cost"][key] / vanilla["cost"][key] if vanilla else None
+            cost[f"{key}_vs_vanilla"] = cost[key] / vanilla["cost"][key] if vanilla else None
+        if vanilla and "seconds_by_expressions" in cost:
+            cost["expressions_vs_vanilla_image"] = {count: seconds / vanilla["cost"]["seconds_per_image"]
+                                                    for count, seconds in cost["seconds_by_expressions"].items()}
     return {
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION, "dataset": setup.dataset_name,
         "configuration": setup.configuration, "plans": setup.plans, "folds": list(setup.folds),

@@ -5,7 +5,9 @@
   torch's FlopCounterMode;
 - training seconds per iteration, from the epoch timestamps nnU-Net logs in every checkpoint;
 - inference seconds per case and per expression on the preprocessed validation cases;
-- peak memory and seconds per training step of a fresh process running a few training steps (`training_probe`).
+- peak memory and seconds per training step of a fresh process running a few training steps (`training_probe`),
+  and where a step's time goes (`step_profile`);
+- inference seconds for E = 1, 4, 16, 64 expressions on one image, against one vanilla prediction of that image.
 """
 from __future__ import annotations
 
@@ -23,6 +25,8 @@ from tqdm import tqdm
 from text_conditioning.encoders import EncoderIdentity, TextEncoder
 
 WARM_UP_CALLS = 2  # the first calls pay for lazy allocations and kernel selection
+EXPRESSION_COUNTS = (1, 4, 16, 64)
+TIMED_CALLS = 3
 
 
 def parameter_counts(network: nn.Module) -> dict:
@@ -76,3 +80,23 @@ def time_cases(predict_case: Callable[[str], object], cases: Sequence[str], expr
     return {"cases": len(cases), "expressions": int(expressions),
             "seconds_per_case": float(np.mean(seconds)),
             "seconds_per_expression": float(np.sum(seconds) / expressions) if expressions else None}
+
+
+def median_seconds(call: Callable[[], object]) -> float:
+    """Median wall time of TIMED_CALLS calls after WARM_UP_CALLS untimed ones."""
+    for _ in range(WARM_UP_CALLS):
+        call()
+    seconds = []
+    for _ in range(TIMED_CALLS):
+        start = time.perf_counter()
+        call()
+        seconds.append(time.perf_counter() - start)
+    return statistics.median(seconds)
+
+
+def texts_for_counts(texts: Sequence[str], counts: Sequence[int] = EXPRESSION_COUNTS) -> dict[int, list[str]]:
+    """E texts per count E: the given texts in order, repeated as often as needed (repeats cost the same work as
+    new texts: nothing is deduplicated between the expressions of an image)."""
+    if not texts:
+        raise ValueError("No text to time inference with.")
+    return {count: [texts[i % len(texts)] for i in range(count)] for count in counts}

@@ -17,8 +17,8 @@ from tqdm import tqdm
 
 from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_blind_answers, plain_lesion_dice,
                                             write_all_lesion_reference_masks)
-from lsms_nnunet.benchmark.costs import (forward_gflops, parameter_counts, seconds_per_iteration,
-                                         text_encoder_parameters, time_cases)
+from lsms_nnunet.benchmark.costs import (forward_gflops, median_seconds, parameter_counts, seconds_per_iteration,
+                                         text_encoder_parameters, texts_for_counts, time_cases)
 from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, say
 from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
@@ -28,6 +28,7 @@ from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import expressions_by_case
 from text_conditioning.io import write_json_atomically
+from text_conditioning.model_texts import embed_texts
 
 
 class _FoldModel:
@@ -67,8 +68,6 @@ class _FoldModel:
         return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), properties
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        from lsms_nnunet.inference.predictor import embed_texts
-
         identity = EncoderIdentity.from_dict(self.predictor.network.model_card["text_encoder"])
         return embed_texts(texts, identity, self.setup.text_cache_folder)
 
@@ -172,6 +171,42 @@ def measure_probe(model: _FoldModel) -> dict:
                           setup.device, setup.training_environment())
 
 
+PROFILED_STEPS = 3
+
+
+def measure_step_profile(model: _FoldModel) -> dict:
+    """Where a training step's time goes (step_profile.py), median of PROFILED_STEPS steps in a fresh process."""
+    setup = model.setup
+    return probe_training(setup.dataset_name, setup.configuration, model.fold, model.variant.trainer, setup.plans,
+                          setup.device, setup.training_environment(), timed_steps=1,
+                          profile_steps=PROFILED_STEPS)["profile"]
+
+
+def measure_expression_scaling(model: _FoldModel) -> dict:
+    """Seconds to answer E expressions of the first validation image, E in costs.EXPRESSION_COUNTS (the validation
+    texts, repeated as needed); a text-blind model predicts the image once."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    predictor = model.predictor
+    case = setup.validation_cases(fold)[0]
+    data = model.load_case(case)[0]
+
+    def synchronised(call: Callable[[], object]) -> Callable[[], None]:
+        def run() -> None:
+            call()
+            if predictor.device.type == "cuda":
+                torch.cuda.synchronize(predictor.device)
+        return run
+
+    if not variant.uses_text:
+        return {"case": case, "seconds_per_image": median_seconds(
+            synchronised(lambda: predictor.predict_sliding_window_return_logits(data)))}
+    texts = list(dict.fromkeys(e.text for e in setup.validation_expressions(fold)))
+    seconds = {str(count): median_seconds(synchronised(
+        lambda asked=asked: predictor.predict_prompt_logits(data, asked, setup.text_cache_folder)))
+        for count, asked in tqdm(texts_for_counts(texts).items(), desc=f"{variant.name}: expressions per image")}
+    return {"case": case, "seconds_by_expressions": seconds}
+
+
 def measure_heldout(model: _FoldModel) -> dict:
     """The validation cases' expressions in held-out wording, predicted as measure_plain predicts (one pass per case,
     no mirroring); a text-blind model answers with its validation label maps, as for the seen wording."""
@@ -202,6 +237,7 @@ def measure_heldout(model: _FoldModel) -> dict:
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
     "training": measure_training, "referring": measure_referring, "plain": measure_plain,
     "network": measure_network, "inference": measure_inference, "probe": measure_probe,
+    "step_profile": measure_step_profile, "expression_scaling": measure_expression_scaling,
     HELDOUT_SECTION: measure_heldout}
 
 

@@ -21,7 +21,7 @@ from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, Expression, 
 from text_conditioning.io import write_json_atomically
 
 
-SECTIONS = ("training", "referring", "plain", "network", "inference", "probe")
+SECTIONS = ("training", "referring", "plain", "network", "inference", "probe", "step_profile", "expression_scaling")
 
 
 HELDOUT_SECTION = "heldout"

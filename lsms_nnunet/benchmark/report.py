@@ -84,10 +84,51 @@ def format_phrasing_table(results: dict) -> list[str]:
             *markdown_table([header, *rows])]
 
 
+def format_profile_table(results: dict) -> list[str]:
+    """Milliseconds per training step by component (forward + backward), one column per variant."""
+    profiles = {v["name"]: v["cost"]["step_profile"] for v in results["variants"] if "step_profile" in v["cost"]}
+    if not profiles:
+        return []
+    components = sorted(dict.fromkeys(name for profile in profiles.values() for name in profile["components"]),
+                        key=lambda name: -max(p["components"].get(name, {}).get("total_ms", 0.0)
+                                              for p in profiles.values()))
+
+    def cell(profile: dict, name: str) -> str:
+        times = profile["components"].get(name)
+        return "—" if times is None else f"{times['total_ms']:.1f} ({times['forward_ms']:.1f} + {times['backward_ms']:.1f})"
+
+    rows = [["component: ms (forward + backward)", *profiles]]
+    rows += [[name, *(cell(profile, name) for profile in profiles.values())] for name in components]
+    rows.append(["profiled step", *(f"{profile['step_ms']:.1f}" for profile in profiles.values())])
+    return markdown_table(rows)
+
+
+def format_expression_scaling_table(results: dict) -> list[str]:
+    """Seconds for E expressions of one image, and their ratio to one vanilla prediction of that image."""
+    scaled = [v for v in results["variants"] if "seconds_by_expressions" in v["cost"]]
+    if not scaled:
+        return []
+    counts = list(scaled[0]["cost"]["seconds_by_expressions"])
+    rows = [["variant: s (x one vanilla prediction)", *(f"E = {count}" for count in counts)]]
+    for variant in scaled:
+        cost = variant["cost"]
+        ratios = cost.get("expressions_vs_vanilla_image", {})
+        rows.append([variant["name"], *(f"{cost['seconds_by_expressions'][count]:.3f}"
+                                        + (f" ({ratios[count]:.2f}x)" if count in ratios else "")
+                                        for count in counts)])
+    vanilla = next((v for v in results["variants"] if "seconds_per_image" in v["cost"]), None)
+    if vanilla:
+        rows.append([f"{vanilla['name']} (one prediction)",
+                     *([f"{vanilla['cost']['seconds_per_image']:.3f} (1.00x)"] * len(counts))])
+    rows.append(["goal: (1 + 0.25 E)x", *(f"{1 + 0.25 * int(count):.2f}x" for count in counts)])
+    return markdown_table(rows)
+
+
 def format_results_table(results: dict) -> str:
     """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
     lines = markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
-    for extra in (format_category_table(results), format_phrasing_table(results)):
+    for extra in (format_category_table(results), format_phrasing_table(results), format_profile_table(results),
+                  format_expression_scaling_table(results)):
         if extra:
             lines += ["", *extra]
     first = results["variants"][0] if results["variants"] else None
@@ -132,6 +173,13 @@ def format_results_table(results: dict) -> str:
         "- infer: sliding window on the preprocessed validation cases with one fold's weights, no test-time "
         "mirroring; per case answers all of a case's expressions (LSMS batches them, vanilla predicts once), "
         "per expression = total time / expressions.",
+        "- Step profile: one training step split by component under torch.profiler (benchmark/step_profile.py; "
+        "backward attributed to the component whose forward op created each autograd node), median of a few "
+        "steps; data loading + augmentation and the optimiser step are timed around the trainer's calls. The "
+        "profiler adds overhead, so compare shares, and the probe s/iter for totals.",
+        "- Expressions per image: seconds to answer E expressions of the first validation image (the validation "
+        "texts repeated as needed) against one prediction of that image by the vanilla model, same settings as "
+        "infer.",
         "- Learning curves (learning_curves.png) show nnU-Net's online pseudo Dice: of the referred target for LSMS, "
         "of all lesions for vanilla, so their levels are not comparable.",
     ]

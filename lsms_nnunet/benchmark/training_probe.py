@@ -5,7 +5,8 @@ step: next batch, forward, backward, optimiser step, as in nnU-Net's epoch loop)
 - its peak memory: the resident set size high-water mark on CPU (`ru_maxrss`, interpreter and libraries included, the
   same for every variant), or `torch.cuda.max_memory_allocated` on CUDA;
 - the median time of the steps after the warm-up steps. Probes of all variants run minutes apart, so on a shared
-  machine they see more similar load than trainings that run hours apart.
+  machine they see more similar load than trainings that run hours apart;
+- with `--profile_steps N`, where those steps' time goes (step_profile.py): the median over N profiled steps.
 Its trainer writes only into a throw-away `nnUNet_results`, so the benchmark's trained models are never touched.
 Data augmentation runs in-process (`nnUNet_n_proc_DA=0`) so its memory and time are counted too.
 """
@@ -26,13 +27,14 @@ DEFAULT_WARM_UP_STEPS, DEFAULT_TIMED_STEPS = 2, 5
 
 def probe_training(dataset_name: str, configuration: str, fold: int, trainer_name: str, plans: str, device: str,
                    environment: dict, warm_up_steps: int = DEFAULT_WARM_UP_STEPS,
-                   timed_steps: int = DEFAULT_TIMED_STEPS) -> dict:
+                   timed_steps: int = DEFAULT_TIMED_STEPS, profile_steps: int = 0) -> dict:
     """Run the probe in a subprocess; returns {"peak_bytes", "kind", "seconds_per_step", "warm_up_steps",
-    "timed_steps"}."""
+    "timed_steps"}, and "profile" (step_profile.merge_profiles) when profile_steps > 0."""
     with tempfile.TemporaryDirectory(prefix="lsms_training_probe_") as results_folder:
         command = [sys.executable, "-m", "lsms_nnunet.benchmark.training_probe", dataset_name, configuration,
                    str(fold), "-tr", trainer_name, "-p", plans, "-device", device,
-                   "--warm_up_steps", str(warm_up_steps), "--timed_steps", str(timed_steps)]
+                   "--warm_up_steps", str(warm_up_steps), "--timed_steps", str(timed_steps),
+                   "--profile_steps", str(profile_steps)]
         completed = subprocess.run(command, env={**environment, "nnUNet_results": results_folder,
                                                  "nnUNet_n_proc_DA": "0"},
                                    capture_output=True, text=True, encoding="utf-8", errors="replace")
@@ -59,9 +61,10 @@ def main() -> None:
     parser.add_argument("-device", choices=("cpu", "cuda"), required=True)
     parser.add_argument("--warm_up_steps", type=int, default=DEFAULT_WARM_UP_STEPS)
     parser.add_argument("--timed_steps", type=int, default=DEFAULT_TIMED_STEPS)
+    parser.add_argument("--profile_steps", type=int, default=0)
     args = parser.parse_args()
-    if args.warm_up_steps < 0 or args.timed_steps < 1:
-        parser.error("--warm_up_steps must be >= 0 and --timed_steps >= 1")
+    if args.warm_up_steps < 0 or args.timed_steps < 1 or args.profile_steps < 0:
+        parser.error("--warm_up_steps and --profile_steps must be >= 0 and --timed_steps >= 1")
 
     import torch
     from nnunetv2.run.run_training import get_trainer_from_args
@@ -86,6 +89,10 @@ def main() -> None:
         memory = {"peak_bytes": _peak_cpu_bytes(), "kind": "cpu_max_rss"}
     result = {**memory, "seconds_per_step": statistics.median(durations), "warm_up_steps": args.warm_up_steps,
               "timed_steps": args.timed_steps}
+    if args.profile_steps:
+        from lsms_nnunet.benchmark.step_profile import merge_profiles, profile_train_step
+
+        result["profile"] = merge_profiles([profile_train_step(trainer) for _ in range(args.profile_steps)])
     print(PROBE_RESULT_PREFIX + json.dumps(result), flush=True)
 
 

@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from lsms_nnunet.preprocessing.image_checks import (nonfinite_voxel_count, refuse_nonfinite, warn_if_constant,
                                                     warn_if_orientation_differs)
 
-ALLOW_NONFINITE_ENV = "LSMS_ALLOW_NONFINITE"  # set by LSMSv2_predict --allow_nonfinite
+ALLOW_NONFINITE_ENV = "LSMS_ALLOW_NONFINITE"  # for the stock nnUNetv2_predict (LSMSv2_predict: --allow_nonfinite)
 
 
 def input_files_by_case(source: str | Sequence[Sequence[str]], file_ending: str) -> dict[str, list[str]]:
@@ -46,10 +46,10 @@ def refuse_wrong_channels(files_by_case: Mapping[str, Sequence[str]], channel_na
 
 
 def check_input_images(source: str | Sequence[Sequence[str]], dataset_json: Mapping, reader,
-                       known_directions: Sequence[Sequence[float]]) -> None:
+                       known_directions: Sequence[Sequence[float]], allow_nonfinite: bool = False) -> None:
     """Refuse cases with other channels than the model's, and images with NaN/infinite voxels (unless
-    LSMS_ALLOW_NONFINITE is set: then warn with the counts); warn about constant images and about directions unlike
-    the training data's."""
+    `allow_nonfinite` or LSMS_ALLOW_NONFINITE is set: then warn with the counts); warn about constant images and
+    about directions unlike the training data's."""
     files_by_case = input_files_by_case(source, dataset_json["file_ending"])
     refuse_wrong_channels(files_by_case, dataset_json["channel_names"], dataset_json["file_ending"])
     nonfinite = {}
@@ -59,7 +59,7 @@ def check_input_images(source: str | Sequence[Sequence[str]], dataset_json: Mapp
             nonfinite[case] = count
         warn_if_constant(case, image)
         warn_if_orientation_differs(case, properties, known_directions)
-    if os.environ.get(ALLOW_NONFINITE_ENV):
+    if allow_nonfinite or os.environ.get(ALLOW_NONFINITE_ENV):
         if nonfinite:
             print(f"WARNING: predicting anyway ({ALLOW_NONFINITE_ENV} / --allow_nonfinite) on images with NaN or "
                   f"infinite voxels: {nonfinite}. Their masks may be meaningless.")

@@ -2,8 +2,8 @@
 
 `LSMSPredictor` subclasses `nnUNetPredictor` and keeps its whole pipeline (reading, preprocessing workers, sliding
 window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue_prediction`):
-- the expressions come from the companion `expressions.json` in the input folder (or `LSMS_EXPRESSIONS` /
-  `LSMS_TEXT`, which `LSMSv2_predict -e/--text` set) and are validated before anything is written, as is the output:
+- the expressions come from the companion `expressions.json` in the input folder (or from `expressions_file` /
+  `ad_hoc_text`, which `LSMSv2_predict -e/--text` pass) and are validated before anything is written, as is the output:
   never the input folder or inside it, no expression id named like an input image;
 - each image is preprocessed once and seen in canonical orientation (preprocessing/orientation.py; flipped back
   before export); all of its expressions are bound to the network as prompts, so every sliding-window
@@ -20,33 +20,29 @@ from __future__ import annotations
 
 import json
 import os
-from functools import lru_cache
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from acvl_utils.cropping_and_padding.bounding_boxes import insert_crop_into_image
 from tqdm import tqdm
 
+from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from text_conditioning.cache import TextEmbeddingCache
-from text_conditioning.encoders import EncodedTexts, EncoderIdentity, TextEncoder, encoder_identity
+from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import Expression, ExpressionsError, load_expressions
+from text_conditioning.io import atomic_path, write_json_atomically
+from text_conditioning.model_texts import embed_texts, encode_texts
 
 from lsms_nnunet.inference.input_checks import check_input_images
-from lsms_nnunet.network.prompting import PromptableLSMSNet, TextEncoderMismatchError, network_config_of
+from lsms_nnunet.network.prompting import PromptableLSMSNet, network_config_of
 from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
 from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
 from lsms_nnunet.selection.selector import CaseSelector
 
-EXPRESSIONS_ENV = "LSMS_EXPRESSIONS"
-TEXT_ENV = "LSMS_TEXT"
-TEXT_ENCODER_ENV = "LSMS_TEXT_ENCODER"
-TEXT_CACHE_ENV = "LSMS_TEXT_CACHE"
 EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
 INDEX_FILE = "expressions_index.json"
 
@@ -56,47 +52,6 @@ class UnsafeOutputError(ValueError):
 
 
 # ------------------------------------------------------------------------------------------------ text
-def user_text_cache_folder(identity: EncoderIdentity) -> Path:
-    root = os.environ.get(TEXT_CACHE_ENV) or Path.home() / ".cache" / "lsms_nnunet" / "text"
-    return Path(root) / identity.slug
-
-
-def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
-                 encoder_source: str | None = None) -> EncodedTexts:
-    """Embeddings of `texts` with the model's own encoder; only texts never seen before are encoded.
-
-    An encoder named by the user (argument or LSMS_TEXT_ENCODER) is always checked against the model's identity.
-    """
-    cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
-    unique = list(dict.fromkeys(texts))
-    requested_source = encoder_source or os.environ.get(TEXT_ENCODER_ENV)
-    if requested_source or cache.missing(unique):
-        source = requested_source or identity.name
-        requested = encoder_identity(source, identity.max_tokens)
-        if not requested.same_model(identity):
-            raise TextEncoderMismatchError(
-                f"The model was trained with text encoder '{identity.name}' (sha256 {identity.sha256[:12]}..., dim "
-                f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
-                f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
-                f"{TEXT_ENCODER_ENV}).")
-        if cache.missing(unique):
-            cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
-    return cache.load(list(texts))
-
-
-def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
-                encoder_source: str | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token embeddings and attention mask of `texts` (see encode_texts), as the network takes them."""
-    encoded = encode_texts(texts, identity, cache_folder, encoder_source)
-    return torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
-
-
-@lru_cache(maxsize=2)
-def _loaded_text_encoder(source: str, max_tokens: int) -> TextEncoder:
-    """Load the encoder once per process, not once per image with new expressions."""
-    return TextEncoder(source, max_tokens=max_tokens)
-
-
 def bind_label_prompts(network: PromptableLSMSNet, cache_folder: Path | None = None,
                        identity: EncoderIdentity | None = None) -> None:
     """Plain task: bind every label's prompt so `network(x)` returns nnU-Net (K+1)-class logits."""
@@ -111,54 +66,43 @@ def _maybe_constant(card: Mapping, texts: Sequence[str]) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------ export
+#: One expression's answer as nnU-Net's export sees it: background vs the referred target.
+_TARGET_LABELS = LabelManager({"background": 0, "target": 1}, None)
+
+
 def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties: dict, configuration_manager,
                             plans_manager, reader_writer, expression_ids: Sequence[str], output_folder: str | Path,
                             file_ending: str, save_probabilities: bool = False) -> list[str]:
-    """Resample `[1 + E, ...]` prompt logits to the original geometry; write one binary mask per expression.
+    """Write one binary mask per expression from `[1 + E, ...]` prompt logits, in the original geometry.
 
-    Follows nnU-Net 2.8.1 `convert_predicted_logits_to_segmentation_with_correct_shape` (resample, revert crop,
-    revert transpose), but thresholds each channel independently: expressions may overlap. With
-    `save_probabilities`, `<id>.npz` holds nnU-Net's layout for a 2-class task: `probabilities` [2, *shape]
-    (background, target), in the original geometry.
+    Expressions may overlap, so each is exported on its own by nnU-Net's
+    `convert_predicted_logits_to_segmentation_with_correct_shape` (resampling, uncropping, transposing back) as a
+    two-class answer `[0, logit]`: its argmax is the logit's sign, its softmax the logit's sigmoid. With
+    `save_probabilities`, `<id>.npz` holds nnU-Net's layout for a 2-class task: `probabilities` [2, *shape].
     """
-    spacing_transposed = [properties["spacing"][i] for i in plans_manager.transpose_forward]
-    shape = properties["shape_after_cropping_and_before_resampling"]
-    current_spacing = configuration_manager.spacing if len(configuration_manager.spacing) == len(shape) \
-        else [spacing_transposed[0], *configuration_manager.spacing]
-    logits = configuration_manager.resampling_fn_probabilities(prompt_logits[1:], shape, current_spacing,
-                                                               spacing_transposed)
-    logits = torch.as_tensor(logits).float()
+    logits = torch.as_tensor(prompt_logits).float()
     written = []
-    for expression_id, expression_logits in zip(expression_ids, logits):
+    for expression_id, expression_logits in zip(expression_ids, logits[1:]):
+        answer = torch.stack((torch.zeros_like(expression_logits), expression_logits))
+        exported = convert_predicted_logits_to_segmentation_with_correct_shape(
+            answer, plans_manager, configuration_manager, _TARGET_LABELS, properties,
+            return_probabilities=save_probabilities)
+        mask, probabilities = exported if save_probabilities else (exported, None)
         target = Path(output_folder) / f"{expression_id}{file_ending}"
-        partial = target.with_name(f".partial-{expression_id}{file_ending}")
-        mask = (expression_logits > 0).numpy().astype(np.uint8)
-        reader_writer.write_seg(_uncrop_and_transpose(mask, properties, plans_manager), str(partial), properties)
-        os.replace(partial, target)
+        with atomic_path(target, suffix=file_ending) as temporary:
+            reader_writer.write_seg(mask, str(temporary), properties)
         written.append(str(target))
         if save_probabilities:
-            target_probability = _uncrop_and_transpose(torch.sigmoid(expression_logits).numpy(), properties,
-                                                       plans_manager)
-            partial_npz = target.with_name(f".partial-{expression_id}.npz")
-            np.savez_compressed(partial_npz, probabilities=np.stack((1 - target_probability, target_probability)))
-            os.replace(partial_npz, target.with_name(f"{expression_id}.npz"))
+            with atomic_path(target.with_name(f"{expression_id}.npz"), suffix=".npz") as temporary:
+                np.savez_compressed(temporary, probabilities=probabilities)
     return written
-
-
-def _uncrop_and_transpose(array: np.ndarray, properties: dict, plans_manager) -> np.ndarray:
-    full = np.zeros(properties["shape_before_cropping"], dtype=array.dtype)
-    full = insert_crop_into_image(full, array, properties["bbox_used_for_cropping"])
-    return np.asarray(full).transpose(plans_manager.transpose_backward)
 
 
 def write_index(output_folder: Path, entries: list[dict]) -> None:
     target = output_folder / INDEX_FILE
     previous = json.loads(target.read_text(encoding="utf-8"))["expressions"] if target.is_file() else []
     merged = {e["id"]: e for e in previous} | {e["id"]: e for e in entries}
-    tmp = target.with_name(f".{INDEX_FILE}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps({"format": "lsms-predictions", "version": 1, "expressions": list(merged.values())},
-                              indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, target)
+    write_json_atomically(target, {"format": "lsms-predictions", "version": 1, "expressions": list(merged.values())})
 
 
 def empty_where_absent(prompt_logits: torch.Tensor, case_existence: torch.Tensor | None) -> torch.Tensor:
@@ -178,6 +122,12 @@ class LSMSPredictor(nnUNetPredictor):
     expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
     #: The case-level selectors of the folds in use (empty: each expression is answered by the network alone).
     case_selectors: list[CaseSelector] = []
+    #: What LSMSv2_predict asks beyond nnU-Net's flags (-e, --text, --text_encoder, --allow_nonfinite); the stock
+    #: nnUNetv2_predict reads the companion expressions file, LSMS_TEXT_ENCODER and LSMS_ALLOW_NONFINITE instead.
+    expressions_file: str | None = None
+    ad_hoc_text: str | None = None
+    text_encoder_source: str | None = None
+    allow_nonfinite: bool = False
 
     @property
     def model_card(self) -> dict:
@@ -191,7 +141,7 @@ class LSMSPredictor(nnUNetPredictor):
         the selector's choice among its lesion candidates (selection/case_level.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         asked = _maybe_constant(self.model_card, texts)
-        encoded = encode_texts(asked, identity, cache_folder)
+        encoded = encode_texts(asked, identity, cache_folder, self.text_encoder_source)
         if not (self.case_selectors and network_config_of(self.model_card).case_selection):
             return self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
                                                       torch.from_numpy(encoded.mask))
@@ -204,7 +154,8 @@ class LSMSPredictor(nnUNetPredictor):
         """All-lesion logits [*spatial] of one preprocessed image, the case selector's candidates: the finding
         head's answer (the finding prompt bound), or for networks without one the answer to the finding prompt."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
-        encoded = encode_texts(_maybe_constant(self.model_card, [FINDING_TEXT]), identity, cache_folder)
+        encoded = encode_texts(_maybe_constant(self.model_card, [FINDING_TEXT]), identity, cache_folder,
+                               self.text_encoder_source)
         tokens, mask = torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
         if not self.network.config.finding_head:
             return self._sliding_window_prompt_logits(data, tokens, mask)[1]
@@ -297,10 +248,11 @@ class LSMSPredictor(nnUNetPredictor):
             bind_label_prompts(self.network)
         else:
             self._refuse_unsafe_output(source, output)
-            embed_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
-                        EncoderIdentity.from_dict(self.model_card["text_encoder"]))
+            encode_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
+                         EncoderIdentity.from_dict(self.model_card["text_encoder"]),
+                         encoder_source=self.text_encoder_source)
         check_input_images(source, self.dataset_json, self.plans_manager.image_reader_writer_class(),
-                           self.model_card.get("training_directions", []))
+                           self.model_card.get("training_directions", []), self.allow_nonfinite)
 
     def _refuse_unsafe_output(self, source: str, output) -> None:
         """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal
@@ -321,9 +273,8 @@ class LSMSPredictor(nnUNetPredictor):
                 f"masks named like input images in {source} (e.g. {clashes[0]}{ending}). Fix: rename these ids in "
                 f"the expressions file, e.g. to {clashes[0]}_mask.")
 
-    @staticmethod
-    def _expressions_file(source: str) -> str:
-        return os.environ.get(EXPRESSIONS_ENV) or os.path.join(source, EXPRESSIONS_FILE)
+    def _expressions_file(self, source: str) -> str:
+        return self.expressions_file or os.path.join(source, EXPRESSIONS_FILE)
 
     def _requested_expressions(self, source) -> list[Expression] | None:
         """The expressions asked for, validated against the images present; None when nothing was asked."""
@@ -331,12 +282,11 @@ class LSMSPredictor(nnUNetPredictor):
             return None
         ending = self.dataset_json["file_ending"]
         cases = sorted({name[: -len(ending) - 5] for name in os.listdir(source) if name.endswith(ending)})
-        if os.environ.get(TEXT_ENV):
-            text = os.environ[TEXT_ENV]
-            return [Expression(f"{case}-text", case, text, None) for case in cases]
+        if self.ad_hoc_text:
+            return [Expression(f"{case}-text", case, self.ad_hoc_text, None) for case in cases]
         file = self._expressions_file(source)
         if not os.path.isfile(file):
-            if os.environ.get(EXPRESSIONS_ENV):
+            if self.expressions_file:
                 raise ExpressionsError(f"{file} is missing. Fix: point -e at an existing expressions file.")
             return None
         expressions = load_expressions(file, require_targets=False)

@@ -25,6 +25,8 @@ from typing import Any, Mapping
 
 import torch
 
+from text_conditioning.model_texts import TextEncoderMismatchError
+
 from lsms_nnunet.network.config import SETTINGS_ADDED_SINCE, LSMSConfig
 from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 
@@ -38,10 +40,6 @@ MODEL_CARD_PLANS_KEY = "lsms_model_card"
 #: Where a fold's checkpoint carries its case selector, beside the card in the weights' extra state (written at
 #: validation; the checkpoint is the one file nnUNetv2_export_model_to_zip is sure to pack).
 CASE_SELECTOR_STATE_KEY = "case_selector"
-
-
-class TextEncoderMismatchError(RuntimeError):
-    """Weights were trained with other text embeddings than the ones this model is being fed."""
 
 
 class PromptableLSMSNet(LSMSNet):

@@ -7,7 +7,6 @@ encoding time, and stored next to the embedding cache in `nnUNet_preprocessed/Da
 from __future__ import annotations
 
 import json
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +18,7 @@ from tqdm import tqdm
 from text_conditioning.expressions import (Expression, ExpressionsError, expression_from_dict, expression_to_dict,
                                            json_too_deep_message, load_expressions, unusable_text_reason,
                                            validate_against_cases)
+from text_conditioning.io import write_json_atomically
 
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
@@ -206,9 +206,7 @@ def save_prompt_set(prompt_set: PromptSet, encoder_identity: Mapping, text_folde
     text_folder.mkdir(parents=True, exist_ok=True)
     target = text_folder / PROMPTS_FILE
     content = {"format": "lsms-prompt-set", "version": 1, "encoder": dict(encoder_identity), **prompt_set.to_dict()}
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(content, indent=1, ensure_ascii=False), encoding="utf-8")
-    os.replace(tmp, target)
+    write_json_atomically(target, content)
     return target
 
 

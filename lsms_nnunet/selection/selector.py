@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from text_conditioning.io import atomic_path
+
 #: Set operations over the matching candidates; superlatives of size are the relations radiology reports use.
 OPERATIONS = ("all", "largest", "smallest", "second_largest")
 SELECTOR_FORMAT, SELECTOR_VERSION = "lsms-case-selector", 1
@@ -192,10 +194,8 @@ def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str)
 
 def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str) -> None:
     """Write atomically."""
-    path = Path(path)
-    partial = path.with_name(f".partial-{path.name}")
-    torch.save(selectors_to_payload(selectors, text_encoder_sha256), partial)
-    partial.replace(path)
+    with atomic_path(path, suffix=".pt") as temporary:
+        torch.save(selectors_to_payload(selectors, text_encoder_sha256), temporary)
 
 
 def load_selectors(path: Path, text_encoder_sha256: str) -> list[CaseSelector]:
