@@ -82,7 +82,10 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
         assert cost["patch_size"] == [64, 64]
         assert len(variant["learning_curves"]["0"]["pseudo_dice"]) == 1
     ceiling = results["text_blind_ceiling"]
-    assert ceiling["n_expressions"] == expected_expressions and 0.0 < ceiling["mean_dice"] <= 1.0
+    ceiling_record = json.loads((benchmarked["out"] / "records" / "text_blind_ceiling__fold_0.json")
+                                .read_text(encoding="utf-8"))
+    assert ceiling["n_expressions"] == expected_expressions
+    assert_scores_follow_from_voxel_counts(ceiling_record["per_expression"], ceiling)
     assert ceiling["no_target_accuracy"] in (None, 0.0)  # a lesion mask never answers "nothing here"
     vanilla, lsms, constant = results["variants"]
     assert vanilla["cost"]["seconds_per_iteration_vs_vanilla"] == pytest.approx(1.0)
