@@ -8,10 +8,12 @@ nnUNetv2_predict) must be the model's own, or prediction stops with the fix.
 from __future__ import annotations
 
 import os
+from collections import OrderedDict
 from functools import lru_cache
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from text_conditioning.cache import TextEmbeddingCache
@@ -35,22 +37,46 @@ def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: 
     """Embeddings of `texts` with the model's own encoder; only texts never seen before are encoded.
 
     An encoder named by the user (argument or LSMS_TEXT_ENCODER) is always checked against the model's identity.
+    Texts read once stay in memory for the process (an image's expressions and the finding prompt are asked again for
+    every image; reading them back from the compressed cache took 40% of a small image's answer).
     """
-    cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
     unique = list(dict.fromkeys(texts))
     requested_source = encoder_source or os.environ.get(TEXT_ENCODER_ENV)
-    if requested_source or cache.missing(unique):
-        source = requested_source or identity.name
-        requested = encoder_identity(source, identity.max_tokens)
-        if not requested.same_model(identity):
-            raise TextEncoderMismatchError(
-                f"The model was trained with text encoder '{identity.name}' (sha256 {identity.sha256[:12]}..., dim "
-                f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
-                f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
-                f"{TEXT_ENCODER_ENV}).")
-        if cache.missing(unique):
-            cache.update(unique, _loaded_text_encoder(source, identity.max_tokens))
-    return cache.load(list(texts))
+    missing = [text for text in unique if (identity.sha256, identity.max_tokens, text) not in _REMEMBERED]
+    if missing or requested_source:
+        cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
+        if requested_source or cache.missing(missing):
+            source = requested_source or identity.name
+            _check_same_model(source, identity)
+            if cache.missing(missing):
+                cache.update(missing, _loaded_text_encoder(source, identity.max_tokens))
+        if missing:
+            _remember(identity, missing, cache.load(missing))
+    rows = [_REMEMBERED[(identity.sha256, identity.max_tokens, text)] for text in texts]
+    return EncodedTexts(tokens=np.stack([row[0] for row in rows]), mask=np.stack([row[1] for row in rows]),
+                        pooled=np.stack([row[2] for row in rows]))
+
+
+#: Embeddings read in this process, per (encoder sha256, token limit, text); the oldest are dropped beyond the limit.
+_REMEMBERED: OrderedDict[tuple[str, int, str], tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
+REMEMBERED_TEXTS = 2048  # ~50 kB each at 32 tokens x 384
+
+
+def _remember(identity: EncoderIdentity, texts: Sequence[str], encoded: EncodedTexts) -> None:
+    for text, tokens, mask, pooled in zip(texts, encoded.tokens, encoded.mask, encoded.pooled):
+        _REMEMBERED[(identity.sha256, identity.max_tokens, text)] = (tokens, mask, pooled)
+    while len(_REMEMBERED) > REMEMBERED_TEXTS:
+        _REMEMBERED.popitem(last=False)
+
+
+def _check_same_model(source: str, identity: EncoderIdentity) -> None:
+    requested = encoder_identity(source, identity.max_tokens)
+    if not requested.same_model(identity):
+        raise TextEncoderMismatchError(
+            f"The model was trained with text encoder '{identity.name}' (sha256 {identity.sha256[:12]}..., dim "
+            f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
+            f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
+            f"{TEXT_ENCODER_ENV}).")
 
 
 def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
