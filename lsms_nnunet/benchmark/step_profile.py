@@ -165,13 +165,16 @@ def profile_train_step(trainer) -> dict:
 
 
 def merge_profiles(profiles: list[dict]) -> dict:
-    """The median of each component's times over several profiled steps (the first steps pay for warm-up)."""
+    """The median forward and backward time of each component over several profiled steps (the first steps pay for
+    warm-up); a component's total is the sum of its two medians, so the table adds up."""
     names = dict.fromkeys(name for p in profiles for name in p["components"])
-    zero = {"forward_ms": 0.0, "backward_ms": 0.0, "total_ms": 0.0}
+    zero = {"forward_ms": 0.0, "backward_ms": 0.0}
 
     def median(values):
         return float(torch.tensor(values).median().item())
 
-    return {"step_ms": median([p["step_ms"] for p in profiles]),
-            "components": {name: {key: median([p["components"].get(name, zero)[key] for p in profiles])
-                                  for key in zero} for name in names}}
+    components = {}
+    for name in names:
+        times = {key: median([p["components"].get(name, zero)[key] for p in profiles]) for key in zero}
+        components[name] = {**times, "total_ms": times["forward_ms"] + times["backward_ms"]}
+    return {"step_ms": median([p["step_ms"] for p in profiles]), "components": components}
