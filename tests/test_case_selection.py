@@ -15,17 +15,16 @@ from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
                                               describe_candidates, find_candidates)
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
-from lsms_nnunet.selection.selector import (SELECTOR_FILE, SelectionExample, fit_selector, load_selectors,
-                                            save_selectors, selectors_to_payload)
+from lsms_nnunet.selection.selector import (SELECTOR_FILE, SELECTOR_VERSION, SelectionExample, fit_selector,
+                                            load_selectors, save_selectors, selectors_to_payload)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
 WORD_VECTORS = {word: rng_words.normal(size=16).astype(np.float32) for word in WORDS}
 
 
-def _text(sentence: str) -> tuple[np.ndarray, np.ndarray]:
-    words = np.stack([WORD_VECTORS[w] for w in sentence.split()])
-    return words.mean(0), words
+def _words(sentence: str) -> np.ndarray:
+    return np.stack([WORD_VECTORS[w] for w in sentence.split()])
 
 
 def _answer(sentence: str, bright: np.ndarray, volumes: np.ndarray) -> np.ndarray:
@@ -49,8 +48,7 @@ def _example(sentence: str, rng: np.random.Generator) -> SelectionExample:
     volumes = rng.permutation(np.geomspace(20, 400, count)) * rng.uniform(0.8, 1.2)
     descriptors = np.stack([np.where(bright, 1.0, -1.0) + 0.1 * rng.normal(size=count),
                             rng.normal(size=count)], axis=1).astype(np.float32)  # brightness, an irrelevant feature
-    sentence_vector, words = _text(sentence)
-    return SelectionExample(descriptors, volumes, sentence_vector, words, _answer(sentence, bright, volumes))
+    return SelectionExample(descriptors, volumes, _words(sentence), _answer(sentence, bright, volumes))
 
 
 def _accuracy(selector, examples) -> float:
@@ -103,7 +101,7 @@ def test_touching_lesions_are_separate_candidates_and_one_lesion_stays_whole():
 def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:
     count = int(rng.integers(2, 6))
     volumes = rng.permutation(np.geomspace(20, 400, count))
-    return SelectionExample(rng.normal(size=(count, width)).astype(np.float32), volumes, *_text(sentence),
+    return SelectionExample(rng.normal(size=(count, width)).astype(np.float32), volumes, _words(sentence),
                             _answer(sentence, np.ones(count, dtype=bool), volumes))
 
 
@@ -138,6 +136,10 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded[0].predict(examples)))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")
+    earlier_version = {**selectors_to_payload([selector], "abc"), "version": SELECTOR_VERSION - 1}
+    torch.save(earlier_version, tmp_path / "case_selector.pt")
+    with pytest.raises(ValueError, match=r"no case selector of version \d+\. Fix: .*--val"):
+        load_selectors(tmp_path / "case_selector.pt", "abc")
 
 
 def test_fold_selectors_come_from_the_checkpoint_else_the_file_else_none(tmp_path, capsys):

@@ -26,16 +26,14 @@ UNSELECTED_LOGIT = -1.0  # outside the chosen candidates: below the mask thresho
 
 
 class TextFeatures:
-    """Per text, the sentence embedding and the real tokens' embeddings the selector reads."""
+    """Per text, the real tokens' embeddings the selector reads."""
 
     def __init__(self, texts: Sequence[str], encoded: EncodedTexts):
-        self.by_text = {text: (encoded.pooled[i], encoded.tokens[i][encoded.mask[i]].astype(np.float32))
-                        for i, text in enumerate(texts)}
+        self.by_text = {text: encoded.tokens[i][encoded.mask[i]].astype(np.float32) for i, text in enumerate(texts)}
 
     def example(self, text: str, descriptors: np.ndarray, volumes: np.ndarray,
                 referred: np.ndarray | None = None) -> SelectionExample:
-        sentence, words = self.by_text[text]
-        return SelectionExample(descriptors, volumes, sentence, words, referred)
+        return SelectionExample(descriptors, volumes, self.by_text[text], referred)
 
 
 def preprocessed_spacing(configured_spacing: Sequence[float], spatial_dims: int) -> list[float]:

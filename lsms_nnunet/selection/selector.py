@@ -4,7 +4,12 @@ A patch-level network answers "what does this lesion look like, is it the kind a
 it does not see together. The selector works on the whole case after the sliding window, in two learned parts:
 
 - a *match* score per candidate: does this lesion fit the description ("cyst", "hypodense", "in the left lobe")?
-  an MLP over the candidate's descriptors and the sentence embedding;
+  Each word states a constraint on the candidate's descriptors (a direction, a bias and a gate that says how much
+  the word constrains at all) and the match is their soft conjunction: the product of the gated per-word
+  probabilities. Reading words rather than the pooled sentence keeps one word's meaning whatever wording surrounds
+  it: on the synthetic 2D benchmark (3 seeds) an MLP over the sentence embedding scored 0.84 on seen and 0.67 on
+  held-out wording, the conjunction 0.89 and 0.78, and "left" / "right", nearly one point in sentence space,
+  became separable;
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
   second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("tiniest",
   "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under
@@ -29,7 +34,7 @@ from text_conditioning.io import atomic_path
 
 #: Set operations over the matching candidates; superlatives of size are the relations radiology reports use.
 OPERATIONS = ("all", "largest", "smallest", "second_largest")
-SELECTOR_FORMAT, SELECTOR_VERSION = "lsms-case-selector", 1
+SELECTOR_FORMAT, SELECTOR_VERSION = "lsms-case-selector", 2
 SELECTOR_FILE = "case_selector.pt"
 ENSEMBLE_MEMBERS = 3
 #: Prior logit of "all" over the other operations: an operation that explains an answer by coincidence (a kind the
@@ -41,17 +46,16 @@ ALL_PRIOR = 1.5
 
 @dataclass
 class SelectionExample:
-    """One expression of one case: its candidates' descriptors and volumes, the sentence, the referred candidates."""
+    """One expression of one case: its candidates' descriptors and volumes, its words, the referred candidates."""
 
     descriptors: np.ndarray  # [K, F]
     volumes: np.ndarray  # [K] mm^3
-    sentence: np.ndarray  # [D]
     words: np.ndarray  # [L, D] token embeddings, real tokens only
     referred: np.ndarray | None = None  # [K] bool (fitting only)
 
 
 class CaseSelector(nn.Module):
-    """Per-candidate probability of being referred to, given a sentence embedding (see module docstring)."""
+    """Per-candidate probability of being referred to, given the expression's words (see module docstring)."""
 
     def __init__(self, descriptor_dim: int, text_dim: int, width: int = 64, dropout: float = 0.3):
         super().__init__()
@@ -59,22 +63,21 @@ class CaseSelector(nn.Module):
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
         self.register_buffer("descriptor_std", torch.ones(descriptor_dim))
         self.candidate = nn.Sequential(nn.Linear(descriptor_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.text = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.match = nn.Sequential(nn.Linear(3 * width, width), nn.GELU(), nn.Linear(width, 1))
+        self.constraint = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, width + 2))  # direction, bias, gate
         self.operation = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, len(OPERATIONS)))
         with torch.no_grad():  # prior: "all that match" unless the words consistently say otherwise (an operation
             self.operation[1].bias[0] = ALL_PRIOR  # that explains an answer by coincidence must not take over)
 
-    def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, sentence: torch.Tensor,
-                words: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
-        """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, sentence [E, D], words [E, L, D], word_mask
-        [E, L] bool -> per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
-        sentence = nn.functional.normalize(sentence, dim=-1) * self.text_dim ** 0.5  # unit-variance components
-        words = nn.functional.normalize(words, dim=-1) * self.text_dim ** 0.5
-        candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)
-        text = self.text(sentence).unsqueeze(1).expand_as(candidate)
-        match = torch.sigmoid(self.match(torch.cat((candidate, text, candidate * text), dim=-1)).squeeze(-1))
-        match = match * valid
+    def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, words: torch.Tensor,
+                word_mask: torch.Tensor) -> torch.Tensor:
+        """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
+        per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
+        words = nn.functional.normalize(words, dim=-1) * self.text_dim ** 0.5  # unit-variance components
+        candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
+        direction, bias, gate = self.constraint(words).split((self.width, 1, 1), dim=-1)  # [E, L, width | 1 | 1]
+        fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
+        gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
+        match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
         votes = self.operation(words).masked_fill(~word_mask.unsqueeze(-1), -1e4)  # [E, L, operations]
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
         larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
@@ -113,8 +116,7 @@ class CaseSelector(nn.Module):
 
 
 def _stack(examples: Sequence[SelectionExample]):
-    """Pad to the largest candidate and word counts: descriptors, volumes, valid, sentence, words, word mask,
-    referred."""
+    """Pad to the largest candidate and word counts: descriptors, volumes, valid, words, word mask, referred."""
     count = max([len(e.volumes) for e in examples] + [1])
     width = next((e.descriptors.shape[1] for e in examples if e.descriptors.ndim == 2), 0)
     descriptors = torch.zeros(len(examples), count, width)
@@ -128,14 +130,13 @@ def _stack(examples: Sequence[SelectionExample]):
         valid[row, :k] = True
         if example.referred is not None:
             referred[row, :k] = torch.as_tensor(example.referred, dtype=torch.float32)
-    sentence = torch.as_tensor(np.stack([e.sentence for e in examples]), dtype=torch.float32)
     length = max(len(e.words) for e in examples)
-    words = torch.zeros(len(examples), length, sentence.shape[-1])
+    words = torch.zeros(len(examples), length, examples[0].words.shape[-1])
     word_mask = torch.zeros(len(examples), length, dtype=torch.bool)
     for row, example in enumerate(examples):
         words[row, :len(example.words)] = torch.as_tensor(example.words, dtype=torch.float32)
         word_mask[row, :len(example.words)] = True
-    return descriptors, volumes, valid, sentence, words, word_mask, referred
+    return descriptors, volumes, valid, words, word_mask, referred
 
 
 def fit_selector(examples: Sequence[SelectionExample], steps: int = 1000, seed: int = 0,
@@ -143,8 +144,8 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = 1000, seed: 
     """Fit a selector on examples with known referred candidates (full batch, Adam, descriptor noise)."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    descriptors, volumes, valid, sentence, words, word_mask, referred = _stack(examples)
-    selector = CaseSelector(descriptors.shape[-1], sentence.shape[-1])
+    descriptors, volumes, valid, words, word_mask, referred = _stack(examples)
+    selector = CaseSelector(descriptors.shape[-1], words.shape[-1])
     real = descriptors[valid]
     selector.descriptor_mean.copy_(real.mean(0))
     selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
@@ -152,8 +153,7 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = 1000, seed: 
     selector.train()
     for step in range(steps):
         noise = 0.05 * torch.randn(descriptors.shape, generator=generator) * selector.descriptor_std
-        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, sentence, words, word_mask,
-                                                referred=referred)
+        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask, referred=referred)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
