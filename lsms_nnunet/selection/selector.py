@@ -11,7 +11,7 @@ it does not see together. The selector works on the whole case after the sliding
   held-out wording, the conjunction 0.89 and 0.78, and "left" / "right", nearly one point in sentence space,
   became separable;
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
-  second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("tiniest",
+  second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
   "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under
   independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is
   computed, not learned from a few examples. A sentence means one operation: fitting maximises the likelihood of
