@@ -47,7 +47,7 @@ def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: 
         cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
         if requested_source or cache.missing(missing):
             source = requested_source or identity.name
-            _check_same_model(source, identity.name, identity.sha256, identity.dim, identity.max_tokens)
+            _check_same_model(source, identity)
             if cache.missing(missing):
                 cache.update(missing, _loaded_text_encoder(source, identity.max_tokens))
         if missing:
@@ -70,15 +70,16 @@ def _remember(identity: EncoderIdentity, texts: Sequence[str], encoded: EncodedT
 
 
 @lru_cache(maxsize=8)
-def _check_same_model(source: str, name: str, sha256: str, dim: int, max_tokens: int) -> None:
+def _check_same_model(source: str, identity: EncoderIdentity) -> None:
     """Refuse an encoder other than the model's; a passed check is remembered (hashing the weights takes a while and
     would otherwise run for every image when the user names the encoder)."""
-    requested = encoder_identity(source, max_tokens)
-    if requested.sha256 != sha256 or requested.dim != dim:
+    requested = encoder_identity(source, identity.max_tokens)
+    if not requested.same_model(identity):
         raise TextEncoderMismatchError(
-            f"The model was trained with text encoder '{name}' (sha256 {sha256[:12]}..., dim {dim}), but '{source}' "
-            f"is a different model (sha256 {requested.sha256[:12]}..., dim {requested.dim}). Fix: pass the folder "
-            f"of the original encoder with --text_encoder (or {TEXT_ENCODER_ENV}).")
+            f"The model was trained with text encoder '{identity.name}' (sha256 {identity.sha256[:12]}..., dim "
+            f"{identity.dim}), but '{source}' is a different model (sha256 {requested.sha256[:12]}..., dim "
+            f"{requested.dim}). Fix: pass the folder of the original encoder with --text_encoder (or "
+            f"{TEXT_ENCODER_ENV}).")
 
 
 def embed_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: Path | None = None,
