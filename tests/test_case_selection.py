@@ -98,6 +98,23 @@ def test_touching_lesions_are_separate_candidates_and_one_lesion_stays_whole():
     assert find_candidates(elongated, (1.0, 1.0, 1.0)).count == 1
 
 
+def test_the_network_answer_is_split_along_its_own_logits():
+    """Two lesions the finding answer bridges into one even band (no distance valley) are two candidates when the
+    logits dip between them; one lesion of even confidence stays whole."""
+    yy, xx = np.mgrid[:40, :40]
+    band = np.zeros((40, 40), dtype=bool)
+    band[15:25, 5:31] = True
+    peaks = np.exp(-((yy - 20) ** 2 + (xx - 11) ** 2) / 20.0) + np.exp(-((yy - 20) ** 2 + (xx - 25) ** 2) / 20.0)
+    logits = np.where(band, 0.5 + 6.0 * peaks, -5.0)[None].astype(np.float32)
+    mask = logits > 0
+    assert find_candidates(mask, (1.0, 1.0, 1.0)).count == 1  # the distance split sees one lesion
+    candidates = find_candidates(mask, (1.0, 1.0, 1.0), logits)
+    assert candidates.count == 2 and candidates.labels[0, 20, 11] != candidates.labels[0, 20, 25]
+    assert abs(candidates.volumes_mm3[0] - candidates.volumes_mm3[1]) <= 20  # split at the valley, in the middle
+    even = np.where(mask, 5.0, -5.0).astype(np.float32)
+    assert find_candidates(mask, (1.0, 1.0, 1.0), even).count == 1
+
+
 def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:
     count = int(rng.integers(2, 6))
     volumes = rng.permutation(np.geomspace(20, 400, count))

@@ -357,9 +357,9 @@ def referring_predictor(trainer) -> LSMSPredictor:
     return predictor
 
 
-def finding_mask(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
-    """The network's all-lesion answer on one preprocessed image (the selector's candidates), as a bool array."""
-    return (predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder) > 0).numpy()
+def finding_logits(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
+    """The network's all-lesion logits on one preprocessed image (the selector's candidates), as float32 numpy."""
+    return predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder).float().numpy()
 
 
 def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:

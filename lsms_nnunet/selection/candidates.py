@@ -18,6 +18,9 @@ from skimage.segmentation import watershed
 #: Components smaller than this are speckles of the finding mask, not lesions (the smallest synthetic lesion covers
 #: 13 voxels in 3D, ~26 pixels in 2D).
 MIN_CANDIDATE_VOXELS = 4
+#: Splitting the network's answer: Gaussian smoothing of its logits (voxels) and how far a seed must rise above its
+#: surroundings (logits); heights 1, 2 and 4 scored 0.90-0.91 mean Dice on the synthetic 2D benchmark, 2 the best.
+LOGIT_SMOOTHING_VOXELS, LOGIT_SEED_HEIGHT = 1.0, 2.0
 SHELL_VOXELS = 2  # the ring of surrounding tissue a lesion is compared with ("hypodense" = darker than its liver)
 INTENSITY_FEATURES = ("mean", "std", "p10", "p90", "core", "rim", "shell", "contrast")
 
@@ -37,15 +40,23 @@ class Candidates:
         return lookup[self.labels]
 
 
-def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float]) -> Candidates:
+def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: np.ndarray | None = None
+                    ) -> Candidates:
     """The lesions of a bool mask, without speckles, numbered from 1: connected components, and touching lesions
-    split apart by a watershed of the distance to the background, seeded at distance maxima that rise at least one
-    voxel above their surroundings. Lesions lie close together, and a finding answer bridging them would make one
-    candidate of several (3 of 8 validation cases of the synthetic benchmark before the split, 0 after)."""
+    split apart by a watershed seeded at maxima that rise above their surroundings. Lesions lie close together, and a
+    finding answer bridging them would make one candidate of several (3 of 8 validation cases of the synthetic
+    benchmark without the split). A ground-truth mask is split along the distance to the background (seeds one voxel
+    high); the network's answer along its own logits, smoothed (seeds LOGIT_SEED_HEIGHT high): its confidence dips
+    between lesions it bridged, and the boundary it draws there sets the volumes that "the smallest" compares (on the
+    synthetic 2D benchmark, 3 seeds: mean Dice 0.885 -> 0.906, size rank 0.63 -> 0.71 against the distance split)."""
     structure = ndimage.generate_binary_structure(lesion_mask.ndim, lesion_mask.ndim)
-    distance = ndimage.distance_transform_edt(lesion_mask, sampling=spacing)
-    seeds, _ = ndimage.label(h_maxima(distance, min(spacing)), structure)
-    labels = watershed(-distance, seeds, mask=lesion_mask)
+    if logits is None:
+        elevation, seed_height = ndimage.distance_transform_edt(lesion_mask, sampling=spacing), min(spacing)
+    else:
+        smoothed = ndimage.gaussian_filter(np.asarray(logits, dtype=np.float32), LOGIT_SMOOTHING_VOXELS)
+        elevation, seed_height = np.where(lesion_mask, smoothed, smoothed.min()), LOGIT_SEED_HEIGHT
+    seeds, _ = ndimage.label(h_maxima(elevation, seed_height) & lesion_mask, structure)
+    labels = watershed(-elevation, seeds, mask=lesion_mask)
     count = int(labels.max())
     sizes = np.bincount(labels.ravel(), minlength=count + 1)
     keep = np.flatnonzero(sizes >= MIN_CANDIDATE_VOXELS)

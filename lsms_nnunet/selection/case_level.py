@@ -46,11 +46,11 @@ def preprocessed_spacing(configured_spacing: Sequence[float], spatial_dims: int)
 def fit_case_selectors(dataset, cases: Sequence[str], expressions: Sequence[Expression],
                        text_features: TextFeatures,
                        configured_spacing: Sequence[float], text_of: Callable[[str], str] = lambda text: text,
-                       finding_mask: Callable[[np.ndarray], np.ndarray] | None = None,
+                       finding_logits: Callable[[np.ndarray], np.ndarray] | None = None,
                        log=print) -> list[CaseSelector]:
     """Fit on the lesions of `cases` (an nnU-Net dataset of preprocessed cases) and their expressions.
 
-    With `finding_mask` (preprocessed data -> the network's all-lesion answer) the candidates are the components of
+    With `finding_logits` (preprocessed data -> the network's all-lesion logits) the candidates are the lesions of
     that answer, as at inference, and a candidate is referred when most of it lies in referred regions: descriptors
     of predicted outlines differ from those of ground-truth outlines (a selector fitted on the latter scored 0.70
     instead of 0.88 on one benchmark fold). Without it, the ground-truth lesions are the candidates.
@@ -66,7 +66,10 @@ def fit_case_selectors(dataset, cases: Sequence[str], expressions: Sequence[Expr
         data, seg, _, _ = dataset.load_case(case)
         data, region_map = np.asarray(data[:]), np.asarray(seg[:])[0]
         spacing = preprocessed_spacing(configured_spacing, region_map.ndim)
-        predicted = find_candidates(finding_mask(data), spacing) if finding_mask is not None else None
+        predicted = None
+        if finding_logits is not None:
+            logits = finding_logits(data)
+            predicted = find_candidates(logits > 0, spacing, logits)
         for expression in case_expressions:
             if predicted is None:
                 candidates, referred = candidates_from_regions(region_map, spacing, expression.targets or ())
@@ -114,7 +117,7 @@ def select_case_lesions(finding_logits: torch.Tensor, data: torch.Tensor,
     selectors (averaged over folds and seeds) pick for each text, where they keep the finding logits."""
     finding = finding_logits.float().cpu()
     spacing = preprocessed_spacing(configured_spacing, finding.ndim)
-    candidates = find_candidates((finding > 0).numpy(), spacing)
+    candidates = find_candidates((finding > 0).numpy(), spacing, finding.numpy())
     descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing)
     examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
     probabilities = np.mean([selector.predict(examples) for selector in selectors], axis=0) \

@@ -315,7 +315,7 @@ class LSMSTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        from lsms_nnunet.inference.predictor import finding_mask, referring_predictor, validate_referring_fold
+        from lsms_nnunet.inference.predictor import finding_logits, referring_predictor, validate_referring_fold
 
         network = self._unwrapped_network()
         if self.prompt_set.mode == PLAIN:
@@ -329,7 +329,7 @@ class LSMSTrainer(nnUNetTrainer):
         predictor = referring_predictor(self)
         if network.config.case_selection:
             predictor.case_selectors = self.fit_and_save_case_selectors(
-                train_keys, lambda data: finding_mask(predictor, data, self.text_cache_folder))
+                train_keys, lambda data: finding_logits(predictor, data, self.text_cache_folder))
         summary = validate_referring_fold(self, predictor, val_keys)
         self.print_to_log_file("Validation complete", also_print_to_console=True)
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
@@ -340,7 +340,7 @@ class LSMSTrainer(nnUNetTrainer):
         """Referring images are seen in one orientation: "left" is the patient's left however a scan is stored."""
         return CanonicallyOrientedDataset(dataset, self.plans_manager.transpose_forward)
 
-    def fit_and_save_case_selectors(self, train_keys: list[str], finding_mask: Callable[[np.ndarray], np.ndarray]
+    def fit_and_save_case_selectors(self, train_keys: list[str], finding_logits: Callable[[np.ndarray], np.ndarray]
                                     ) -> list[CaseSelector]:
         """Fit the case-level selector on this fold's training cases (candidates: the network's finding answers) and
         save it in the validated checkpoint and beside it, where `nnUNetv2_predict` finds it; refitted by every
@@ -353,7 +353,7 @@ class LSMSTrainer(nnUNetTrainer):
         selectors = fit_case_selectors(dataset, train_keys, self.prompt_set.expressions, features,
                                      self.configuration_manager.spacing,
                                      text_of=(lambda _: constant) if constant else (lambda text: text),
-                                     finding_mask=finding_mask, log=self.print_to_log_file)
+                                     finding_logits=finding_logits, log=self.print_to_log_file)
         save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
         self._put_selectors_in_validated_checkpoint(selectors)
         return selectors
