@@ -68,6 +68,11 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     return Candidates(labels, len(keep), volumes)
 
 
+def candidates_of_answer(logits: np.ndarray, spacing: Sequence[float]) -> Candidates:
+    """The lesions of the network's all-lesion answer (its logits): where it says lesion, split along its logits."""
+    return find_candidates(logits > 0, spacing, logits)
+
+
 def candidates_from_regions(region_map: np.ndarray, spacing: Sequence[float], targets: Sequence[int]
                             ) -> tuple[Candidates, np.ndarray]:
     """Candidates of a ground-truth region map and, per candidate, whether most of it is among `targets`."""

@@ -17,7 +17,7 @@ from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
-from lsms_nnunet.selection.candidates import (candidates_from_regions, describe_candidates, find_candidates,
+from lsms_nnunet.selection.candidates import (candidates_from_regions, candidates_of_answer, describe_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, fit_selectors,
                                             load_selectors, selectors_from_payload)
@@ -66,10 +66,7 @@ def fit_case_selectors(dataset, cases: Sequence[str], expressions: Sequence[Expr
         data, seg, _, _ = dataset.load_case(case)
         data, region_map = np.asarray(data[:]), np.asarray(seg[:])[0]
         spacing = preprocessed_spacing(configured_spacing, region_map.ndim)
-        predicted = None
-        if finding_logits is not None:
-            logits = finding_logits(data)
-            predicted = find_candidates(logits > 0, spacing, logits)
+        predicted = candidates_of_answer(finding_logits(data), spacing) if finding_logits is not None else None
         for expression in case_expressions:
             if predicted is None:
                 candidates, referred = candidates_from_regions(region_map, spacing, expression.targets or ())
@@ -117,7 +114,7 @@ def select_case_lesions(finding_logits: torch.Tensor, data: torch.Tensor,
     selectors (averaged over folds and seeds) pick for each text, where they keep the finding logits."""
     finding = finding_logits.float().cpu()
     spacing = preprocessed_spacing(configured_spacing, finding.ndim)
-    candidates = find_candidates((finding > 0).numpy(), spacing, finding.numpy())
+    candidates = candidates_of_answer(finding.numpy(), spacing)
     descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing)
     examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
     probabilities = np.mean([selector.predict(examples) for selector in selectors], axis=0) \
