@@ -1,4 +1,4 @@
-"""The LiTS demo dataset: real CT views, plain and referring, nnU-Net-valid and honestly described."""
+"""The LiTS dataset: disjoint blocks of one real CT, plain and referring, nnU-Net-valid and honestly described."""
 import json
 import sys
 
@@ -11,39 +11,55 @@ from lsms_nnunet.datasets.geometry import ConversionError
 from text_conditioning.expressions import load_expressions
 
 
-def test_plain_views_are_crops_of_the_real_volume(tmp_path):
+def test_plain_blocks_are_disjoint_crops_of_the_real_volume(tmp_path):
     folder = lits.make_lits_dataset(31, "plain", raw_root=tmp_path, crop=(48, 48, 48), num_cases=5)
-    assert folder.name == "Dataset031_LiTS117Views"
+    assert folder.name == "Dataset031_LiTS117Blocks"
     dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, "liver": 1, "tumour": 2} and dataset["numTraining"] == 5
-    assert "5 augmented views of ONE LiTS volume" in dataset["description"]
-    assert "not a benchmark" in dataset["description"] and "1 mm isotropic" in dataset["description"]
+    assert "5 disjoint blocks of ONE LiTS volume" in dataset["description"]
+    assert "1 mm isotropic" in dataset["description"] and "not other patients" in dataset["description"]
 
     full_image, full_labels = lits.lits_volume()
-    starts = lits.view_starts(sitk.GetArrayViewFromImage(full_labels), (48, 48, 48), 5)
-    assert len(set(starts)) == 5
+    full = sitk.GetArrayViewFromImage(full_labels)
+    starts = lits.block_starts(full, (48, 48, 48), 5)
+    owner = np.zeros(full.shape, dtype=np.int16)
+    for index, (z, y, x) in enumerate(starts, 1):
+        assert not owner[z:z + 48, y:y + 48, x:x + 48].any(), "no voxel is in two cases"
+        owner[z:z + 48, y:y + 48, x:x + 48] = index
+        labels = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"lits117_block{index - 1:02d}.nii.gz")))
+        assert np.array_equal(labels, full[z:z + 48, y:y + 48, x:x + 48])
+        assert np.mean(labels > 0) >= lits.MIN_LIVER_FRACTION
+    crossing, tumours = lits.tumours_across_blocks(full, starts, (48, 48, 48))
+    assert 0 < crossing < tumours and f"{crossing} of the {tumours} tumours" in dataset["description"]
     z, y, x = starts[1]
-    view = sitk.ReadImage(str(folder / "imagesTr" / "lits117_view01_0000.nii.gz"))
-    labels = sitk.ReadImage(str(folder / "labelsTr" / "lits117_view01.nii.gz"))
-    assert view.GetSize() == (48, 48, 48) and view.GetSpacing() == (1.0, 1.0, 1.0)
-    assert view.GetDirection() == lits.LITS_DIRECTION
-    assert view.GetOrigin() == pytest.approx(full_image.TransformIndexToPhysicalPoint((x, y, z)))
-    expected = sitk.GetArrayViewFromImage(full_labels)[z:z + 48, y:y + 48, x:x + 48]
-    assert np.array_equal(sitk.GetArrayFromImage(labels), expected)
+    block = sitk.ReadImage(str(folder / "imagesTr" / "lits117_block01_0000.nii.gz"))
+    assert block.GetSize() == (48, 48, 48) and block.GetSpacing() == (1.0, 1.0, 1.0)
+    assert block.GetDirection() == lits.LITS_DIRECTION
+    assert block.GetOrigin() == pytest.approx(full_image.TransformIndexToPhysicalPoint((x, y, z)))
+    expected = full[z:z + 48, y:y + 48, x:x + 48]
     assert set(np.unique(expected)) == {0, 1, 2}
-    liver_hu = sitk.GetArrayFromImage(view)[expected == 1].mean()
-    tumour_hu = sitk.GetArrayFromImage(view)[expected == 2].mean()
+    liver_hu = sitk.GetArrayFromImage(block)[expected == 1].mean()
+    tumour_hu = sitk.GetArrayFromImage(block)[expected == 2].mean()
     assert tumour_hu < liver_hu, "LiTS 117 tumours are hypodense"
 
 
+def test_default_blocks_are_every_block_with_liver():
+    _, full_labels = lits.lits_volume()
+    full = sitk.GetArrayViewFromImage(full_labels)
+    starts = lits.block_starts(full, (32, 64, 64), None)
+    assert len(starts) == 11 and starts == sorted(starts)
+    assert lits.block_starts(full, (32, 64, 64), 4) == sorted(
+        sorted(starts, key=lambda s: -np.mean(full[s[0]:s[0] + 32, s[1]:s[1] + 64, s[2]:s[2] + 64] > 0))[:4])
+
+
 def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp_path):
-    folder = lits.make_lits_dataset(32, "referring", raw_root=tmp_path, num_cases=5)
+    folder = lits.make_lits_dataset(32, "referring", raw_root=tmp_path, crop=(48, 64, 64), num_cases=5)
     assert [path.name for path in tmp_path.iterdir()] == ["Dataset032_LiTS117Referring"], "no staging left"
     from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
     verify_dataset_integrity(str(folder), num_processes=1)
 
     dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    assert "ONE LiTS volume" in dataset["description"]
+    assert "disjoint blocks of ONE LiTS volume" in dataset["description"]
     regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
     assert regions["organ_label"] == 1 and "ONE LiTS volume" in regions["source"]
     expressions = load_expressions(folder / "expressions.json")
@@ -61,7 +77,7 @@ def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp
         assert everything == [tuple(range(1, num_regions + 1))]
         right_lobe = tuple(region["id"] for region in description["regions"] if region["lobe"] == "right")
         assert any(targets == right_lobe and "right lobe" in text for text, targets in by_text.items())
-        assert any(targets == () for targets in by_text.values()), "each view has a no-target expression"
+        assert any(targets == () for targets in by_text.values()), "each block has a no-target expression"
     assert {e.category for e in expressions} <= {"plural", "size", "lobe", "attribute", "position", "no_target"}
     assert {"lobe", "no_target"} <= {e.category for e in expressions}
     assert all((e.category == "no_target") == (not e.targets) for e in expressions)
@@ -72,8 +88,8 @@ def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp
 def test_missing_package_and_bad_requests_are_clear(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="Unknown mode 'semantic'"):
         lits.make_lits_dataset(33, "semantic", raw_root=tmp_path)
-    with pytest.raises(ConversionError, match="Only 15 distinct"):
-        lits.make_lits_dataset(33, "plain", raw_root=tmp_path, num_cases=16)
+    with pytest.raises(ConversionError, match=r"Only 11 disjoint \(32, 64, 64\) blocks with liver"):
+        lits.make_lits_dataset(33, "plain", raw_root=tmp_path, num_cases=12)
     with pytest.raises(ConversionError, match="three sizes from 16 to 128"):
         lits.make_lits_dataset(33, "plain", raw_root=tmp_path, crop=(8, 64, 64))
     monkeypatch.setattr(lits, "LITS_PACKAGE", "no_such_lits_package")
@@ -86,7 +102,7 @@ def test_cli_entry(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
     monkeypatch.setattr(sys, "argv", ["LSMSv2_make_lits", "-d", "34", "--cases", "2", "--crop", "32", "32", "32"])
     lits.make_lits_entry()
-    assert "Dataset034_LiTS117Views" in capsys.readouterr().out
+    assert "Dataset034_LiTS117Blocks" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         lits.make_lits_entry()
     assert exit_info.value.code == 1 and "already used" in capsys.readouterr().err

@@ -6,21 +6,25 @@ array axis 0 runs superior -> inferior (liver dome at index 0, bowel at the end)
 (kidney at the back), axis 2 towards the patient's right (liver lateral, bowel medial). In ITK/LPS terms the
 direction matrix is diag(-1, 1, -1) in (x, y, z) = (axis 2, axis 1, axis 0).
 
-The cases are N overlapping views of that ONE volume: crops centred on the liver's centroid, shifted by the
-VIEW_SHIFTS below (clipped into the volume). No flips: they would swap the patient's left and right, which the
-referring expressions ("the lesion in the right lobe") depend on. This is a pipeline demo, not a benchmark: all
-cases share one patient's anatomy, so cross-validation scores overstate how well a model generalises.
+The cases are disjoint blocks of that ONE volume: a regular grid of crop-sized blocks, no voxel in two cases, so no
+split of them (nnU-Net's 5 folds included) validates on voxels that a training case also holds; the blocks with
+the most liver are kept. Tumours that reach across a block face are cut, and their pieces in different blocks can
+fall in training and validation: the description counts them. No flips: they would swap the patient's left and right,
+which the referring expressions ("the lesion in the right lobe") depend on. One patient: scores say how well a model
+answers about unseen parts of this liver, not how it generalises to other patients.
 """
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import itertools
 import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from scipy import ndimage
 
 from lsms_nnunet.datasets.convert_semantic import convert_semantic
 from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, publish_dataset, refuse_existing_dataset,
@@ -34,12 +38,9 @@ LITS_IMAGE, LITS_LABELS = "img_117.mrc", "lab_117.mrc"
 LITS_SPACING_MM = (1.0, 1.0, 1.0)
 LITS_DIRECTION = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, -1.0)
 LIVER, TUMOUR = 1, 2
-SHIFT = 12
-# (z, y, x) voxel shifts of the view centres from the liver centroid: the centre, the 6 axis neighbours, 8 corners.
-VIEW_SHIFTS = ((0, 0, 0), (SHIFT, 0, 0), (-SHIFT, 0, 0), (0, SHIFT, 0), (0, -SHIFT, 0), (0, 0, SHIFT),
-               (0, 0, -SHIFT)) + tuple((dz, dy, dx) for dz in (SHIFT, -SHIFT) for dy in (SHIFT, -SHIFT)
-                                       for dx in (SHIFT, -SHIFT))
-DATASET_NAMES = {"plain": "LiTS117Views", "referring": "LiTS117Referring"}
+#: a block is kept only if at least this fraction of its voxels is liver (the rest is mostly air, bowel or bone)
+MIN_LIVER_FRACTION = 0.05
+DATASET_NAMES = {"plain": "LiTS117Blocks", "referring": "LiTS117Referring"}
 
 
 def lits_volume() -> tuple[sitk.Image, sitk.Image]:
@@ -59,50 +60,65 @@ def lits_volume() -> tuple[sitk.Image, sitk.Image]:
     return images[0], images[1]
 
 
-def view_starts(labels: np.ndarray, crop: tuple[int, int, int], num_cases: int) -> list[tuple[int, int, int]]:
-    """Start indices (z, y, x) of the views: liver-centred crops shifted by VIEW_SHIFTS, clipped, duplicates skipped."""
-    centre = np.round(np.argwhere(labels == LIVER).mean(axis=0)).astype(int)
-    highest_start = np.asarray(labels.shape) - np.asarray(crop)
-    starts: list[tuple[int, int, int]] = []
-    for shift in VIEW_SHIFTS:
-        start = tuple(int(v) for v in np.clip(centre + np.asarray(shift) - np.asarray(crop) // 2, 0, highest_start))
-        if start not in starts:
-            starts.append(start)
-    if num_cases > len(starts):
-        raise ConversionError(f"Only {len(starts)} distinct {crop} views fit in the LiTS volume. Fix: ask for at most "
-                              f"{len(starts)} cases (--cases), or a smaller crop.")
-    return starts[:num_cases]
+def block_starts(labels: np.ndarray, crop: tuple[int, int, int], num_cases: int | None) -> list[tuple[int, int, int]]:
+    """Start indices (z, y, x) of disjoint crop-sized blocks on a regular grid: the num_cases blocks with the most
+    liver (all with at least MIN_LIVER_FRACTION liver when num_cases is None), in grid order."""
+    grid = itertools.product(*(range(0, size - length + 1, length) for size, length in zip(labels.shape, crop)))
+    liver_fraction = {start: float(np.mean(labels[tuple(slice(s, s + c) for s, c in zip(start, crop))] > 0))
+                      for start in grid}
+    with_liver = sorted((start for start, fraction in liver_fraction.items() if fraction >= MIN_LIVER_FRACTION),
+                        key=lambda start: -liver_fraction[start])
+    if num_cases is not None and num_cases > len(with_liver):
+        raise ConversionError(f"Only {len(with_liver)} disjoint {crop} blocks with liver (>= {MIN_LIVER_FRACTION:.0%} "
+                              f"of their voxels) fit in the LiTS volume. Fix: ask for at most {len(with_liver)} cases "
+                              f"(--cases), or a smaller crop.")
+    return sorted(with_liver[:num_cases])
 
 
-def _check_request(mode: str, crop: tuple[int, int, int], num_cases: int) -> None:
+def tumours_across_blocks(labels: np.ndarray, starts: list[tuple[int, int, int]], crop: tuple[int, int, int]
+                          ) -> tuple[int, int]:
+    """(tumours with voxels in more than one of the blocks, tumours in the blocks): 26-connected components."""
+    components, _ = ndimage.label(labels == TUMOUR, structure=np.ones((3, 3, 3)))
+    blocks_of: dict[int, int] = {}
+    for start in starts:
+        for component in np.unique(components[tuple(slice(s, s + c) for s, c in zip(start, crop))]):
+            if component:
+                blocks_of[component] = blocks_of.get(component, 0) + 1
+    return sum(count > 1 for count in blocks_of.values()), len(blocks_of)
+
+
+def _check_request(mode: str, crop: tuple[int, int, int], num_cases: int | None) -> None:
     if mode not in DATASET_NAMES:
         raise ConversionError(f"Unknown mode {mode!r}. Fix: use 'plain' (liver/tumour labels) or 'referring'.")
     if len(crop) != 3 or not all(16 <= int(size) <= 128 for size in crop):
         raise ConversionError(f"Crop {crop} is invalid. Fix: give three sizes from 16 to 128 voxels, e.g. 64 64 64.")
-    if num_cases < 1:
+    if num_cases is not None and num_cases < 1:
         raise ConversionError(f"{num_cases} cases requested. Fix: ask for at least 1 (5 or more for nnU-Net's "
                               "5-fold cross-validation).")
 
 
-def describe_views(starts: list[tuple[int, int, int]], crop: tuple[int, int, int]) -> str:
-    return (f"{len(starts)} augmented views of ONE LiTS volume (volume 117, as the 128^3 crop in "
-            f"liver-ct-segmentation-package 1.6.0); not a benchmark. Each view is a {crop[0]}x{crop[1]}x{crop[2]} "
-            f"crop (z, y, x) starting at {starts}, i.e. centred on the liver centroid and shifted by up to {SHIFT} "
-            "voxels; no flips. The MRC files store no voxel size or orientation: spacing is SET to 1 mm isotropic "
+def describe_blocks(starts: list[tuple[int, int, int]], crop: tuple[int, int, int], tumours: tuple[int, int]) -> str:
+    return (f"{len(starts)} disjoint blocks of ONE LiTS volume (volume 117, as the 128^3 crop in "
+            f"liver-ct-segmentation-package 1.6.0): {crop[0]}x{crop[1]}x{crop[2]} voxels (z, y, x) each, starting at "
+            f"{starts}; no voxel is in two cases, so no split validates on voxels a training case holds. "
+            f"{tumours[0]} of the {tumours[1]} tumours in them reach across a block face: pieces of one tumour can be "
+            "in training and validation cases. One patient: scores measure unseen parts of this liver, not other "
+            "patients. No flips. The MRC files store no voxel size or orientation: spacing is SET to 1 mm isotropic "
             "and the direction to diag(-1, 1, -1) (axis 2 towards the patient's right, axis 1 posterior, axis 0 "
             "inferior, read off the anatomy). Volumes are in mm only under that assumption. LiTS data terms apply.")
 
 
-def _write_plain_views(folder: Path, crop: tuple[int, int, int], num_cases: int) -> str:
-    """Write imagesTr/labelsTr/dataset.json of the views into folder; returns the description."""
+def _write_plain_blocks(folder: Path, crop: tuple[int, int, int], num_cases: int | None) -> str:
+    """Write imagesTr/labelsTr/dataset.json of the blocks into folder; returns the description."""
     image, labels = lits_volume()
-    starts = view_starts(sitk.GetArrayViewFromImage(labels), crop, num_cases)
+    label_array = sitk.GetArrayViewFromImage(labels)
+    starts = block_starts(label_array, crop, num_cases)
     for index, (z, y, x) in enumerate(starts):
-        case = f"lits117_view{index:02d}"
+        case = f"lits117_block{index:02d}"
         region = (slice(x, x + crop[2]), slice(y, y + crop[1]), slice(z, z + crop[0]))  # SimpleITK indexes x, y, z
         write_image_atomically(image[region], folder / "imagesTr" / f"{case}_0000.nii.gz")
         write_image_atomically(labels[region], folder / "labelsTr" / f"{case}.nii.gz")
-    description = describe_views(starts, crop)
+    description = describe_blocks(starts, crop, tumours_across_blocks(label_array, starts, crop))
     write_json_atomically(folder / "dataset.json", {
         "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": LIVER, "tumour": TUMOUR},
         "numTraining": len(starts), "file_ending": ".nii.gz", "description": description,
@@ -112,11 +128,12 @@ def _write_plain_views(folder: Path, crop: tuple[int, int, int], num_cases: int)
 
 
 def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.PathLike | None = None,
-                      crop: tuple[int, int, int] = (64, 64, 64), num_cases: int = 6, overwrite: bool = False) -> Path:
+                      crop: tuple[int, int, int] = (32, 64, 64), num_cases: int | None = None,
+                      overwrite: bool = False) -> Path:
     """Write the LiTS demo dataset into nnUNet_raw; returns its folder.
 
     plain: labels background/liver/tumour, an ordinary nnU-Net dataset (vanilla vs LSMS on a plain task).
-    referring: the plain views through convert_semantic (lesion label tumour, organ liver): one region per tumour
+    referring: the plain blocks through convert_semantic (lesion label tumour, organ liver): one region per tumour
     component, expressions generated from size, location (liver lobe), and intensity.
     """
     crop = tuple(int(size) for size in crop)
@@ -126,7 +143,7 @@ def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.P
     replaced = refuse_existing_dataset(root, dataset_id, overwrite)
     staging = staging_folder(root, destination)
     try:
-        description = _write_plain_views(staging, crop, num_cases)
+        description = _write_plain_blocks(staging, crop, num_cases)
         if mode == "plain":
             publish_dataset(staging, destination, replaced)
             return destination
@@ -139,14 +156,15 @@ def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.P
 @console_entry
 def make_lits_entry() -> None:
     """LSMSv2_make_lits -d ID [--mode plain|referring] [--cases N] [--crop Z Y X] [--overwrite]."""
-    parser = argparse.ArgumentParser(description="Write the LiTS demo dataset (augmented views of ONE real CT, not a "
-                                                 "benchmark) into nnUNet_raw.")
+    parser = argparse.ArgumentParser(description="Write the LiTS dataset (disjoint blocks of ONE real CT: unseen parts "
+                                                 "of one liver, not other patients) into nnUNet_raw.")
     parser.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     parser.add_argument("--mode", choices=sorted(DATASET_NAMES), default="plain",
                         help="plain: liver/tumour labels; referring: tumour regions + expressions (default plain)")
-    parser.add_argument("--cases", type=int, default=6, help=f"number of views, 1-{len(VIEW_SHIFTS)} (default 6)")
-    parser.add_argument("--crop", type=int, nargs=3, default=(64, 64, 64), metavar=("Z", "Y", "X"),
-                        help="view size in voxels (default 64 64 64)")
+    parser.add_argument("--cases", type=int, default=None,
+                        help="number of blocks, those with the most liver (default: every block with liver)")
+    parser.add_argument("--crop", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"),
+                        help="block size in voxels (default 32 64 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args()
     folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop), num_cases=args.cases,
