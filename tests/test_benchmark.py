@@ -2,10 +2,12 @@
 vanilla nnU-Net on merged labels, LSMS and LSMS with constant text; then a re-run that must not retrain."""
 import json
 import random
+import re
 from pathlib import Path
 
 import numpy as np
 import pytest
+import SimpleITK as sitk
 import torch
 
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
@@ -152,6 +154,26 @@ def test_results_report_categories_and_heldout_wording(benchmarked):
     assert sorted(p.name for p in heldout_masks.glob("*.nii.gz")) == sorted(f"{e['id']}-h.nii.gz" for e in validation)
     markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
     assert "Mean Dice per expression category" in markdown and "held-out / seen" in markdown
+
+
+def test_case_level_step_is_reported_against_the_network_alone(benchmarked):
+    results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
+    validation = _validation_expressions(benchmarked)
+    vanilla, lsms, constant = results["variants"]
+    assert "referring_network_alone" not in vanilla  # no case-level step to take away
+    for text_model in (lsms, constant):
+        assert text_model["referring_network_alone"]["n_expressions"] == len(validation)
+        assert sum(group["n_expressions"] for group in
+                   text_model["referring_network_alone_per_category"].values()) == len(validation)
+    alone = benchmarked["out"] / "predictions" / "lsms" / "fold_0" / "network_alone"
+    selected = benchmarked["results_folder"] / f"{TRAINERS['lsms']}__{PLANS}__2d" / "fold_0" / "validation"
+    assert sorted(p.name for p in alone.glob("*.nii.gz")) == sorted(f"{e['id']}.nii.gz" for e in validation)
+    differing = [e["id"] for e in validation if not np.array_equal(
+        sitk.GetArrayFromImage(sitk.ReadImage(str(alone / f"{e['id']}.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(selected / f"{e['id']}.nii.gz"))))]
+    assert differing, "the network alone answered exactly as the selector: was the selector left on?"
+    markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
+    assert "What the case-level step adds" in markdown and re.search(r"\| lsms +\| network alone", markdown)
 
 
 def test_vanilla_is_trained_on_merged_labels_and_answers_every_expression_with_its_lesion_mask(benchmarked):

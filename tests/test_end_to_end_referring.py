@@ -357,3 +357,29 @@ def test_lsms_plans_train_with_the_stock_command(trained_models, run):
                                         "checkpoint_final.pth")
     network = checkpoint["network_weights"]["_extra_state"]["network"]
     assert network["svla_stages"] == plans["configurations"]["2d"]["lsms"]["svla_stages"]
+
+
+def test_a_case_position_model_trains_and_predicts_with_the_stock_commands(trained_models, run, tmp_path):
+    """The opt-in case position on a 3D case wider than the patch: stock training (the loader appends the position
+    channels), final validation and stock prediction (the predictor appends them before the sliding window)."""
+    trained = trained_models["3d_fullres"]
+    preprocessed = Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name
+    planned = json.loads((preprocessed / "nnUNetPlans_tiny.json").read_text(encoding="utf-8"))
+    patch = planned["configurations"]["3d_fullres"]["patch_size"]
+    make_plans_variant(trained["dataset"], "nnUNetPlans_halfpatch", source_plans="nnUNetPlans_tiny",
+                       patch_size=(patch[0], patch[1] // 2, patch[2] // 2), configuration="3d_fullres")
+    trainer = "LSMSTrainer_budget_case_position"
+    run("nnUNetv2_train", trained["dataset"], "3d_fullres", 0, "-tr", trainer, "-p", "nnUNetPlans_halfpatch",
+        "-device", "cpu", nnUNet_n_proc_DA="0", LSMS_BUDGET_EPOCHS="1", LSMS_BUDGET_ITERATIONS="2")
+    model = trained["model"].parent / f"{trainer}__nnUNetPlans_halfpatch__3d_fullres"
+    checkpoint = load_checkpoint_safely(model / "fold_0" / "checkpoint_final.pth")
+    assert checkpoint["network_weights"]["_extra_state"]["network"]["case_position"] is True
+    summary = json.loads((model / "fold_0" / "validation" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["aggregate"]["n_expressions"] > 0
+    images, out = trained["raw"] / "imagesTs", tmp_path / "predictions"
+    run("nnUNetv2_predict", "-i", images, "-o", out, "-d", trained["dataset"], "-c", "3d_fullres", "-tr", trainer,
+        "-p", "nnUNetPlans_halfpatch", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
+    for expression in expressions:
+        image = sitk.ReadImage(str(images / f"{expression['case']}_0000.nii.gz"))
+        assert sitk.ReadImage(str(out / f"{expression['id']}.nii.gz")).GetSize() == image.GetSize()

@@ -103,7 +103,8 @@ def test_ablations_switch_exactly_their_flag():
                         "static_head": {"text_conditioned_head": False},
                         "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False},
-                        "no_case_selection": {"case_selection": False}, "no_finding_head": {"finding_head": False}}
+                        "no_case_selection": {"case_selection": False}, "no_finding_head": {"finding_head": False},
+                        "case_position": {"case_position": True}}
     assert set(ABLATIONS) == set(expected_changes)
     for name, changes in expected_changes.items():
         ablated = TINY.with_ablation(name).to_dict()

@@ -29,7 +29,8 @@ import numpy as np
 import torch
 
 from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measure_variant
-from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, prepare_benchmark, say
+from lsms_nnunet.benchmark.preparation import (HELDOUT_SECTION, NETWORK_ALONE_SECTION, BenchmarkSetup,
+                                               prepare_benchmark, say)
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 from lsms_nnunet.benchmark.step_profile import merge_profiles
@@ -60,6 +61,7 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
         "referring": aggregate_metrics(per_expression),
         "referring_per_category": per_category_metrics(per_expression),
         **phrasing_summary(records, per_expression),
+        **network_alone_summary(records),
         "plain_lesion": {"mean_dice": float(np.mean(list(plain.values()))), "cases": len(plain),
                          "prompt": records[0]["plain"]["prompt"]},
         "cost": {
@@ -99,6 +101,15 @@ def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dic
     return {"referring_per_phrasing": per_phrasing,
             "heldout_vs_seen_dice": heldout_dice / seen_dice if seen_dice else None,
             "heldout_per_category": per_category_metrics(heldout)}
+
+
+def network_alone_summary(records: Sequence[dict]) -> dict:
+    """The same validation expressions answered without the case-level step; {} for models without one."""
+    alone = [entry for record in records for entry in record.get(NETWORK_ALONE_SECTION, {}).get("per_expression", ())]
+    if not alone:
+        return {}
+    return {"referring_network_alone": aggregate_metrics(alone),
+            "referring_network_alone_per_category": per_category_metrics(alone)}
 
 
 def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling_records: Sequence[dict],

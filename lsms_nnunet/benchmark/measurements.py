@@ -19,14 +19,16 @@ from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_bl
                                             write_all_lesion_reference_masks)
 from lsms_nnunet.benchmark.costs import (forward_gflops, median_seconds, parameter_counts, seconds_per_iteration,
                                          text_encoder_parameters, texts_for_counts, time_cases)
-from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, BenchmarkSetup, say
+from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, NETWORK_ALONE_SECTION, BenchmarkSetup, say
 from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+from lsms_nnunet.network.case_position import network_input_channels
+from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset, canonical_flip_axes, flip_spatial
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from text_conditioning.encoders import EncoderIdentity
-from text_conditioning.expressions import expressions_by_case
+from text_conditioning.expressions import Expression, expressions_by_case
 from text_conditioning.io import write_json_atomically
 from text_conditioning.model_texts import embed_texts
 
@@ -58,14 +60,42 @@ class _FoldModel:
         return self._predictor
 
     def load_case(self, case: str) -> tuple[torch.Tensor, dict]:
+        """A preprocessed validation case in the orientation the network was trained in (canonical for LSMS)."""
         if self._dataset is None:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
             folder = str(self.setup.preprocessed_folder /
                          self.predictor.configuration_manager.data_identifier)
             self._dataset = infer_dataset_class(folder)(folder, self.setup.validation_cases(self.fold))
+            if self.variant.uses_text:
+                self._dataset = CanonicallyOrientedDataset(self._dataset,
+                                                           self.predictor.plans_manager.transpose_forward)
         data, _, _, properties = self._dataset.load_case(case)
         return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), properties
+
+    def answer(self, questions: dict[str, list[tuple[str, str]]], folder: Path, description: str) -> None:
+        """Masks `<id><file_ending>` in folder answering each case's (id, text) questions as the final validation
+        answers them: one pass per case, no mirroring, logits flipped back from the canonical orientation."""
+        from lsms_nnunet.inference.predictor import export_expression_masks
+
+        predictor = self.predictor
+        folder.mkdir(parents=True, exist_ok=True)
+        reader_writer = predictor.plans_manager.image_reader_writer_class()
+        for case, asked in tqdm(questions.items(), desc=f"{self.variant.name}: {description}", unit="case"):
+            data, properties = self.load_case(case)
+            logits = predictor.predict_prompt_logits(data, [text for _, text in asked], self.setup.text_cache_folder)
+            logits = flip_spatial(logits, canonical_flip_axes(properties, predictor.plans_manager.transpose_forward))
+            export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
+                                    predictor.plans_manager, reader_writer, [id_ for id_, _ in asked], folder,
+                                    self.setup.file_ending)
+
+    def answer_and_score(self, expressions: Sequence[Expression], folder: Path, description: str) -> dict:
+        """Referring metrics of `answer` on expressions."""
+        self.answer({case: [(e.id, e.text) for e in case_expressions]
+                     for case, case_expressions in expressions_by_case(expressions).items()}, folder, description)
+        summary = evaluate_referring_folder(self.setup.gt_folder, folder, list(expressions),
+                                            file_ending=self.setup.file_ending, output_file=folder / "summary.json")
+        return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
 
     def text_tokens(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
         identity = EncoderIdentity.from_dict(self.predictor.network.model_card["text_encoder"])
@@ -103,17 +133,8 @@ def measure_plain(model: _FoldModel) -> dict:
     if not variant.uses_text:
         folder = setup.fold_folder(variant, fold) / "validation"
         return {"prompt": None, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
-    from lsms_nnunet.inference.predictor import export_expression_masks
-
-    predictor = model.predictor
     folder = setup.work_folder(variant, fold, "all_lesions")
-    folder.mkdir(parents=True, exist_ok=True)
-    reader_writer = predictor.plans_manager.image_reader_writer_class()
-    for case in tqdm(cases, desc=f"{variant.name}: '{ALL_LESIONS_PROMPT}'", unit="case"):
-        data, properties = model.load_case(case)
-        logits = predictor.predict_prompt_logits(data, [ALL_LESIONS_PROMPT])
-        export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
-                                predictor.plans_manager, reader_writer, [case], folder, setup.file_ending)
+    model.answer({case: [(case, ALL_LESIONS_PROMPT)] for case in cases}, folder, f"'{ALL_LESIONS_PROMPT}'")
     return {"prompt": ALL_LESIONS_PROMPT, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
 
 
@@ -124,6 +145,8 @@ def measure_network(model: _FoldModel) -> dict:
     network = predictor.network.to(torch.device(model.setup.device)).eval()
     channels = determine_num_input_channels(predictor.plans_manager, predictor.configuration_manager,
                                             predictor.dataset_json)
+    if model.variant.uses_text:
+        channels = network_input_channels(channels, network.config.case_position)
     patch_size = list(predictor.configuration_manager.patch_size)
     patch = torch.zeros((1, channels, *patch_size), device=model.setup.device)
     frozen = 0
@@ -217,28 +240,28 @@ def measure_heldout(model: _FoldModel) -> dict:
         summary = evaluate_text_blind_answers(setup.fold_folder(variant, fold) / "validation", setup.gt_folder,
                                               expressions, setup.file_ending, folder)
         return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
-    from lsms_nnunet.inference.predictor import export_expression_masks
+    return model.answer_and_score(expressions, folder, "held-out wording")
 
-    predictor = model.predictor
-    folder.mkdir(parents=True, exist_ok=True)
-    reader_writer = predictor.plans_manager.image_reader_writer_class()
-    by_case = expressions_by_case(expressions)
-    for case, case_expressions in tqdm(by_case.items(), desc=f"{variant.name}: held-out wording", unit="case"):
-        data, properties = model.load_case(case)
-        logits = predictor.predict_prompt_logits(data, [e.text for e in case_expressions])
-        export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
-                                predictor.plans_manager, reader_writer, [e.id for e in case_expressions], folder,
-                                setup.file_ending)
-    summary = evaluate_referring_folder(setup.gt_folder, folder, expressions, file_ending=setup.file_ending,
-                                        output_file=folder / "summary.json")
-    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+
+def measure_network_alone(model: _FoldModel) -> dict:
+    """The validation expressions answered by the network alone, without the case-level selector the model carries:
+    what the case-level step adds, on the same trained weights ({} for models without one)."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    if not variant.uses_text or not model.predictor.case_selectors:
+        return {}
+    selectors, model.predictor.case_selectors = model.predictor.case_selectors, []
+    try:
+        return model.answer_and_score(setup.validation_expressions(fold),
+                                      setup.work_folder(variant, fold, NETWORK_ALONE_SECTION), "network alone")
+    finally:
+        model.predictor.case_selectors = selectors
 
 
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
     "training": measure_training, "referring": measure_referring, "plain": measure_plain,
     "network": measure_network, "inference": measure_inference, "probe": measure_probe,
     "step_profile": measure_step_profile, "expression_scaling": measure_expression_scaling,
-    HELDOUT_SECTION: measure_heldout}
+    NETWORK_ALONE_SECTION: measure_network_alone, HELDOUT_SECTION: measure_heldout}
 
 
 def checkpoint_signature(checkpoint: Path) -> dict:

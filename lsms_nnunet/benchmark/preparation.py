@@ -21,7 +21,9 @@ from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, Expression, 
 from text_conditioning.io import write_json_atomically
 
 
-SECTIONS = ("training", "referring", "plain", "network", "inference", "probe", "step_profile", "expression_scaling")
+NETWORK_ALONE_SECTION = "network_alone"
+SECTIONS = ("training", "referring", NETWORK_ALONE_SECTION, "plain", "network", "inference", "probe", "step_profile",
+            "expression_scaling")
 
 
 HELDOUT_SECTION = "heldout"

@@ -84,6 +84,28 @@ def format_phrasing_table(results: dict) -> list[str]:
             *markdown_table([header, *rows])]
 
 
+def format_case_level_table(results: dict) -> list[str]:
+    """Each model with a case-level step, answering with it and by its network alone (same weights): mean Dice,
+    no-target accuracy and mean Dice per category; empty when no model has one."""
+    variants = [variant for variant in results["variants"] if "referring_network_alone" in variant]
+    if not variants:
+        return []
+    categories = list(dict.fromkeys(category for variant in variants for category in variant["referring_per_category"]))
+    header = ["variant", "answered by", "mean Dice", "no-target acc", *categories]
+    rows = []
+    for variant in variants:
+        for answered_by, overall, groups in (
+                ("case-level step", variant["referring"], variant["referring_per_category"]),
+                ("network alone", variant["referring_network_alone"], variant["referring_network_alone_per_category"])):
+            rows.append([variant["name"], answered_by, format_number(overall["mean_dice"], 4),
+                         format_number(overall["no_target_accuracy"], 3),
+                         *(format_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
+                           for category in categories)])
+    return ["What the case-level step adds: the same validation expressions answered with the selector the model "
+            "carries and by its network alone (same weights, one pass per case, no mirroring):", "",
+            *markdown_table([header, *rows])]
+
+
 def format_profile_table(results: dict) -> list[str]:
     """Milliseconds per training step by component (forward + backward), one column per variant."""
     profiles = {v["name"]: v["cost"]["step_profile"] for v in results["variants"] if "step_profile" in v["cost"]}
@@ -127,8 +149,8 @@ def format_expression_scaling_table(results: dict) -> list[str]:
 def format_results_table(results: dict) -> str:
     """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
     lines = markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
-    for extra in (format_category_table(results), format_phrasing_table(results), format_profile_table(results),
-                  format_expression_scaling_table(results)):
+    for extra in (format_category_table(results), format_case_level_table(results), format_phrasing_table(results),
+                  format_profile_table(results), format_expression_scaling_table(results)):
         if extra:
             lines += ["", *extra]
     first = results["variants"][0] if results["variants"] else None

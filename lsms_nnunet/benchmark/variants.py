@@ -29,6 +29,7 @@ ABLATION_DESCRIPTIONS = {
     "static_head": "LSMS with nnU-Net's static output heads (text through SVLA only)",
     "prompt_decoder": "LSMS with the prompt decoder, its existence output and position-aware heads (opt-in)",
     "no_case_selection": "LSMS without case-level selection (each expression answered by the network alone)",
+    "case_position": "LSMS whose network also reads each voxel's position in the whole case (opt-in)",
 }
 
 

@@ -37,6 +37,7 @@ from text_conditioning.io import atomic_path, write_json_atomically
 from text_conditioning.model_texts import embed_texts, encode_texts
 
 from lsms_nnunet.inference.input_checks import check_input_images
+from lsms_nnunet.network.case_position import with_case_position
 from lsms_nnunet.network.prompting import PromptableLSMSNet, network_config_of
 from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
@@ -173,6 +174,8 @@ class LSMSPredictor(nnUNetPredictor):
 
     def _sliding_window_bound(self, data: torch.Tensor, prompts: int) -> torch.Tensor:
         """[prompts, *spatial] target-vs-background logits of the prompts bound on the network, over all folds."""
+        if self.network.config.case_position:
+            data = with_case_position(data)  # before the sliding window: each window carries where it lies
         self.network.start_case()
         self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in range(prompts)}}, None)
         logits = self.predict_logits_from_preprocessed_data(data) if self.list_of_parameters \

@@ -21,6 +21,9 @@ ABLATIONS: dict[str, dict] = {
     # heads (mean Dice 0.40 vs 0.56), so it is not the default yet; on the micro task it learns what they cannot.
     "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
     "no_case_selection": {"case_selection": False},
+    # Opt-in until benchmarked: the network also reads each voxel's position in the whole case (3D cases larger than
+    # the patch; network/case_position.py).
+    "case_position": {"case_position": True},
     "no_finding_head": {"finding_head": False},
 }
 
@@ -84,6 +87,9 @@ class LSMSConfig:
     existence_weight: float = 0.5
     #: The heads also weigh each voxel's position in the patch ("left lobe", "upper").
     head_position: bool = False
+    #: Referring tasks: the network's input also holds each voxel's normalised position in the whole case
+    #: (network/case_position.py), so a patch of a scan larger than the patch knows where it lies.
+    case_position: bool = False
     #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
     #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
     language_gate_init: float = 1.0
@@ -109,7 +115,7 @@ class LSMSConfig:
                 raise ValueError(f"LSMSConfig.{name} must be an integer >= 0, got {value!r}.")
         for name in ("visual_branch", "language_branch", "contrastive", "text_conditioned_head", "prompt_decoder",
                      "existence_head", "head_position", "case_selection",
-                     "finding_head"):
+                     "finding_head", "case_position"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"LSMSConfig.{name} must be true or false, got {getattr(self, name)!r}.")
         if self.attention_dim % self.num_heads:

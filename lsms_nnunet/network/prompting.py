@@ -27,6 +27,7 @@ import torch
 
 from text_conditioning.model_texts import TextEncoderMismatchError
 
+from lsms_nnunet.network.case_position import network_input_channels
 from lsms_nnunet.network.config import SETTINGS_ADDED_SINCE, LSMSConfig
 from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 
@@ -139,11 +140,13 @@ def network_config_of(model_card: Mapping) -> LSMSConfig:
 
 def build_promptable_network(configuration_manager, num_input_channels: int, model_card: Mapping,
                              deep_supervision: bool) -> PromptableLSMSNet:
-    """The planned nnU-Net encoder + LSMS parts, configured by the model card."""
+    """The planned nnU-Net encoder + LSMS parts, configured by the model card; `num_input_channels` counts the image
+    channels (the case position's come on top when the card asks for them)."""
+    config = network_config_of(model_card)
     network = build_lsms_network(configuration_manager.network_arch_class_name,
                                  configuration_manager.network_arch_init_kwargs,
                                  configuration_manager.network_arch_init_kwargs_req_import,
-                                 num_input_channels, 2, deep_supervision, network_config_of(model_card),
-                                 network_class=PromptableLSMSNet)
+                                 network_input_channels(num_input_channels, config.case_position), 2,
+                                 deep_supervision, config, network_class=PromptableLSMSNet)
     network.model_card = dict(model_card)
     return network

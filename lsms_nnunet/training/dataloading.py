@@ -4,7 +4,8 @@ nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `
 case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
 (referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path; for a network with a
 finding head a second channel holds all of the case's lesions, augmented with the first (as nnU-Net's cascade
-carries the previous stage's segmentation). The loader subclass
+carries the previous stage's segmentation). For a network that reads the case position, the image gets the position
+channels (CasePositionDataset), which only the geometric augmentations touch. The loader subclass
 adds the text tensors of the drawn prompts to the batch and, with `prompts_per_image` > 1, fills consecutive slots
 with one case, each slot with a prompt of different targets.
 """
@@ -16,8 +17,14 @@ from typing import Mapping, Sequence
 import numpy as np
 import torch
 
+from batchgeneratorsv2.transforms.base.basic_transform import BasicTransform
+from batchgeneratorsv2.transforms.spatial.mirroring import MirrorTransform
+from batchgeneratorsv2.transforms.spatial.spatial import SpatialTransform
+from batchgeneratorsv2.transforms.utils.compose import ComposeTransforms
+from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, Convert3DTo2DTransform
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
+from lsms_nnunet.network.case_position import CASE_POSITION_CHANNELS, case_position
 from lsms_nnunet.preprocessing.prompts import Prompt
 
 
@@ -96,6 +103,66 @@ class PromptSamplingDataset:
         referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
         properties = {**properties, "class_locations": {1: referred}}
         return data, ReferredSegmentation(seg, targets, self.all_lesions_target), seg_prev, properties
+
+
+class CasePositionView:
+    """A lazy [C + 3, *spatial] view of a preprocessed case: its image channels, then each voxel's normalised position
+    in the case (network/case_position.py). A crop reads only the crop of the image and computes only its positions."""
+
+    def __init__(self, data):
+        self.data = data
+        self.shape = (data.shape[0] + CASE_POSITION_CHANNELS, *data.shape[1:])
+        self.ndim = len(self.shape)
+        self.dtype = np.dtype(np.float32)
+
+    def __getitem__(self, item) -> np.ndarray:
+        item = item if isinstance(item, tuple) else (item,)
+        item = item + (slice(None),) * (self.ndim - len(item))
+        channels, region = item[0], item[1:]
+        if not all(isinstance(part, slice) for part in region):
+            raise IndexError("CasePositionView takes slices of the spatial axes only (what crop_and_pad_nd asks for)")
+        image = np.asarray(self.data[(slice(None), *region)], dtype=np.float32)
+        return np.concatenate((image, case_position(self.data.shape[1:], region)))[channels]
+
+
+class CasePositionDataset:
+    """Wraps an nnU-Net dataset (canonically oriented for referring tasks): `load_case` gives a CasePositionView."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+        self.identifiers = dataset.identifiers
+
+    def load_case(self, identifier: str):
+        data, seg, seg_prev, properties = self.dataset.load_case(identifier)
+        return CasePositionView(data), seg, seg_prev, properties
+
+
+#: Augmentations that move voxels (or reshape the patch for dummy-2D augmentation): the position channels go
+#: through them with the image. Every other transform sees the image channels only.
+GEOMETRIC_TRANSFORMS = (SpatialTransform, MirrorTransform, Convert3DTo2DTransform, Convert2DTo3DTransform)
+
+
+class ImageChannelsOnly(BasicTransform):
+    """Applies a transform to the first `image_channels` channels of the image; the others (the case position) are
+    set aside and put back unchanged: noise, blur, brightness, contrast and gamma are not positions."""
+
+    def __init__(self, transform: BasicTransform, image_channels: int):
+        super().__init__()
+        self.transform, self.image_channels = transform, image_channels
+
+    def apply(self, data_dict, **params):
+        image = data_dict["image"]
+        data_dict["image"] = image[:self.image_channels]
+        data_dict = self.transform(**data_dict)
+        data_dict["image"] = torch.cat((data_dict["image"], image[self.image_channels:]))
+        return data_dict
+
+
+def position_through_geometry_only(transforms: ComposeTransforms, image_channels: int) -> ComposeTransforms:
+    """nnU-Net's transforms with every non-geometric one restricted to the image channels."""
+    return ComposeTransforms([transform if isinstance(transform, GEOMETRIC_TRANSFORMS)
+                              else ImageChannelsOnly(transform, image_channels)
+                              for transform in transforms.transforms])
 
 
 class TextEmbeddingBank:

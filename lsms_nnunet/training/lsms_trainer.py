@@ -44,7 +44,8 @@ from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
 from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selectors
 from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors, selectors_to_payload
-from lsms_nnunet.training.dataloading import LSMSDataLoader, TextEmbeddingBank
+from lsms_nnunet.training.dataloading import (CasePositionDataset, LSMSDataLoader, TextEmbeddingBank,
+                                            position_through_geometry_only)
 
 BINARY_LABELS = {"background": 0, "target": 1}
 REFERRING_MAX_ROTATION = math.radians(15)
@@ -167,8 +168,8 @@ class LSMSTrainer(nnUNetTrainer):
         planned = lsms_settings_from_plans(self.plans_manager.plans, self.configuration_name)  # {} for nnUNetPlans
         config = LSMSConfig(**{**planned, **self.lsms_config_overrides, "text_dim": identity.dim,
                                "max_tokens": identity.max_tokens})
-        if self.prompt_set.mode == PLAIN:  # the finding head serves the referring case selector only
-            config = dataclasses.replace(config, finding_head=False)
+        if self.prompt_set.mode == PLAIN:  # the finding head and the case position serve referring tasks only
+            config = dataclasses.replace(config, finding_head=False, case_position=False)
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
@@ -258,6 +259,10 @@ class LSMSTrainer(nnUNetTrainer):
         dataset_tr, dataset_val = self.get_tr_and_val_datasets()
         if self.prompt_set.mode == REFERRING:
             dataset_tr, dataset_val = self.canonically_oriented(dataset_tr), self.canonically_oriented(dataset_val)
+        if self._unwrapped_network().config.case_position:
+            dataset_tr, dataset_val = CasePositionDataset(dataset_tr), CasePositionDataset(dataset_val)
+            tr_transforms = position_through_geometry_only(tr_transforms, self.num_input_channels)
+            val_transforms = position_through_geometry_only(val_transforms, self.num_input_channels)
         text_bank = self._text_bank()
         prompts_by_case = self._prompts_by_case(dataset_tr.identifiers + dataset_val.identifiers)
         bias = self.present_label_bias if self.prompt_set.mode == PLAIN else 0.0
