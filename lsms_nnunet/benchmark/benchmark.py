@@ -7,7 +7,8 @@
    plain view of the dataset (every region merged into one lesion label): the best a text-blind model can do.
 3. Scores every model on the referring expressions of its validation cases (per expression category too) and on
    plain all-lesion segmentation; when the raw dataset has expressions_heldout.json (LSMSv2_make_synthetic
-   --heldout_phrasing), also on the held-out wordings of the same validation expressions; and measures its costs
+   --heldout_phrasing), also on the held-out wordings of the same validation expressions; for a model with a
+   case-level selector, also by its network alone (what the case-level step adds); and measures its costs
    (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
    The text-blind ceiling (a perfect all-lesion mask answering every expression) is scored too, as a reference.
 4. Writes results.json, results.md (one table) and plots.

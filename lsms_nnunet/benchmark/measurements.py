@@ -83,7 +83,7 @@ class _FoldModel:
         reader_writer = predictor.plans_manager.image_reader_writer_class()
         for case, asked in tqdm(questions.items(), desc=f"{self.variant.name}: {description}", unit="case"):
             data, properties = self.load_case(case)
-            logits = predictor.predict_prompt_logits(data, [text for _, text in asked], self.setup.text_cache_folder)
+            logits = predictor.predict_prompt_logits(data, [text for _, text in asked])  # the user's text cache
             logits = flip_spatial(logits, canonical_flip_axes(properties, predictor.plans_manager.transpose_forward))
             export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
                                     predictor.plans_manager, reader_writer, [id_ for id_, _ in asked], folder,
