@@ -174,7 +174,7 @@ class LSMSPredictor(nnUNetPredictor):
 
     def _sliding_window_bound(self, data: torch.Tensor, prompts: int) -> torch.Tensor:
         """[prompts, *spatial] target-vs-background logits of the prompts bound on the network, over all folds."""
-        if self.network.config.case_position:
+        if getattr(getattr(self.network, "config", None), "case_position", False):  # LSMS networks carry a config
             data = with_case_position(data)  # before the sliding window: each window carries where it lies
         self.network.start_case()
         self.label_manager = LabelManager({"background": 0, **{f"prompt_{i}": i + 1 for i in range(prompts)}}, None)
