@@ -15,8 +15,9 @@ from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
                                               describe_candidates, find_candidates)
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
-from lsms_nnunet.selection.selector import (SELECTOR_FILE, SELECTOR_VERSION, SelectionExample, fit_selector,
-                                            load_selectors, save_selectors, selectors_to_payload)
+from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
+                                            SelectionExample, choose, fit_selector, load_selectors, save_selectors,
+                                            selectors_to_payload)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
@@ -52,8 +53,8 @@ def _example(sentence: str, rng: np.random.Generator) -> SelectionExample:
 
 
 def _accuracy(selector, examples) -> float:
-    predictions = selector.predict(examples)
-    return float(np.mean([np.array_equal(p > 0.5, e.referred) for p, e in zip(predictions, examples)]))
+    return float(np.mean([np.array_equal(answer, e.referred) for answer, e in zip(choose([selector], examples),
+                                                                                   examples)]))
 
 
 def test_selector_learns_size_relations_and_combines_them_with_a_description():
@@ -67,6 +68,30 @@ def test_selector_learns_size_relations_and_combines_them_with_a_description():
         assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.9, sentence
     for sentence in unseen_combinations:
         assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.8, sentence
+
+
+class _FixedSelector(CaseSelector):
+    """Answers with given per-operation probabilities, to test the decision rule alone."""
+
+    def __init__(self, by_operation: torch.Tensor, operation: str):
+        super().__init__(1, 1)
+        self.fixed = by_operation, torch.log(torch.nn.functional.one_hot(
+            torch.tensor([OPERATIONS.index(operation)]), len(OPERATIONS)).float().clamp_min(1e-6))
+
+    def forward(self, *inputs):
+        return self.fixed
+
+
+def test_a_superlative_answers_with_one_candidate_when_one_is_likely_meant():
+    example = [SelectionExample(np.zeros((3, 1), np.float32), np.array([30.0, 20.0, 10.0]), np.ones((2, 1)))]
+    split_between_two = torch.zeros(1, 3, len(OPERATIONS))
+    split_between_two[0, :, OPERATIONS.index("second_largest")] = torch.tensor([0.0, 0.35, 0.3])
+    assert choose([_FixedSelector(split_between_two, "second_largest")], example)[0].tolist() == [False, True, False]
+    unlikely = split_between_two * 0.5  # any meant with chance 0.325: nothing is referred
+    assert not choose([_FixedSelector(unlikely, "second_largest")], example)[0].any()
+    plural = torch.zeros(1, 3, len(OPERATIONS))
+    plural[0, :, 0] = torch.tensor([0.9, 0.6, 0.3])
+    assert choose([_FixedSelector(plural, "all")], example)[0].tolist() == [True, True, False]
 
 
 def test_candidates_are_components_without_speckles_and_know_what_is_referred():
@@ -150,7 +175,8 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     save_selectors([selector], tmp_path / "case_selector.pt", "abc")
     loaded = load_selectors(tmp_path / "case_selector.pt", "abc")
     assert len(loaded) == 1
-    assert all(np.allclose(a, b) for a, b in zip(selector.predict(examples), loaded[0].predict(examples)))
+    assert all(torch.equal(value, loaded[0].state_dict()[key]) for key, value in selector.state_dict().items())
+    assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded, examples)))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")
     earlier_version = {**selectors_to_payload([selector], "abc"), "version": SELECTOR_VERSION - 1}

@@ -19,7 +19,7 @@ from text_conditioning.expressions import Expression
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (candidates_from_regions, candidates_of_answer, describe_candidates,
                                               referred_fraction)
-from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, fit_selectors,
+from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, choose, fit_selectors,
                                             load_selectors, selectors_from_payload)
 
 UNSELECTED_LOGIT = -1.0  # outside the chosen candidates: below the mask threshold, saved probabilities still rank
@@ -117,9 +117,8 @@ def select_case_lesions(finding_logits: torch.Tensor, data: torch.Tensor,
     candidates = candidates_of_answer(finding.numpy(), spacing)
     descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing)
     examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
-    probabilities = np.mean([selector.predict(examples) for selector in selectors], axis=0) \
-        if candidates.count else np.zeros((len(texts), 0))
-    selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(p > 0.5))) for p in probabilities])
+    answers = choose(selectors, examples) if candidates.count else [np.zeros(0, dtype=bool)] * len(texts)
+    selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(answer))) for answer in answers])
     chosen = torch.where(selected, finding.clamp_min(0.0).unsqueeze(0), torch.tensor(UNSELECTED_LOGIT))
     return chosen.to(finding_logits.dtype)
 
