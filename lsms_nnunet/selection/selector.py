@@ -115,7 +115,6 @@ class CaseSelector(nn.Module):
         return -torch.logsumexp(log_likelihood + log_weights, dim=-1).mean()
 
 
-
 def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExample]) -> list[np.ndarray]:
     """The ensemble's answer per example, a bool array over its candidates: the most likely operation (weights
     averaged over members; a sentence means one operation), then its most likely answer. Under "all" each candidate
@@ -190,8 +189,8 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, s
 
 def fit_selectors(examples: Sequence[SelectionExample], members: int = ENSEMBLE_MEMBERS, log=print
                   ) -> list[CaseSelector]:
-    """Several selectors from different seeds; `choose` averages them (a few hundred training
-    expressions leave single fits seed-sensitive: 0.67 vs 0.73 mean Dice on one benchmark fold)."""
+    """Several selectors from different seeds; `choose` averages them (a few hundred training expressions leave
+    single fits seed-sensitive: 0.67 vs 0.73 mean Dice on one benchmark fold)."""
     return [fit_selector(examples, seed=seed, log=log) for seed in range(members)]
 
 
