@@ -117,7 +117,7 @@ def select_case_lesions(finding_logits: torch.Tensor, data: torch.Tensor,
     candidates = candidates_of_answer(finding.numpy(), spacing)
     descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing)
     examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
-    answers = choose(selectors, examples) if candidates.count else [np.zeros(0, dtype=bool)] * len(texts)
+    answers = choose(selectors, examples)
     selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(answer))) for answer in answers])
     chosen = torch.where(selected, finding.clamp_min(0.0).unsqueeze(0), torch.tensor(UNSELECTED_LOGIT))
     return chosen.to(finding_logits.dtype)

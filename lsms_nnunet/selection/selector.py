@@ -75,12 +75,11 @@ class CaseSelector(nn.Module):
         self.candidate = nn.Sequential(nn.Linear(descriptor_dim, width), nn.GELU(), nn.Linear(width, width))
         self.constraint = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, width + 2))  # direction, bias, gate
         self.operation = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, len(OPERATIONS)))
-        self.operations_only = False
         with torch.no_grad():  # prior: "all that match" unless the words consistently say otherwise (an operation
             self.operation[1].bias[0] = ALL_PRIOR  # that explains an answer by coincidence must not take over)
 
     def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor) -> torch.Tensor:
+                word_mask: torch.Tensor, operations_only: bool = False) -> torch.Tensor:
         """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
         per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
         words = nn.functional.normalize(words, dim=-1) * self.text_dim ** 0.5  # unit-variance components
@@ -89,7 +88,7 @@ class CaseSelector(nn.Module):
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
         gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
-        if self.operations_only:  # fitting's first steps (OPERATIONS_FIRST_STEPS)
+        if operations_only:  # fitting's first steps (OPERATIONS_FIRST_STEPS): every candidate held as matching
             match = 0.99 * valid.float()
         votes = self.operation(words).masked_fill(~word_mask.unsqueeze(-1), -1e4)  # [E, L, operations]
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
@@ -103,11 +102,12 @@ class CaseSelector(nn.Module):
         by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
         return by_operation * valid.unsqueeze(-1), log_weights
 
-    def negative_log_likelihood(self, *inputs: torch.Tensor, referred: torch.Tensor) -> torch.Tensor:
+    def negative_log_likelihood(self, *inputs: torch.Tensor, referred: torch.Tensor, operations_only: bool = False
+                                ) -> torch.Tensor:
         """Mean over expressions of -log P(answer): a sentence means one operation, so the answer's likelihood is a
         mixture over operations of the product over candidates (EM-like credit goes to the operation that explains
         the whole answer)."""
-        by_operation, log_weights = self(*inputs)
+        by_operation, log_weights = self(*inputs, operations_only=operations_only)
         valid = inputs[2].unsqueeze(-1)
         p = by_operation.clamp(1e-6, 1 - 1e-6)
         target = referred.unsqueeze(-1)
@@ -175,15 +175,14 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, s
     optimizer = torch.optim.AdamW(selector.parameters(), lr=learning_rate, weight_decay=1e-3)
     selector.train()
     for step in range(steps):
-        selector.operations_only = step < OPERATIONS_FIRST_STEPS
         noise = 0.05 * torch.randn(descriptors.shape, generator=generator) * selector.descriptor_std
-        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask, referred=referred)
+        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask, referred=referred,
+                                                operations_only=step < OPERATIONS_FIRST_STEPS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         if (step + 1) % max(1, steps // 4) == 0:
             log(f"case selector: step {step + 1}/{steps}, loss {loss.item():.4f}")
-    selector.operations_only = False
     return selector.eval()
 
 
