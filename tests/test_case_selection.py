@@ -8,12 +8,16 @@ fitting.
 import numpy as np
 import pytest
 import torch
+from scipy import ndimage
+from skimage.morphology import h_maxima
+from skimage.segmentation import watershed
 
 from text_conditioning.encoders import EncodedTexts
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
-from lsms_nnunet.selection.candidates import (MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, candidates_from_regions,
-                                              describe_candidates, find_candidates)
+from lsms_nnunet.selection.candidates import (LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS,
+                                              INTENSITY_FEATURES, candidates_from_regions, describe_candidates,
+                                              find_candidates)
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
                                             SelectionExample, choose, fit_selector, load_selectors, save_selectors,
@@ -138,6 +142,27 @@ def test_the_network_answer_is_split_along_its_own_logits():
     assert abs(candidates.volumes_mm3[0] - candidates.volumes_mm3[1]) <= 20  # split at the valley, in the middle
     even = np.where(mask, 5.0, -5.0).astype(np.float32)
     assert find_candidates(mask, (1.0, 1.0, 1.0), even).count == 1
+
+
+@pytest.mark.parametrize("shape, contrast, offset", [((1, 64, 64), 40.0, 2.0), ((12, 40, 40), 10.0, 0.5)])
+def test_splitting_inside_the_lesions_box_equals_splitting_the_whole_image(shape, contrast, offset):
+    """Oracle: the seeded watershed of the whole image, as the candidates' definition states it (the faint 3D lesions
+    need the whole image's lowest elevation as background to get their seeds)."""
+    rng = np.random.default_rng(3)
+    logits = (ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * contrast - offset).astype(np.float32)
+    logits[..., :shape[-1] // 3] = -6.0  # lesions far from one border, touching the others
+    mask = logits > 0
+    smoothed = ndimage.gaussian_filter(logits, LOGIT_SMOOTHING_VOXELS)
+    elevation = np.where(mask, smoothed, smoothed.min())
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
+    reference = watershed(-elevation, ndimage.label(h_maxima(elevation, LOGIT_SEED_HEIGHT) & mask, structure)[0],
+                          mask=mask)
+    sizes = np.bincount(reference.ravel())
+    reference[np.isin(reference, np.flatnonzero(sizes < MIN_CANDIDATE_VOXELS))] = 0
+    candidates = find_candidates(mask, (1.0,) * len(shape), logits)
+    assert candidates.count == len(np.unique(reference)) - 1 >= 3
+    pairs = np.unique(np.stack([reference.ravel(), candidates.labels.ravel()]), axis=1)
+    assert pairs.shape[1] == candidates.count + 1  # the same partition, numbered alike or not
 
 
 def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:

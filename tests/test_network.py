@@ -341,6 +341,19 @@ def test_strip_equals_the_zero_padded_depthwise_convolution(dim, axis, size, len
         assert torch.allclose(got, expected, atol=1e-4)
 
 
+@pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2), (1, 1)], [(12, 10), (6, 5), (3, 3), (2, 2)],
+                                   [(4, 8, 8), (4, 4, 4), (2, 2, 2), (1, 1, 1)], [(5, 9, 8), (5, 5, 4), (3, 3, 2),
+                                                                                    (2, 2, 1)]])
+def test_full_scale_pooling_equals_adaptive_max_pooling_of_each_skip(sizes):
+    # Nested plain max pools where sizes divide, adaptive pooling of the skip where they do not: the same maxima.
+    skips = [torch.randn(2, 3, *size) for size in sizes]
+    adaptive = F.adaptive_max_pool2d if len(sizes[0]) == 2 else F.adaptive_max_pool3d
+    pooled = FullScaleDecoder.pooled_sources(skips)
+    for source in range(len(skips) - 2):
+        for level in range(source + 1, len(skips) - 1):
+            assert torch.equal(pooled[source][level], adaptive(skips[source], list(sizes[level])))
+
+
 # --- memory estimate -------------------------------------------------------------------------------------------
 
 def test_feature_map_estimate_matches_nnunet_without_lsms_parts_and_counts_them_otherwise():

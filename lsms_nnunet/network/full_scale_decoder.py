@@ -139,8 +139,10 @@ class FullScaleDecoder(nn.Module):
     def pooled_sources(skips: Sequence[torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
         """pooled[source][level]: each skip max-pooled to every coarser decoder level's size. Each level pools the
         previous level's map where the sizes divide (the same maximum over nested windows, at a fraction of the
-        work), else the skip itself with adaptive pooling."""
-        pool = F.adaptive_max_pool2d if skips[0].ndim == 4 else F.adaptive_max_pool3d
+        work; as a plain max pool with the size ratio as window, which on the CPU takes about half the time of
+        adaptive pooling for the same result), else the skip itself with adaptive pooling."""
+        max_pool, adaptive_pool = (F.max_pool2d, F.adaptive_max_pool2d) if skips[0].ndim == 4 else \
+            (F.max_pool3d, F.adaptive_max_pool3d)
         pooled: dict[int, dict[int, torch.Tensor]] = {}
         for source, skip in enumerate(skips[:-2]):  # the bottleneck has no decoder level, the last level no coarser
             pooled[source] = {}
@@ -148,9 +150,10 @@ class FullScaleDecoder(nn.Module):
             for level in range(source + 1, len(skips) - 1):
                 size = skips[level].shape[2:]
                 if all(have % want == 0 for have, want in zip(finer.shape[2:], size)):
-                    finer = pool(finer, list(size))
+                    window = [have // want for have, want in zip(finer.shape[2:], size)]
+                    finer = max_pool(finer, window, window)
                 else:
-                    finer = pool(skip, list(size))
+                    finer = adaptive_pool(skip, list(size))
                 pooled[source][level] = finer
         return pooled
 

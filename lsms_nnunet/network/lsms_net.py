@@ -99,7 +99,8 @@ class LSMSNet(nn.Module):
     def _keep_highest_resolution_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._decoder_features["highest_resolution"] = output
 
-    def forward(self, x: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, return_aux: bool = False
+    def forward(self, x: torch.Tensor, text_tokens: torch.Tensor, text_mask: torch.Tensor, return_aux: bool = False,
+                contrastive_aux: bool = True
                 ) -> torch.Tensor | list[torch.Tensor] | tuple[torch.Tensor | list[torch.Tensor], dict]:
         """Segment what the text refers to.
 
@@ -108,7 +109,8 @@ class LSMSNet(nn.Module):
         return_aux, also a dict with what the losses and the predictor read: "existence_logit" [B] (existence
         head), "finding_logits" (finding head: 2-class all-lesion logits, a list like the decoder's),
         "voxel_embedding" (at the resolution of deep-supervision level config.contrastive_level),
-        "sentence_embedding", "logit_scale" (contrastive projection heads).
+        "sentence_embedding", "logit_scale" (contrastive projection heads; skipped with contrastive_aux=False, as
+        prediction does: they serve the training loss only).
         """
         text_tokens, text_mask, prompts_per_image = self._match_text_to_images(x, text_tokens, text_mask)
         tokens = self.text_adapter(text_tokens)
@@ -140,7 +142,7 @@ class LSMSNet(nn.Module):
             aux["finding_logits"] = finding if isinstance(logits, (list, tuple)) else finding[0]
         if self.config.contrastive:
             features = self._decoder_features.pop("highest_resolution")
-            if return_aux:
+            if return_aux and contrastive_aux:
                 features = self._pooled_to_contrastive_level(features, logits)
                 aux.update({
                     "voxel_embedding": F.normalize(self.voxel_projection(features), dim=1),

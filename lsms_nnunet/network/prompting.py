@@ -77,7 +77,8 @@ class PromptableLSMSNet(LSMSNet):
     def _forward_prompts(self, x: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor, finding: bool = False
                          ) -> torch.Tensor:
         batch, prompts = x.shape[0], tokens.shape[0]
-        logits, aux = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1), return_aux=True)
+        logits, aux = super().forward(x, tokens.repeat(batch, 1, 1), mask.repeat(batch, 1), return_aux=True,
+                                      contrastive_aux=False)
         if finding:
             logits = aux["finding_logits"]
         if isinstance(logits, (list, tuple)):

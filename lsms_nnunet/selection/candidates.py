@@ -48,22 +48,31 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     benchmark without the split). A ground-truth mask is split along the distance to the background (seeds one voxel
     high); the network's answer along its own logits, smoothed (seeds LOGIT_SEED_HEIGHT high): its confidence dips
     between lesions it bridged, and the boundary it draws there sets the volumes that "the smallest" compares (on the
-    synthetic 2D benchmark, 3 seeds: mean Dice 0.885 -> 0.906, size rank 0.63 -> 0.71 against the distance split)."""
-    structure = ndimage.generate_binary_structure(lesion_mask.ndim, lesion_mask.ndim)
+    synthetic 2D benchmark, 3 seeds: mean Dice 0.885 -> 0.906, size rank 0.63 -> 0.71 against the distance split).
+    The split runs inside the lesions' bounding box with one voxel of background around it: the same result as on
+    the whole image (background only ever connects lesions at the lowest elevation), at a cost that follows the
+    lesions rather than the image."""
+    labels = np.zeros(lesion_mask.shape, dtype=np.int32)
+    extent = ndimage.find_objects(lesion_mask.astype(np.uint8))
+    if not extent:
+        return Candidates(labels, 0, np.zeros(0))
+    box = tuple(slice(max(s.start - 1, 0), min(s.stop + 1, n)) for s, n in zip(extent[0], lesion_mask.shape))
+    mask = lesion_mask[box]
+    structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     if logits is None:
-        elevation, seed_height = ndimage.distance_transform_edt(lesion_mask, sampling=spacing), min(spacing)
+        elevation, seed_height = ndimage.distance_transform_edt(mask, sampling=spacing), min(spacing)
     else:
         smoothed = ndimage.gaussian_filter(np.asarray(logits, dtype=np.float32), LOGIT_SMOOTHING_VOXELS)
-        elevation, seed_height = np.where(lesion_mask, smoothed, smoothed.min()), LOGIT_SEED_HEIGHT
-    seeds, _ = ndimage.label(h_maxima(elevation, seed_height) & lesion_mask, structure)
-    labels = watershed(-elevation, seeds, mask=lesion_mask)
-    count = int(labels.max())
-    sizes = np.bincount(labels.ravel(), minlength=count + 1)
+        elevation, seed_height = np.where(mask, smoothed[box], smoothed.min()), LOGIT_SEED_HEIGHT
+    seeds, _ = ndimage.label(h_maxima(elevation, seed_height) & mask, structure)
+    split = watershed(-elevation, seeds, mask=mask)
+    count = int(split.max())
+    sizes = np.bincount(split.ravel(), minlength=count + 1)
     keep = np.flatnonzero(sizes >= MIN_CANDIDATE_VOXELS)
     keep = keep[keep > 0]
     renumber = np.zeros(count + 1, dtype=np.int32)
     renumber[keep] = np.arange(1, len(keep) + 1)
-    labels = renumber[labels]
+    labels[box] = renumber[split]
     volumes = sizes[keep].astype(np.float64) * float(np.prod(spacing))
     return Candidates(labels, len(keep), volumes)
 
