@@ -485,6 +485,11 @@ def test_finding_head_answers_bound_finding_prompts_and_the_text_heads_answer_bo
     assert torch.allclose(finding[:, 1], aux["finding_logits"][:, 1] - aux["finding_logits"][:, 0], atol=1e-5)
     assert torch.allclose(prompts[:, 1], logits[:, 1] - logits[:, 0], atol=1e-5)
     assert not torch.allclose(finding[:, 1], prompts[:, 1])
+    with torch.no_grad():  # prediction skips the contrastive projection, which only the training loss reads
+        _, answer_aux = network(x, tokens[:1].expand(2, -1, -1), mask[:1].expand(2, -1), return_aux=True,
+                                contrastive_aux=False)
+    assert "voxel_embedding" in aux and "voxel_embedding" not in answer_aux
+    assert torch.equal(answer_aux["finding_logits"], aux["finding_logits"])
     with pytest.raises(RuntimeError, match="no finding head"):
         _promptable(TINY.with_ablation("no_finding_head")).bind_finding(tokens, mask)
 
