@@ -60,9 +60,9 @@ class PromptableLSMSNet(LSMSNet):
         self._bound = ("finding", tokens, mask)
 
     def forward(self, x: torch.Tensor, text_tokens: torch.Tensor | None = None, text_mask: torch.Tensor | None = None,
-                return_aux: bool = False):
+                return_aux: bool = False, contrastive_aux: bool = True):
         if text_tokens is not None:
-            return super().forward(x, text_tokens, text_mask, return_aux=return_aux)
+            return super().forward(x, text_tokens, text_mask, return_aux=return_aux, contrastive_aux=contrastive_aux)
         kind, tokens, mask = getattr(self, "_bound", (None, None, None))
         if kind is None:
             raise RuntimeError("No text bound: call bind_batch_text or bind_prompts before network(x).")
