@@ -20,8 +20,8 @@ from lsms_nnunet.selection.candidates import (LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING
                                               find_candidates)
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
-                                            SelectionExample, choose, fit_selector, load_selectors, save_selectors,
-                                            selectors_to_payload)
+                                            SelectionExample, _stack, choose, fit_selector, load_selectors,
+                                            save_selectors, selectors_to_payload)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
@@ -172,6 +172,30 @@ def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> S
                             _answer(sentence, np.ones(count, dtype=bool), volumes))
 
 
+def test_operation_votes_read_an_unseen_word_as_its_nearest_fitted_word():
+    """After fitting, a word never fitted (nearest to "smallest", the rest a new direction) casts the operation vote
+    of "smallest" itself; the match still reads the raw word. Without the vocabulary its vote differs."""
+    rng = np.random.default_rng(4)
+    examples = [_size_only_example(sentence, 4, rng) for sentence in ("the largest lesion", "the smallest lesion",
+                                                                      "all lesions") for _ in range(20)]
+    selector = fit_selector(examples, log=lambda *_: None)
+    smallest = WORD_VECTORS["smallest"]
+    other = rng.normal(size=smallest.shape)
+    other -= other @ smallest / (smallest @ smallest) * smallest
+    unseen = (0.9 * smallest + 0.44 * other / np.linalg.norm(other) * np.linalg.norm(smallest)).astype(np.float32)
+    case = _size_only_example("the smallest lesion", 4, rng)
+
+    def operation_weights(fitted: CaseSelector, middle_word: np.ndarray) -> torch.Tensor:
+        words = np.stack([WORD_VECTORS["the"], middle_word, WORD_VECTORS["lesion"]])
+        inputs = _stack([SelectionExample(case.descriptors, case.volumes, words)])[:-1]
+        with torch.no_grad():
+            return fitted(*inputs)[1].exp()
+
+    assert torch.allclose(operation_weights(selector, unseen), operation_weights(selector, smallest), atol=1e-3)
+    selector.vocabulary = torch.zeros(0, selector.text_dim)
+    assert not torch.allclose(operation_weights(selector, unseen), operation_weights(selector, smallest), atol=1e-2)
+
+
 def test_select_case_lesions_answers_with_whole_finding_components():
     """Two found lesions; the selector answers "the largest/smallest lesion" with one whole finding component."""
     finding = torch.full((1, 32, 32), -5.0)
@@ -201,6 +225,7 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     loaded = load_selectors(tmp_path / "case_selector.pt", "abc")
     assert len(loaded) == 1
     assert all(torch.equal(value, loaded[0].state_dict()[key]) for key, value in selector.state_dict().items())
+    assert torch.allclose(loaded[0].vocabulary, selector.vocabulary, atol=1e-2) and len(selector.vocabulary) == 3
     assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded, examples)))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")

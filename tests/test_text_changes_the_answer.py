@@ -76,7 +76,7 @@ class _TextControlledBase(LSMSNet):
         nn.Module.__init__(self)
         self.direction = direction
 
-    def forward(self, x, text_tokens, text_mask, return_aux=False):
+    def forward(self, x, text_tokens, text_mask, return_aux=False, contrastive_aux=True):
         real = text_mask.unsqueeze(-1).float()
         sentence = (text_tokens * real).sum(1) / real.sum(1)
         sign = torch.sign(sentence @ self.direction).view(-1, 1, *([1] * (x.ndim - 2)))

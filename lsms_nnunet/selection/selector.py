@@ -54,6 +54,12 @@ FIT_STEPS = 300
 #: On the 3D benchmark (one training) they traded attribute 0.71 -> 0.41 for size rank 0.62 -> 0.75 (mean 0.678 ->
 #: 0.649): with every candidate matching, "the <attribute> lesion" can only be explained by a superlative.
 OPERATIONS_FIRST_STEPS = 50
+#: After fitting, an operation vote reads each word as a softmax mix (this temperature, over cosine similarity) of the
+#: fitting expressions' word embeddings: "the most diminutive lesion" votes as its nearest fitted words do, where the
+#: raw embedding of an unseen word votes at random. Only the votes: snapping the match as well made negations and
+#: locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen / held-out wording): without 0.921 /
+#: 0.819 (size rank held-out 0.72); votes snapped at 0.05 0.921 / 0.831 (0.80); match and votes snapped 0.921 / 0.814.
+VOTE_SNAP_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -77,6 +83,9 @@ class CaseSelector(nn.Module):
         self.candidate = nn.Sequential(nn.Linear(descriptor_dim, width), nn.GELU(), nn.Linear(width, width))
         self.constraint = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, width + 2))  # direction, bias, gate
         self.operation = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, len(OPERATIONS)))
+        #: The fitting expressions' word embeddings (VOTE_SNAP_TEMPERATURE); empty while fitting and for selectors
+        #: saved before it existed. Saved beside the members, once per ensemble (selectors_to_payload).
+        self.register_buffer("vocabulary", torch.zeros(0, text_dim), persistent=False)
         with torch.no_grad():  # prior: "all that match" unless the words consistently say otherwise (an operation
             self.operation[1].bias[0] = ALL_PRIOR  # that explains an answer by coincidence must not take over)
 
@@ -84,6 +93,7 @@ class CaseSelector(nn.Module):
                 word_mask: torch.Tensor, operations_only: bool = False) -> torch.Tensor:
         """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
         per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
+        vote_words = nn.functional.normalize(self._snapped_to_vocabulary(words), dim=-1) * self.text_dim ** 0.5
         words = nn.functional.normalize(words, dim=-1) * self.text_dim ** 0.5  # unit-variance components
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         direction, bias, gate = self.constraint(words).split((self.width, 1, 1), dim=-1)  # [E, L, width | 1 | 1]
@@ -92,7 +102,7 @@ class CaseSelector(nn.Module):
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
         if operations_only:  # fitting's first steps (OPERATIONS_FIRST_STEPS): every candidate held as matching
             match = 0.99 * valid.float()
-        votes = self.operation(words).masked_fill(~word_mask.unsqueeze(-1), -1e4)  # [E, L, operations]
+        votes = self.operation(vote_words).masked_fill(~word_mask.unsqueeze(-1), -1e4)  # [E, L, operations]
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
         larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
         smaller = (volumes.unsqueeze(1) < volumes.unsqueeze(2)) & valid.unsqueeze(1)
@@ -103,6 +113,13 @@ class CaseSelector(nn.Module):
         one_larger = none_larger * (odds * larger).sum(-1)  # exactly one larger candidate matches
         by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
         return by_operation * valid.unsqueeze(-1), log_weights
+
+    def _snapped_to_vocabulary(self, words: torch.Tensor) -> torch.Tensor:
+        """Each word as the similarity-weighted mix of the fitted vocabulary (itself, for a word seen in fitting)."""
+        if not len(self.vocabulary):
+            return words
+        similarity = nn.functional.normalize(words, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
+        return torch.softmax(similarity / VOTE_SNAP_TEMPERATURE, dim=-1) @ self.vocabulary
 
     def negative_log_likelihood(self, *inputs: torch.Tensor, referred: torch.Tensor, operations_only: bool = False
                                 ) -> torch.Tensor:
@@ -185,6 +202,7 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, s
         optimizer.step()
         if (step + 1) % max(1, steps // 4) == 0:
             log(f"case selector: step {step + 1}/{steps}, loss {loss.item():.4f}")
+    selector.vocabulary = torch.unique(words[word_mask], dim=0)
     return selector.eval()
 
 
@@ -200,7 +218,8 @@ def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256:
     first = selectors[0]
     return {"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
             "text_dim": first.text_dim, "width": first.width, "text_encoder_sha256": text_encoder_sha256,
-            "members": [selector.state_dict() for selector in selectors]}
+            "members": [selector.state_dict() for selector in selectors],
+            "vocabulary": first.vocabulary.half()}  # the members share it (one fitting set); half precision: ~1 MB
 
 
 def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str) -> list[CaseSelector]:
@@ -214,6 +233,8 @@ def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str)
     for state in content["members"]:
         selector = CaseSelector(content["descriptor_dim"], content["text_dim"], content["width"])
         selector.load_state_dict(state)
+        if "vocabulary" in content:  # absent from selectors saved before vote snapping: they vote on raw words
+            selector.vocabulary = content["vocabulary"].float()
         selectors.append(selector.eval())
     return selectors
 
