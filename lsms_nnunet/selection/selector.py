@@ -12,7 +12,8 @@ it does not see together. The selector works on the whole case after the sliding
   became separable;
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
   second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
-  "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under
+  "second") decides even in a sentence of otherwise unseen wording; a word never fitted votes as its nearest fitted
+  words do (VOTE_SNAP_TEMPERATURE). Each operation is the exact probability under
   independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is
   computed, not learned from a few examples. A sentence means one operation: fitting maximises the likelihood of
   the whole answer as a mixture over operations (its first steps with every candidate held as matching, so the
