@@ -57,8 +57,8 @@ FIT_STEPS = 300
 OPERATIONS_FIRST_STEPS = 50
 #: After fitting, an operation vote reads each word as a softmax mix (this temperature, over cosine similarity) of the
 #: fitting expressions' word embeddings: "the most diminutive lesion" votes as its nearest fitted words do, where the
-#: raw embedding of an unseen word votes at random. Only the votes: snapping the match as well made negations and
-#: locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen / held-out wording): without 0.921 /
+#: raw embedding of an unseen word votes wherever the linear vote happens to extrapolate. Only the votes: snapping
+#: the match as well made negations and locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen / held-out wording): without 0.921 /
 #: 0.819 (size rank held-out 0.72); votes snapped at 0.05 0.921 / 0.831 (0.80); match and votes snapped 0.921 / 0.814.
 VOTE_SNAP_TEMPERATURE = 0.05
 
