@@ -58,8 +58,9 @@ OPERATIONS_FIRST_STEPS = 50
 #: After fitting, an operation vote reads each word as a softmax mix (this temperature, over cosine similarity) of the
 #: fitting expressions' word embeddings: "the most diminutive lesion" votes as its nearest fitted words do, where the
 #: raw embedding of an unseen word votes wherever the linear vote happens to extrapolate. Only the votes: snapping
-#: the match as well made negations and locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen / held-out wording): without 0.921 /
-#: 0.819 (size rank held-out 0.72); votes snapped at 0.05 0.921 / 0.831 (0.80); match and votes snapped 0.921 / 0.814.
+#: the match as well made negations and locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen /
+#: held-out wording): without 0.921 / 0.819 (size rank held-out 0.72); votes snapped at 0.05 0.921 / 0.831 (0.80);
+#: match and votes snapped 0.921 / 0.814.
 VOTE_SNAP_TEMPERATURE = 0.05
 
 
@@ -94,8 +95,12 @@ class CaseSelector(nn.Module):
                 word_mask: torch.Tensor, operations_only: bool = False) -> torch.Tensor:
         """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
         per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
-        vote_words = nn.functional.normalize(self._snapped_to_vocabulary(words), dim=-1) * self.text_dim ** 0.5
-        words = nn.functional.normalize(words, dim=-1) * self.text_dim ** 0.5  # unit-variance components
+        def unit_variance(vectors: torch.Tensor) -> torch.Tensor:  # unit-variance components
+            return nn.functional.normalize(vectors, dim=-1) * self.text_dim ** 0.5
+
+        snapped = self._snapped_to_vocabulary(words) if len(self.vocabulary) else None
+        words = unit_variance(words)
+        vote_words = words if snapped is None else unit_variance(snapped)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         direction, bias, gate = self.constraint(words).split((self.width, 1, 1), dim=-1)  # [E, L, width | 1 | 1]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
@@ -117,8 +122,6 @@ class CaseSelector(nn.Module):
 
     def _snapped_to_vocabulary(self, words: torch.Tensor) -> torch.Tensor:
         """Each word as the similarity-weighted mix of the fitted vocabulary (itself, for a word seen in fitting)."""
-        if not len(self.vocabulary):
-            return words
         similarity = nn.functional.normalize(words, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
         return torch.softmax(similarity / VOTE_SNAP_TEMPERATURE, dim=-1) @ self.vocabulary
 
@@ -196,8 +199,8 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, s
     selector.train()
     for step in range(steps):
         noise = 0.05 * torch.randn(descriptors.shape, generator=generator) * selector.descriptor_std
-        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask, referred=referred,
-                                                operations_only=step < OPERATIONS_FIRST_STEPS)
+        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask,
+                                                referred=referred, operations_only=step < OPERATIONS_FIRST_STEPS)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
