@@ -82,7 +82,7 @@ class _FixedSelector(CaseSelector):
         self.fixed = by_operation, torch.log(torch.nn.functional.one_hot(
             torch.tensor([OPERATIONS.index(operation)]), len(OPERATIONS)).float().clamp_min(1e-6))
 
-    def forward(self, *inputs):
+    def forward(self, *inputs, vote_words=None):
         return self.fixed
 
 
@@ -146,14 +146,14 @@ def test_the_network_answer_is_split_along_its_own_logits():
 
 @pytest.mark.parametrize("shape, contrast, offset", [((1, 64, 64), 40.0, 2.0), ((12, 40, 40), 10.0, 0.5)])
 def test_splitting_inside_the_lesions_box_equals_splitting_the_whole_image(shape, contrast, offset):
-    """Oracle: the seeded watershed of the whole image, as the candidates' definition states it (the faint 3D lesions
-    need the whole image's lowest elevation as background to get their seeds)."""
+    """Oracle: the seeded watershed of the whole image smoothed whole, as the candidates' definition states it (the
+    background a seed height below the lowest elevation, so that every component, however faint, keeps a seed)."""
     rng = np.random.default_rng(3)
     logits = (ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * contrast - offset).astype(np.float32)
     logits[..., :shape[-1] // 3] = -6.0  # lesions far from one border, touching the others
     mask = logits > 0
     smoothed = ndimage.gaussian_filter(logits, LOGIT_SMOOTHING_VOXELS)
-    elevation = np.where(mask, smoothed, smoothed.min())
+    elevation = np.where(mask, smoothed, smoothed.min() - LOGIT_SEED_HEIGHT)
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     reference = watershed(-elevation, ndimage.label(h_maxima(elevation, LOGIT_SEED_HEIGHT) & mask, structure)[0],
                           mask=mask)
@@ -163,6 +163,16 @@ def test_splitting_inside_the_lesions_box_equals_splitting_the_whole_image(shape
     assert candidates.count == len(np.unique(reference)) - 1 >= 3
     pairs = np.unique(np.stack([reference.ravel(), candidates.labels.ravel()]), axis=1)
     assert pairs.shape[1] == candidates.count + 1  # the same partition, numbered alike or not
+
+
+def test_a_faint_lesion_of_the_answer_stays_a_candidate():
+    """A component barely above the threshold, in an image whose logits are nowhere far below it, is still a
+    candidate: seeds rise from a floor below every lesion voxel, not from the image's own lowest logit."""
+    logits = np.full((1, 30, 30), -0.5, dtype=np.float32)
+    logits[0, 5:10, 5:10] = 0.5  # faint
+    logits[0, 18:26, 18:26] = 8.0  # confident
+    candidates = find_candidates(logits > 0, (1.0, 1.0, 1.0), logits)
+    assert candidates.count == 2 and candidates.labels[0, 7, 7] > 0
 
 
 def _size_only_example(sentence: str, width: int, rng: np.random.Generator) -> SelectionExample:
@@ -227,6 +237,14 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     assert all(torch.equal(value, loaded[0].state_dict()[key]) for key, value in selector.state_dict().items())
     assert torch.allclose(loaded[0].vocabulary, selector.vocabulary, atol=1e-2) and len(selector.vocabulary) == 3
     assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded, examples)))
+    # a second fold's selector has its own vocabulary: choose snaps the words once per vocabulary, not once in all
+    other = fit_selector([_size_only_example("the smallest lesion", 4, rng) for _ in range(10)], steps=20,
+                         log=lambda *_: None)
+    save_selectors([other], tmp_path / "other.pt", "abc")
+    asked = examples + [_size_only_example("the smallest lesion", 4, rng) for _ in range(10)]
+    expected = choose([selector, other], asked)
+    folds = choose(loaded + load_selectors(tmp_path / "other.pt", "abc"), asked)
+    assert all(np.array_equal(a, b) for a, b in zip(expected, folds))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")
     earlier_version = {**selectors_to_payload([selector], "abc"), "version": SELECTOR_VERSION - 1}

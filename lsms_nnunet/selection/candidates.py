@@ -62,8 +62,11 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     if logits is None:
         elevation, seed_height = ndimage.distance_transform_edt(mask, sampling=spacing), min(spacing)
     else:
-        smoothed = ndimage.gaussian_filter(np.asarray(logits, dtype=np.float32), LOGIT_SMOOTHING_VOXELS)
-        elevation, seed_height = np.where(mask, smoothed[box], smoothed.min()), LOGIT_SEED_HEIGHT
+        smoothed = _smoothed_inside(np.asarray(logits, dtype=np.float32), box)
+        # the background lies a seed height below every lesion voxel: every component keeps a seed however faint,
+        # and any such floor gives the same seeds (a maximum's rise over it is then always enough)
+        floor = smoothed.min() - LOGIT_SEED_HEIGHT
+        elevation, seed_height = np.where(mask, smoothed, floor), LOGIT_SEED_HEIGHT
     seeds, _ = ndimage.label(h_maxima(elevation, seed_height) & mask, structure)
     split = watershed(-elevation, seeds, mask=mask)
     count = int(split.max())
@@ -75,6 +78,15 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     labels[box] = renumber[split]
     volumes = sizes[keep].astype(np.float64) * float(np.prod(spacing))
     return Candidates(labels, len(keep), volumes)
+
+
+def _smoothed_inside(logits: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
+    """The Gaussian-smoothed logits on `box`, computed on the box grown by the filter's radius: the same values as
+    smoothing the whole image (the filter reaches no further; at the image border it reflects there either way)."""
+    radius = int(4.0 * LOGIT_SMOOTHING_VOXELS + 0.5)  # scipy's default truncation at 4 sigma
+    grown = tuple(slice(max(s.start - radius, 0), min(s.stop + radius, n)) for s, n in zip(box, logits.shape))
+    smoothed = ndimage.gaussian_filter(logits[grown], LOGIT_SMOOTHING_VOXELS)
+    return smoothed[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))]
 
 
 def candidates_of_answer(logits: np.ndarray, spacing: Sequence[float]) -> Candidates:

@@ -92,15 +92,14 @@ class CaseSelector(nn.Module):
             self.operation[1].bias[0] = ALL_PRIOR  # that explains an answer by coincidence must not take over)
 
     def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor, operations_only: bool = False) -> torch.Tensor:
+                word_mask: torch.Tensor, operations_only: bool = False, vote_words: torch.Tensor | None = None
+                ) -> torch.Tensor:
         """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
-        per-operation probabilities [E, K, operations] and log operation weights [E, operations]."""
-        def unit_variance(vectors: torch.Tensor) -> torch.Tensor:  # unit-variance components
-            return nn.functional.normalize(vectors, dim=-1) * self.text_dim ** 0.5
-
-        snapped = self._snapped_to_vocabulary(words) if len(self.vocabulary) else None
-        words = unit_variance(words)
-        vote_words = words if snapped is None else unit_variance(snapped)
+        per-operation probabilities [E, K, operations] and log operation weights [E, operations]. `vote_words`:
+        the words as the operation votes read them, when already computed (`vote_words_of`; choose shares them
+        among the members of one fitting)."""
+        vote_words = self.vote_words_of(words) if vote_words is None else vote_words
+        words = _unit_variance(words)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         direction, bias, gate = self.constraint(words).split((self.width, 1, 1), dim=-1)  # [E, L, width | 1 | 1]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
@@ -120,10 +119,13 @@ class CaseSelector(nn.Module):
         by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
         return by_operation * valid.unsqueeze(-1), log_weights
 
-    def _snapped_to_vocabulary(self, words: torch.Tensor) -> torch.Tensor:
-        """Each word as the similarity-weighted mix of the fitted vocabulary (itself, for a word seen in fitting)."""
+    def vote_words_of(self, words: torch.Tensor) -> torch.Tensor:
+        """The words as the operation votes read them: each as the similarity-weighted mix of the fitted vocabulary
+        (itself, for a word seen in fitting), or as it is while fitting and for selectors without a vocabulary."""
+        if not len(self.vocabulary):
+            return _unit_variance(words)
         similarity = nn.functional.normalize(words, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
-        return torch.softmax(similarity / VOTE_SNAP_TEMPERATURE, dim=-1) @ self.vocabulary
+        return _unit_variance(torch.softmax(similarity / VOTE_SNAP_TEMPERATURE, dim=-1) @ self.vocabulary)
 
     def negative_log_likelihood(self, *inputs: torch.Tensor, referred: torch.Tensor, operations_only: bool = False
                                 ) -> torch.Tensor:
@@ -145,8 +147,13 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     is kept when the chance that any is meant exceeds 0.5 (its candidates' probabilities are exclusive events, so
     they sum to that chance): thresholding each alone gave no answer when two lesions of similar size shared it."""
     inputs = _stack(examples)[:-1]
+    snapped: dict[int, torch.Tensor] = {}  # the members of one fitting share its vocabulary: snap the words once
+    outputs = []
     with torch.no_grad():
-        outputs = [selector.eval()(*inputs) for selector in selectors]
+        for selector in selectors:
+            if id(selector.vocabulary) not in snapped:
+                snapped[id(selector.vocabulary)] = selector.vote_words_of(inputs[3])
+            outputs.append(selector.eval()(*inputs, vote_words=snapped[id(selector.vocabulary)]))
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
     operation = weights.argmax(-1)
@@ -159,6 +166,11 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
         else:
             answers.append((np.arange(len(probabilities)) == probabilities.argmax()) & (probabilities.sum() > 0.5))
     return answers
+
+
+def _unit_variance(vectors: torch.Tensor) -> torch.Tensor:
+    """Unit-length vectors scaled to unit-variance components."""
+    return nn.functional.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5
 
 
 def _stack(examples: Sequence[SelectionExample]):
@@ -234,11 +246,13 @@ def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str)
         raise ValueError(f"The case selector in {source} was fitted with another text encoder than its model. Fix: "
                          f"rerun validation (nnUNetv2_train ... --val) to refit it.")
     selectors = []
+    # absent from selectors saved before vote snapping: they vote on raw words; one tensor for all members
+    vocabulary = content["vocabulary"].float() if "vocabulary" in content else None
     for state in content["members"]:
         selector = CaseSelector(content["descriptor_dim"], content["text_dim"], content["width"])
         selector.load_state_dict(state)
-        if "vocabulary" in content:  # absent from selectors saved before vote snapping: they vote on raw words
-            selector.vocabulary = content["vocabulary"].float()
+        if vocabulary is not None:
+            selector.vocabulary = vocabulary
         selectors.append(selector.eval())
     return selectors
 
