@@ -21,7 +21,7 @@ from lsms_nnunet.selection.candidates import (LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING
 from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
                                             SelectionExample, _stack, choose, fit_selector, load_selectors,
-                                            save_selectors, selectors_to_payload)
+                                            member_vote_words, save_selectors, selectors_to_payload)
 
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
@@ -237,14 +237,17 @@ def test_selector_round_trip_and_encoder_check(tmp_path):
     assert all(torch.equal(value, loaded[0].state_dict()[key]) for key, value in selector.state_dict().items())
     assert torch.allclose(loaded[0].vocabulary, selector.vocabulary, atol=1e-2) and len(selector.vocabulary) == 3
     assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded, examples)))
-    # a second fold's selector has its own vocabulary: choose snaps the words once per vocabulary, not once in all
+    # the members of one fitting share its vocabulary, another fold's selector has its own: the words are snapped
+    # once per vocabulary, and each member reads them as if it had snapped them itself
     other = fit_selector([_size_only_example("the smallest lesion", 4, rng) for _ in range(10)], steps=20,
                          log=lambda *_: None)
+    save_selectors([selector, selector], tmp_path / "two_members.pt", "abc")
     save_selectors([other], tmp_path / "other.pt", "abc")
-    asked = examples + [_size_only_example("the smallest lesion", 4, rng) for _ in range(10)]
-    expected = choose([selector, other], asked)
-    folds = choose(loaded + load_selectors(tmp_path / "other.pt", "abc"), asked)
-    assert all(np.array_equal(a, b) for a, b in zip(expected, folds))
+    folds = load_selectors(tmp_path / "two_members.pt", "abc") + load_selectors(tmp_path / "other.pt", "abc")
+    words = _stack([_size_only_example("the second lesion", 4, rng)])[3]
+    vote_words = member_vote_words(folds, words)
+    assert vote_words[0] is vote_words[1] and vote_words[2] is not vote_words[0]
+    assert all(torch.allclose(shared, member.vote_words_of(words)) for shared, member in zip(vote_words, folds))
     with pytest.raises(ValueError, match="another text encoder"):
         load_selectors(tmp_path / "case_selector.pt", "other")
     earlier_version = {**selectors_to_payload([selector], "abc"), "version": SELECTOR_VERSION - 1}

@@ -147,13 +147,9 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     is kept when the chance that any is meant exceeds 0.5 (its candidates' probabilities are exclusive events, so
     they sum to that chance): thresholding each alone gave no answer when two lesions of similar size shared it."""
     inputs = _stack(examples)[:-1]
-    snapped: dict[int, torch.Tensor] = {}  # the members of one fitting share its vocabulary: snap the words once
-    outputs = []
     with torch.no_grad():
-        for selector in selectors:
-            if id(selector.vocabulary) not in snapped:
-                snapped[id(selector.vocabulary)] = selector.vote_words_of(inputs[3])
-            outputs.append(selector.eval()(*inputs, vote_words=snapped[id(selector.vocabulary)]))
+        outputs = [selector.eval()(*inputs, vote_words=vote_words)
+                   for selector, vote_words in zip(selectors, member_vote_words(selectors, inputs[3]))]
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
     operation = weights.argmax(-1)
@@ -166,6 +162,16 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
         else:
             answers.append((np.arange(len(probabilities)) == probabilities.argmax()) & (probabilities.sum() > 0.5))
     return answers
+
+
+def member_vote_words(selectors: Sequence[CaseSelector], words: torch.Tensor) -> list[torch.Tensor]:
+    """Per member, the words as its operation votes read them, computed once per vocabulary: the members of one
+    fitting share theirs (selectors_from_payload), and snapping is most of a member's work at inference."""
+    snapped: dict[int, torch.Tensor] = {}
+    for selector in selectors:
+        if id(selector.vocabulary) not in snapped:
+            snapped[id(selector.vocabulary)] = selector.vote_words_of(words)
+    return [snapped[id(selector.vocabulary)] for selector in selectors]
 
 
 def _unit_variance(vectors: torch.Tensor) -> torch.Tensor:
