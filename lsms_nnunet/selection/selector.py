@@ -231,8 +231,12 @@ def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, s
 def fit_selectors(examples: Sequence[SelectionExample], members: int = ENSEMBLE_MEMBERS, log=print
                   ) -> list[CaseSelector]:
     """Several selectors from different seeds; `choose` averages them (a few hundred training expressions leave
-    single fits seed-sensitive: 0.67 vs 0.73 mean Dice on one benchmark fold)."""
-    return [fit_selector(examples, seed=seed, log=log) for seed in range(members)]
+    single fits seed-sensitive: 0.67 vs 0.73 mean Dice on one benchmark fold). The members hold one vocabulary
+    tensor (the same fitting words), so `choose` snaps the words once for all of them, as for loaded members."""
+    selectors = [fit_selector(examples, seed=seed, log=log) for seed in range(members)]
+    for selector in selectors[1:]:
+        selector.vocabulary = selectors[0].vocabulary
+    return selectors
 
 
 def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256: str) -> dict:
