@@ -13,12 +13,14 @@ from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
 from text_conditioning.encoders import EncodedTexts
+from text_conditioning.expressions import Expression
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS,
-                                              INTENSITY_FEATURES, candidates_from_regions, describe_candidates,
-                                              find_candidates)
-from lsms_nnunet.selection.case_level import TextFeatures, load_case_selectors, select_case_lesions
+                                              INTENSITY_FEATURES, describe_candidates, find_candidates,
+                                              referred_fraction)
+from lsms_nnunet.selection.case_level import (TextFeatures, load_case_selectors, select_case_lesions,
+                                             selection_examples)
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
                                             SelectionExample, _stack, choose, fit_selector, load_selectors,
                                             member_vote_words, save_selectors, selectors_to_payload)
@@ -104,7 +106,8 @@ def test_candidates_are_components_without_speckles_and_know_what_is_referred():
     regions[0, 10:12, 10:14] = 1  # 8 voxels
     regions[0, 10:12, 14:16] = 2  # touches region 1: one candidate, mostly region 1
     regions[0, 18, 18] = 4  # a speckle below MIN_CANDIDATE_VOXELS
-    candidates, referred = candidates_from_regions(regions, (1.0, 2.0, 1.0), targets=[1])
+    candidates = find_candidates(regions > 0, (1.0, 2.0, 1.0))
+    referred = referred_fraction(candidates, regions, targets=[1]) > 0.5
     assert candidates.count == 2
     assert sorted(candidates.volumes_mm3) == [2 * 12, 2 * 16]
     assert referred[candidates.labels[0, 10, 10] - 1] and not referred[candidates.labels[0, 3, 3] - 1]
@@ -268,3 +271,40 @@ def test_fold_selectors_come_from_the_checkpoint_else_the_file_else_none(tmp_pat
     assert load_case_selectors(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") == []
     warning = capsys.readouterr().out
     assert "no case selector" in warning and "fold_2" in warning and "--val" in warning
+
+
+class _OneCaseDataset:
+    """nnU-Net's dataset interface for one preprocessed case: data [1, Z, Y, X], seg [1, Z, Y, X] (region ids)."""
+
+    def __init__(self, data: np.ndarray, region_map: np.ndarray):
+        self.data, self.seg = data, region_map[None]
+
+    def load_case(self, case: str):
+        return self.data, self.seg, None, {}
+
+
+def test_selector_fits_on_the_true_lesions_and_on_the_networks_answer():
+    """Every expression is an example over the case's ground-truth lesions and, given the network, over the lesions
+    of its finding answer: here it found the referred lesion only in part and a lesion that is none."""
+    region_map = np.zeros((1, 24, 24), dtype=np.int16)
+    region_map[0, 2:8, 2:8] = 1  # 36 voxels, the referred lesion
+    region_map[0, 14:18, 14:18] = 2  # 16 voxels
+    data = np.where(region_map > 0, 100.0, 0.0)[None].astype(np.float32)
+    found = np.full(region_map.shape, -5.0, dtype=np.float32)
+    found[0, 2:8, 2:5] = 3.0  # part of lesion 1
+    found[0, 20:23, 2:5] = 3.0  # nothing there
+    texts = ["the largest lesion"]
+    words = _words(texts[0])[None]
+    features = TextFeatures(texts, EncodedTexts(tokens=words, mask=np.ones(words.shape[:2], dtype=bool),
+                                                pooled=words.mean(1), truncated=0))
+    expressions = [Expression("e0", "case", texts[0], targets=(1,))]
+    dataset = _OneCaseDataset(data, region_map)
+
+    true_lesions, answered = selection_examples(dataset, ["case"], expressions, features, (1.0, 1.0),
+                                                finding_logits=lambda _: found)
+    assert sorted(true_lesions.volumes) == [16, 36] and true_lesions.referred.sum() == 1
+    assert true_lesions.referred[np.argmax(true_lesions.volumes)]
+    assert sorted(answered.volumes) == [9, 18] and answered.referred.tolist() == [True, False]
+    assert answered.descriptors.shape == true_lesions.descriptors.shape == (2, 3 + len(INTENSITY_FEATURES))
+    assert len(selection_examples(dataset, ["case"], expressions, features, (1.0, 1.0))) == 1
+    assert not selection_examples(dataset, ["another case"], expressions, features, (1.0, 1.0))

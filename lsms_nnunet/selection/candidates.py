@@ -94,13 +94,6 @@ def candidates_of_answer(logits: np.ndarray, spacing: Sequence[float]) -> Candid
     return find_candidates(logits > 0, spacing, logits)
 
 
-def candidates_from_regions(region_map: np.ndarray, spacing: Sequence[float], targets: Sequence[int]
-                            ) -> tuple[Candidates, np.ndarray]:
-    """Candidates of a ground-truth region map and, per candidate, whether most of it is among `targets`."""
-    candidates = find_candidates(region_map > 0, spacing)
-    return candidates, referred_fraction(candidates, region_map, targets) > 0.5
-
-
 def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: Sequence[int]) -> np.ndarray:
     """Per candidate, the share of its voxels whose region id is one of `targets`."""
     if candidates.count == 0:
