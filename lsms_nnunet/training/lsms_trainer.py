@@ -347,9 +347,9 @@ class LSMSTrainer(nnUNetTrainer):
 
     def fit_and_save_case_selectors(self, train_keys: list[str], finding_logits: Callable[[np.ndarray], np.ndarray]
                                     ) -> list[CaseSelector]:
-        """Fit the case-level selector on this fold's training cases (candidates: the network's finding answers) and
-        save it in the validated checkpoint and beside it, where `nnUNetv2_predict` finds it; refitted by every
-        validation run, `--val` included."""
+        """Fit the case-level selector on this fold's training cases (candidates: their lesions and the network's
+        finding answers on them) and save it in the validated checkpoint and beside it, where `nnUNetv2_predict`
+        finds it; refitted by every validation run, `--val` included."""
         dataset = self.canonically_oriented(self.dataset_class(self.preprocessed_dataset_folder, train_keys))
         texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
         constant = self.model_card["constant_text"]
