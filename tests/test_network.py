@@ -2,10 +2,12 @@
 import dataclasses
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
 import torch.nn.functional as F
+from dynamic_network_architectures.building_blocks.plain_conv_encoder import PlainConvEncoder
 from dynamic_network_architectures.building_blocks.residual import BasicBlockD
 from dynamic_network_architectures.building_blocks.unet_decoder import UNetDecoder
 from nnunetv2.training.loss.compound_losses import DC_and_CE_loss
@@ -341,17 +343,52 @@ def test_strip_equals_the_zero_padded_depthwise_convolution(dim, axis, size, len
         assert torch.allclose(got, expected, atol=1e-4)
 
 
+#: Decoders of the layout before shared projections (one projection per level and source, LSMS up to commit
+#: 8c4f87c), with their random weights, inputs and outputs: written by that code, so a checkpoint of the time
+#: must give these outputs today.
+SEPARATE_PROJECTIONS = Path(__file__).parent / "data" / "fsd_decoder_separate_projections.pt"
+
+
+def fixture_encoder(dim: int) -> PlainConvEncoder:
+    """The encoder the fixture decoders were built on: 2D 4 stages, or 3D 3 stages with anisotropic strides."""
+    conv = nn.Conv2d if dim == 2 else nn.Conv3d
+    norm = nn.InstanceNorm2d if dim == 2 else nn.InstanceNorm3d
+    features = [4, 8, 8, 8] if dim == 2 else [4, 8, 8]
+    kernels = [[3, 3]] * 4 if dim == 2 else [[1, 3, 3], [3, 3, 3], [3, 3, 3]]
+    strides = [[1, 1], [2, 2], [2, 2], [2, 2]] if dim == 2 else [[1, 1, 1], [1, 2, 2], [2, 2, 2]]
+    return PlainConvEncoder(1, len(features), features, conv, kernels, strides, 1, True, norm,
+                            {"eps": 1e-5, "affine": True}, None, None, nn.LeakyReLU, {"inplace": True},
+                            return_skips=True)
+
+
+@pytest.mark.parametrize("name, dim, projection", [("2d_pointwise", 2, "pointwise"), ("3d_planned", 3, "planned")])
+def test_checkpoints_with_one_projection_per_level_load_and_answer_as_before(name, dim, projection):
+    saved = torch.load(SEPARATE_PROJECTIONS, weights_only=True)[name]
+    decoder = FullScaleDecoder(fixture_encoder(dim), 2, 1, True, channels_per_scale=3, projection=projection)
+    decoder.load_state_dict(saved["state_dict"])  # strict: every old tensor has found its place
+    with torch.no_grad():
+        outputs = decoder(saved["skips"])
+    assert len(outputs) == len(saved["outputs"])
+    for got, expected in zip(outputs, saved["outputs"]):
+        assert torch.allclose(got, expected, atol=1e-5)
+    assert len(decoder.skip_projections) == len(saved["skips"])  # one shared projection per source
+
+
 @pytest.mark.parametrize("sizes", [[(8, 8), (4, 4), (2, 2), (1, 1)], [(12, 10), (6, 5), (3, 3), (2, 2)],
                                    [(4, 8, 8), (4, 4, 4), (2, 2, 2), (1, 1, 1)], [(5, 9, 8), (5, 5, 4), (3, 3, 2),
                                                                                     (2, 2, 1)]])
-def test_full_scale_pooling_equals_adaptive_max_pooling_of_each_skip(sizes):
-    # Nested plain max pools where sizes divide, adaptive pooling of the skip where they do not: the same maxima.
-    skips = [torch.randn(2, 3, *size) for size in sizes]
+@pytest.mark.parametrize("autograd", [True, False], ids=["training", "inference"])
+def test_full_scale_pooling_equals_adaptive_max_pooling_of_each_skip(sizes, autograd):
+    # Nested window maxima where sizes divide (max pools with autograd, strided maxima without), adaptive pooling of
+    # the skip where they do not: the same maxima.
+    skips = [torch.randn(2, 3, *size, requires_grad=autograd) for size in sizes]
     adaptive = F.adaptive_max_pool2d if len(sizes[0]) == 2 else F.adaptive_max_pool3d
-    pooled = FullScaleDecoder.pooled_sources(skips)
+    with torch.set_grad_enabled(autograd):
+        pooled = FullScaleDecoder.pooled_sources(skips)
     for source in range(len(skips) - 2):
         for level in range(source + 1, len(skips) - 1):
             assert torch.equal(pooled[source][level], adaptive(skips[source], list(sizes[level])))
+            assert pooled[source][level].requires_grad == autograd
 
 
 # --- memory estimate -------------------------------------------------------------------------------------------
