@@ -47,9 +47,15 @@ def _batch(rng: np.random.Generator, size: int) -> tuple[torch.Tensor, torch.Ten
     return torch.from_numpy(images), torch.from_numpy(targets), asked
 
 
-@pytest.mark.parametrize("decoder", ["fsd", "unet"])
-def test_training_teaches_the_network_to_answer_the_text(decoder):
-    torch.manual_seed(0)
+#: SGD from a random initialisation stays on the text-blind plateau (Dice ~2/3) within the budget for about one
+#: initialisation in four (8 initialisations of the fsd network, before and after its projections were shared: 2
+#: each); a text path that does not carry the expression stays there for all of them.
+INITIALISATIONS = 3
+
+
+def _train_and_score(decoder: str, seed: int) -> tuple[float, float]:
+    """Mean Dice of the answers to the asked texts and to the opposite texts, after 150 training steps."""
+    torch.manual_seed(seed)
     rng = np.random.default_rng(0)
     network = build(plans_architecture(2, residual=False), deep_supervision=False,
                     config=LSMSConfig(**{**CONFIG.to_dict(), "decoder": decoder}))
@@ -72,5 +78,17 @@ def test_training_teaches_the_network_to_answer_the_text(decoder):
         swapped = network(images, tokens[opposite], mask[opposite]).argmax(1, keepdim=True).bool()
     dice = np.mean([dice_score(answer[i].numpy(), targets[i].numpy()) for i in range(len(asked))])
     swapped_dice = np.mean([dice_score(swapped[i].numpy(), targets[i].numpy()) for i in range(len(asked))])
-    assert dice > 0.85, f"mean Dice {dice:.3f}: the network did not learn to follow the text (text-blind <= 0.67)"
+    return float(dice), float(swapped_dice)
+
+
+@pytest.mark.parametrize("decoder", ["fsd", "unet"])
+def test_training_teaches_the_network_to_answer_the_text(decoder):
+    tried = []
+    for seed in range(INITIALISATIONS):
+        dice, swapped_dice = _train_and_score(decoder, seed)
+        tried.append(f"init {seed}: {dice:.3f}")
+        if dice > 0.85:
+            break
+    assert dice > 0.85, (f"mean Dice {', '.join(tried)}: the network did not learn to follow the text "
+                         f"(text-blind <= 0.67)")
     assert swapped_dice < 0.2, f"asking for the other blob still gives Dice {swapped_dice:.3f} on this one"
