@@ -50,12 +50,12 @@ class FullScaleDecoder(nn.Module):
     Each source is squeezed to channels_per_scale by a projection (config.FSD_PROJECTIONS): a 1x1 convolution
     ("pointwise"; the fusion convolution after the concatenation has the planned kernel) or one with the planned
     kernel of its scale ("planned", UNet 3+'s 3x3, 15% of the decoder's training time on the CPU benchmark's shapes).
-    A finer skip is max-pooled to the level and projected there (`down_projections`); a skip at or below the level's
-    resolution (`skip_projections`) and a deeper decoder output (`decoded_projections`) are projected once for all
-    the levels that read them (`SharedProjection`) and interpolated up, so every convolution runs on the smaller
-    map. Each level has as many output channels as the encoder stage of the same resolution, so capacity follows
-    the nnU-Net plan. A segmentation head exists per level whether or not deep supervision is on, so checkpoints
-    load either way.
+    A finer skip is max-pooled to the level and projected there (`down_projections`); a skip at the level's
+    resolution or coarser (`skip_projections`) and a deeper decoder output (`decoded_projections`) are projected
+    once for all the levels that read them (`SharedProjection`) and interpolated up, so every convolution runs on the
+    smaller map. Each level has as many output channels as the encoder stage of the same resolution, so capacity
+    follows the nnU-Net plan. A segmentation head exists per level whether or not deep supervision is on, so
+    checkpoints load either way.
     """
 
     def __init__(self, encoder: PlainConvEncoder | ResidualEncoder, num_classes: int,
