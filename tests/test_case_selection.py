@@ -16,7 +16,7 @@ from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
-from lsms_nnunet.selection.candidates import (LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS,
+from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS,
                                               INTENSITY_FEATURES, describe_candidates, find_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.case_level import (TextFeatures, load_case_selectors, select_case_lesions,
@@ -147,15 +147,30 @@ def test_the_network_answer_is_split_along_its_own_logits():
     assert find_candidates(mask, (1.0, 1.0, 1.0), even).count == 1
 
 
+def test_a_lesion_the_network_is_sure_of_stays_whole_however_uneven_its_confidence():
+    """Logits far above the ceiling that rise and fall inside one lesion (two summits 12 apart, a valley 8 below
+    them) are one candidate; the same relief below the ceiling, a valley between two bridged lesions, splits."""
+    yy, xx = np.mgrid[:40, :40]
+    disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 100
+    summits = np.exp(-((yy - 20) ** 2 + (xx - 14) ** 2) / 8.0) + np.exp(-((yy - 20) ** 2 + (xx - 26) ** 2) / 8.0)
+    relief = 10.0 * summits
+    sure = np.where(disk, LOGIT_CEILING + 2.0 + relief, -5.0)[None].astype(np.float32)
+    assert find_candidates(sure > 0, (1.0, 1.0, 1.0), sure).count == 1
+    unsure = np.where(disk, 0.5 + 0.5 * relief, -5.0)[None].astype(np.float32)
+    assert unsure.max() < LOGIT_CEILING
+    assert find_candidates(unsure > 0, (1.0, 1.0, 1.0), unsure).count == 2
+
+
 @pytest.mark.parametrize("shape, contrast, offset", [((1, 64, 64), 40.0, 2.0), ((12, 40, 40), 10.0, 0.5)])
 def test_splitting_inside_the_lesions_box_equals_splitting_the_whole_image(shape, contrast, offset):
-    """Oracle: the seeded watershed of the whole image smoothed whole, as the candidates' definition states it (the
-    background a seed height below the lowest elevation, so that every component, however faint, keeps a seed)."""
+    """Oracle: the seeded watershed of the whole image capped and smoothed whole, as the candidates' definition states
+    it (the background a seed height below the lowest elevation, so that every component, however faint, keeps a
+    seed)."""
     rng = np.random.default_rng(3)
     logits = (ndimage.gaussian_filter(rng.normal(size=shape), 2.0) * contrast - offset).astype(np.float32)
     logits[..., :shape[-1] // 3] = -6.0  # lesions far from one border, touching the others
     mask = logits > 0
-    smoothed = ndimage.gaussian_filter(logits, LOGIT_SMOOTHING_VOXELS)
+    smoothed = ndimage.gaussian_filter(np.minimum(logits, LOGIT_CEILING), LOGIT_SMOOTHING_VOXELS)
     elevation = np.where(mask, smoothed, smoothed.min() - LOGIT_SEED_HEIGHT)
     structure = ndimage.generate_binary_structure(mask.ndim, mask.ndim)
     reference = watershed(-elevation, ndimage.label(h_maxima(elevation, LOGIT_SEED_HEIGHT) & mask, structure)[0],
