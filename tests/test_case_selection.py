@@ -16,8 +16,8 @@ from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
-from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS,
-                                              INTENSITY_FEATURES, describe_candidates, find_candidates,
+from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS,
+                                              MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, describe_candidates, find_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.case_level import (TextFeatures, load_case_selectors, select_case_lesions,
                                              selection_examples)
@@ -148,8 +148,9 @@ def test_the_network_answer_is_split_along_its_own_logits():
 
 
 def test_a_lesion_the_network_is_sure_of_stays_whole_however_uneven_its_confidence():
-    """Logits far above the ceiling that rise and fall inside one lesion (two summits 12 apart, a valley 8 below
-    them) are one candidate; the same relief below the ceiling, a valley between two bridged lesions, splits."""
+    """Logits above the ceiling that rise and fall inside one lesion (two summits 12 voxels apart, a valley ~10 below
+    them) are one candidate; the same relief at half height below the ceiling, a valley between two bridged lesions,
+    splits."""
     yy, xx = np.mgrid[:40, :40]
     disk = (yy - 20) ** 2 + (xx - 20) ** 2 <= 100
     summits = np.exp(-((yy - 20) ** 2 + (xx - 14) ** 2) / 8.0) + np.exp(-((yy - 20) ** 2 + (xx - 26) ** 2) / 8.0)
