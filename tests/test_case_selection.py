@@ -17,8 +17,8 @@ from text_conditioning.expressions import Expression
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS,
-                                              MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, describe_candidates, find_candidates,
-                                              referred_fraction)
+                                              MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, describe_candidates,
+                                              find_candidates, referred_fraction)
 from lsms_nnunet.selection.case_level import (TextFeatures, load_case_selectors, select_case_lesions,
                                              selection_examples)
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
