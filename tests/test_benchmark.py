@@ -162,16 +162,23 @@ def test_case_level_step_is_reported_against_the_network_alone(benchmarked):
     vanilla, lsms, constant = results["variants"]
     assert "referring_network_alone" not in vanilla  # no case-level step to take away
     for text_model in (lsms, constant):
-        assert text_model["referring_network_alone"]["n_expressions"] == len(validation)
-        assert sum(group["n_expressions"] for group in
-                   text_model["referring_network_alone_per_category"].values()) == len(validation)
-    alone = benchmarked["out"] / "predictions" / "lsms" / "fold_0" / "network_alone"
+        for answer in ("referring_case_level", "referring_network_alone"):
+            assert text_model[answer]["n_expressions"] == len(validation)
+            assert sum(group["n_expressions"] for group in
+                       text_model[f"{answer}_per_category"].values()) == len(validation)
+        # the model's own answer is the one its fold's verdict chose; the other is measured beside it
+        chosen = "referring_network_alone" if text_model["answered_by_per_fold"] == ["network alone"] \
+            else "referring_case_level"
+        assert text_model["answered_by_per_fold"] in (["network alone"], ["case-level step"])
+        assert text_model[chosen]["mean_dice"] == pytest.approx(text_model["referring"]["mean_dice"], abs=1e-3)
+    other = "case_level" if lsms["answered_by_per_fold"] == ["network alone"] else "network_alone"
+    other_masks = benchmarked["out"] / "predictions" / "lsms" / "fold_0" / other
     selected = benchmarked["results_folder"] / f"{TRAINERS['lsms']}__{PLANS}__2d" / "fold_0" / "validation"
-    assert sorted(p.name for p in alone.glob("*.nii.gz")) == sorted(f"{e['id']}.nii.gz" for e in validation)
+    assert sorted(p.name for p in other_masks.glob("*.nii.gz")) == sorted(f"{e['id']}.nii.gz" for e in validation)
     differing = [e["id"] for e in validation if not np.array_equal(
-        sitk.GetArrayFromImage(sitk.ReadImage(str(alone / f"{e['id']}.nii.gz"))),
+        sitk.GetArrayFromImage(sitk.ReadImage(str(other_masks / f"{e['id']}.nii.gz"))),
         sitk.GetArrayFromImage(sitk.ReadImage(str(selected / f"{e['id']}.nii.gz"))))]
-    assert differing, "the network alone answered exactly as the selector: was the selector left on?"
+    assert differing, "the other answer is the model's own: was the case-level step left as it was?"
     markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
     assert "What the case-level step adds" in markdown and re.search(r"\| lsms +\| network alone", markdown)
 

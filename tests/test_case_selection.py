@@ -19,8 +19,9 @@ from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
 from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS,
                                               MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, describe_candidates,
                                               find_candidates, referred_fraction)
-from lsms_nnunet.selection.case_level import (TextFeatures, load_case_selectors, select_case_lesions,
-                                             selection_examples)
+from lsms_nnunet.selection.case_level import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
+                                             load_case_selectors, select_case_lesions, selection_examples,
+                                             verdict_expressions)
 from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
                                             SelectionExample, _stack, choose, fit_selector, load_selectors,
                                             member_vote_words, save_selectors, selectors_to_payload)
@@ -282,9 +283,10 @@ def test_fold_selectors_come_from_the_checkpoint_else_the_file_else_none(tmp_pat
     in_checkpoint = {"_extra_state": {CASE_SELECTOR_STATE_KEY: selectors_to_payload([selector], "abc")}}
     (tmp_path / "fold_1").mkdir()
     save_selectors([selector, selector], tmp_path / "fold_1" / SELECTOR_FILE, "abc")  # validated before checkpoints
-    assert len(load_case_selectors(tmp_path, [0, 1], [in_checkpoint, {"_extra_state": {}}], "abc")) == 3
+    selectors, answer = load_case_selectors(tmp_path, [0, 1], [in_checkpoint, {"_extra_state": {}}], "abc")
+    assert len(selectors) == 3 and answer
     assert "no case selector" not in capsys.readouterr().out
-    assert load_case_selectors(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") == []
+    assert load_case_selectors(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") == ([], False)
     warning = capsys.readouterr().out
     assert "no case selector" in warning and "fold_2" in warning and "--val" in warning
 
@@ -324,3 +326,84 @@ def test_selector_fits_on_the_true_lesions_and_on_the_networks_answer():
     assert answered.descriptors.shape == true_lesions.descriptors.shape == (2, 3 + len(INTENSITY_FEATURES))
     assert len(selection_examples(dataset, ["case"], expressions, features, (1.0, 1.0))) == 1
     assert not selection_examples(dataset, ["another case"], expressions, features, (1.0, 1.0))
+
+
+def test_most_folds_preferring_the_network_alone_make_it_answer(capsys):
+    """A fold's verdict travels with its selector; the folds in use answer with the case-level step unless most of
+    them found the network alone better on their training cases."""
+    rng = np.random.default_rng(4)
+    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5,
+                            log=lambda *_: None)
+    alone_better = Verdict(case_level_dice=0.4, network_alone_dice=0.6, expressions=20)
+    case_level_better = Verdict(case_level_dice=0.8, network_alone_dice=0.6, expressions=20)
+
+    def fold(verdict):
+        payload = selectors_to_payload([selector], "abc", vars(verdict) if verdict else None)
+        return {"_extra_state": {CASE_SELECTOR_STATE_KEY: payload}}
+
+    selectors, answer = load_case_selectors("unused", [0, 1], [fold(alone_better), fold(case_level_better)], "abc")
+    assert len(selectors) == 2 and answer
+    selectors, answer = load_case_selectors("unused", [0, 1, 2], [fold(alone_better), fold(alone_better), fold(None)],
+                                            "abc")
+    assert len(selectors) == 3 and not answer
+    note = capsys.readouterr().out
+    assert "answered by the network alone" in note and "fold 0" in note and "0.400" in note and "fold 2" not in note
+
+
+class _CasesDataset:
+    def __init__(self, cases: dict):
+        self.cases = cases
+
+    def load_case(self, case: str):
+        self.current = case
+        data, region_map = self.cases[case]
+        return data, region_map[None], None, {}
+
+
+def test_the_verdict_keeps_the_case_level_step_only_where_it_answers_better():
+    """"The largest lesion" over cases of two lesions whose finding answer catches only half of the larger one: the
+    case-level step (fitted without the cases it is scored on) picks that half, Dice 2/3. It beats a network that
+    answers nothing and loses to one that outlines the referred lesion exactly."""
+    rng = np.random.default_rng(5)
+    cases, finding, expressions = {}, {}, []
+    for index in range(6):
+        region_map = np.zeros((1, 32, 32), dtype=np.int16)
+        row, column = rng.integers(1, 10, size=2)
+        region_map[0, row:row + 8, column:column + 8] = 1  # 64 voxels, referred
+        region_map[0, 20 + row // 2:24 + row // 2, 20:24] = 2  # 16 voxels
+        logits = np.where(region_map > 0, 4.0, -4.0).astype(np.float32)
+        logits[0, row:row + 8, column + 4:column + 8] = -4.0  # the network found half of the larger lesion
+        case = f"case_{index}"
+        cases[case] = (np.where(region_map > 0, 100.0, 0.0)[None].astype(np.float32), region_map)
+        finding[case] = logits
+        expressions.append(Expression(f"e{index}", case, "the largest lesion", targets=(1,)))
+    words = _words("the largest lesion")[None]
+    features = TextFeatures(["the largest lesion"], EncodedTexts(tokens=words, mask=np.ones(words.shape[:2], bool),
+                                                                 pooled=words.mean(1), truncated=0))
+    dataset = _CasesDataset(cases)
+
+    def verdict(network_answer):
+        evidence = case_evidence(dataset, sorted(cases), expressions, features, (1.0, 1.0),
+                                 finding_logits=lambda _: finding[dataset.current],
+                                 network_alone_logits=lambda data, texts: np.stack(
+                                     [network_answer(data) for _ in texts]))
+        return cross_validated_verdict(evidence, folds=2, log=lambda *_: None)
+
+    silent = verdict(lambda data: np.full(data.shape[1:], -4.0))
+    assert silent.case_level_dice == pytest.approx(2 / 3) and silent.network_alone_dice == 0.0
+    assert silent.case_level_answers and silent.expressions == 6
+    upper_rows = np.arange(32)[:, None] < 20  # the larger lesion lies there, the smaller below
+    exact = verdict(lambda data: np.where((data[0] > 50) & upper_rows, 4.0, -4.0))
+    assert exact.network_alone_dice == 1.0 and not exact.case_level_answers
+
+
+def test_the_verdict_asks_the_network_alone_a_fixed_draw_within_a_voxel_budget():
+    by_case = {case: [Expression(f"{case}-{i}", case, "the lesion", None) for i in range(count)]
+               for case, count in (("b", 30), ("a", 10), ("c", 20))}
+    every = {e.id for expressions in by_case.values() for e in expressions}
+    voxels = {"a": 100, "b": 100, "c": 100}.__getitem__
+    drawn = verdict_expressions(by_case, voxels, voxel_budget=1200, at_least=5)
+    assert len(drawn) == 12 and drawn <= every and len({name[0] for name in drawn}) == 3
+    assert verdict_expressions(dict(reversed(list(by_case.items()))), voxels, 1200, 5) == drawn
+    assert len(verdict_expressions(by_case, voxels, voxel_budget=100, at_least=5)) == 5  # large cases: at least
+    assert verdict_expressions(by_case, voxels, voxel_budget=10 ** 6, at_least=5) == every

@@ -15,6 +15,7 @@ import torch
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
+from lsms_nnunet.selection.case_level import Verdict
 from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors, selectors_from_payload
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
@@ -64,11 +65,15 @@ def test_stock_train_writes_per_expression_validation(trained):
     assert {m["id"] for m in summary["metric_per_expression"]} == expected
     assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
-    assert "case selector: fitting on" in (next((trained["model"] / "fold_0").glob("training_log_*.txt"))
-                                           .read_text(encoding="utf-8"))
+    log = next((trained["model"] / "fold_0").glob("training_log_*.txt")).read_text(encoding="utf-8")
+    assert "case selector: fitting on" in log
     load_selectors(trained["model"] / "fold_0" / SELECTOR_FILE, MINILM_SHA256)  # fitted with the model's encoder
     weights = load_checkpoint_safely(trained["model"] / "fold_0" / "checkpoint_final.pth")["network_weights"]
-    selectors_from_payload(weights["_extra_state"][CASE_SELECTOR_STATE_KEY], MINILM_SHA256, "the checkpoint")
+    payload = weights["_extra_state"][CASE_SELECTOR_STATE_KEY]
+    selectors_from_payload(payload, MINILM_SHA256, "the checkpoint")
+    verdict = Verdict(**payload["verdict"])  # judged on the training cases: the case-level step or the network alone
+    assert 0.0 <= verdict.case_level_dice <= 1.0 and 0.0 <= verdict.network_alone_dice <= 1.0
+    assert f"case selector: {verdict.describe()}" in log
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
 
@@ -138,6 +143,19 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     assert "no case selector" not in result.stdout + result.stderr
     checkpoint_file = without_file / "fold_0" / "checkpoint_final.pth"
     checkpoint = load_checkpoint_safely(checkpoint_file)
+    verdicts = []
+    for network_alone_dice in (0.0, 1.0):  # the verdict in the checkpoint decides who answers
+        checkpoint["network_weights"]["_extra_state"][CASE_SELECTOR_STATE_KEY]["verdict"] = {
+            "case_level_dice": 0.5, "network_alone_dice": network_alone_dice, "expressions": 10}
+        torch.save(checkpoint, checkpoint_file)
+        out = tmp_path / f"verdict_{network_alone_dice}"
+        result = run("nnUNetv2_predict", *_predict_args(trained, images, out), nnUNet_results=str(tmp_path / "results"))
+        verdicts.append(("answered by the network alone" in result.stdout + result.stderr,
+                         {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}))
+    assert [said for said, _ in verdicts] == [False, True]
+    masks = [answer for _, answer in verdicts]
+    assert masks[0].keys() == masks[1].keys() and any(not np.array_equal(masks[0][name], masks[1][name])
+                                                      for name in masks[0])
     del checkpoint["network_weights"]["_extra_state"][CASE_SELECTOR_STATE_KEY]
     torch.save(checkpoint, checkpoint_file)
     result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither"),

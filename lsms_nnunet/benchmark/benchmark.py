@@ -8,7 +8,8 @@
 3. Scores every model on the referring expressions of its validation cases (per expression category too) and on
    plain all-lesion segmentation; when the raw dataset has expressions_heldout.json (LSMSv2_make_synthetic
    --heldout_phrasing), also on the held-out wordings of the same validation expressions; for a model with a
-   case-level selector, also by its network alone (what the case-level step adds); and measures its costs
+   case-level selector, also the other way than it answers (by its network alone, or by the case-level step its
+   verdict declined: what the step adds); and measures its costs
    (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
    The text-blind ceiling (a perfect all-lesion mask answering every expression) is scored too, as a reference.
 4. Writes results.json, results.md (one table) and plots.
@@ -105,12 +106,25 @@ def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dic
 
 
 def network_alone_summary(records: Sequence[dict]) -> dict:
-    """The same validation expressions answered without the case-level step; {} for models without one."""
-    alone = [entry for record in records for entry in record.get(NETWORK_ALONE_SECTION, {}).get("per_expression", ())]
+    """The same validation expressions answered by the case-level step and by the network alone, and which of them
+    the model answers with (per fold, its verdict); {} for models without a case-level step."""
+    case_level, alone, answered_by = [], [], []
+    for record in records:
+        other = record.get(NETWORK_ALONE_SECTION)
+        if not other:
+            continue
+        own = record["referring"]["per_expression"]
+        declined = other.get("declined_case_level", False)
+        case_level += other["per_expression"] if declined else own
+        alone += own if declined else other["per_expression"]
+        answered_by.append("network alone" if declined else "case-level step")
     if not alone:
         return {}
-    return {"referring_network_alone": aggregate_metrics(alone),
-            "referring_network_alone_per_category": per_category_metrics(alone)}
+    return {"referring_case_level": aggregate_metrics(case_level),
+            "referring_case_level_per_category": per_category_metrics(case_level),
+            "referring_network_alone": aggregate_metrics(alone),
+            "referring_network_alone_per_category": per_category_metrics(alone),
+            "answered_by_per_fold": answered_by}
 
 
 def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling_records: Sequence[dict],

@@ -244,17 +244,23 @@ def measure_heldout(model: _FoldModel) -> dict:
 
 
 def measure_network_alone(model: _FoldModel) -> dict:
-    """The validation expressions answered by the network alone, without the case-level selector the model carries:
-    what the case-level step adds, on the same trained weights ({} for models without one)."""
+    """The validation expressions answered the way the model does not answer them, on the same trained weights
+    ({} for models without a case-level step): by the network alone when its case-level step answers (what that step
+    adds), else by the case-level step its verdict declined (`declined_case_level`: what it would have given)."""
     setup, variant, fold = model.setup, model.variant, model.fold
-    if not variant.uses_text or not model.predictor.case_selectors:
+    predictor = model.predictor
+    if not variant.uses_text or not predictor.case_selectors:
         return {}
-    selectors, model.predictor.case_selectors = model.predictor.case_selectors, []
+    declined = not predictor.case_selectors_answer
+    predictor.case_selectors_answer = declined
     try:
-        return model.answer_and_score(setup.validation_expressions(fold),
-                                      setup.work_folder(variant, fold, NETWORK_ALONE_SECTION), "network alone")
+        section, description = ("case_level", "case-level step") if declined else \
+            (NETWORK_ALONE_SECTION, "network alone")
+        scores = model.answer_and_score(setup.validation_expressions(fold), setup.work_folder(variant, fold, section),
+                                        description)
     finally:
-        model.predictor.case_selectors = selectors
+        predictor.case_selectors_answer = not declined
+    return {**scores, "declined_case_level": declined}
 
 
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {

@@ -86,23 +86,28 @@ def format_phrasing_table(results: dict) -> list[str]:
 
 def format_case_level_table(results: dict) -> list[str]:
     """Each model with a case-level step, answering with it and by its network alone (same weights): mean Dice,
-    no-target accuracy and mean Dice per category; empty when no model has one."""
+    no-target accuracy and mean Dice per category, and which of them the model answers with (its folds' verdicts);
+    empty when no model has one."""
     variants = [variant for variant in results["variants"] if "referring_network_alone" in variant]
     if not variants:
         return []
     categories = list(dict.fromkeys(category for variant in variants for category in variant["referring_per_category"]))
-    header = ["variant", "answered by", "mean Dice", "no-target acc", *categories]
+    header = ["variant", "answered by", "model answers with it (folds)", "mean Dice", "no-target acc", *categories]
     rows = []
     for variant in variants:
         for answered_by, overall, groups in (
-                ("case-level step", variant["referring"], variant["referring_per_category"]),
+                ("case-level step", variant["referring_case_level"], variant["referring_case_level_per_category"]),
                 ("network alone", variant["referring_network_alone"], variant["referring_network_alone_per_category"])):
-            rows.append([variant["name"], answered_by, format_number(overall["mean_dice"], 4),
+            folds = variant["answered_by_per_fold"]
+            rows.append([variant["name"], answered_by, f"{folds.count(answered_by)} of {len(folds)}",
+                         format_number(overall["mean_dice"], 4),
                          format_number(overall["no_target_accuracy"], 3),
                          *(format_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
                            for category in categories)])
     return ["What the case-level step adds: the same validation expressions answered with the selector the model "
-            "carries and by its network alone (same weights, one pass per case, no mirroring):", "",
+            "carries and by its network alone (same weights, one pass per case, no mirroring). Each fold answers "
+            "with the one that scored better on its own training cases (the selector cross-validated over them): "
+            "the variant's rows above are that answer.", "",
             *markdown_table([header, *rows])]
 
 

@@ -55,9 +55,9 @@ def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
     if not isinstance(predictor, LSMSPredictor):
         predictor.__class__ = LSMSPredictor
     if model_card["mode"] != PLAIN and network_config_of(model_card).case_selection:
-        predictor.case_selectors = load_case_selectors(loader_locals["model_training_output_dir"],
-                                                       loader_locals["use_folds"], loader_locals["parameters"],
-                                                       model_card["text_encoder"]["sha256"])
+        predictor.case_selectors, predictor.case_selectors_answer = load_case_selectors(
+            loader_locals["model_training_output_dir"], loader_locals["use_folds"], loader_locals["parameters"],
+            model_card["text_encoder"]["sha256"])
 
 
 def checkpoint_model_card(loader_locals: Mapping) -> Mapping:

@@ -121,8 +121,10 @@ class LSMSPredictor(nnUNetPredictor):
     """nnUNetPredictor that answers referring expressions (see module docstring)."""
 
     expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
-    #: The case-level selectors of the folds in use (empty: each expression is answered by the network alone).
+    #: The case-level selectors of the folds in use, and whether they answer (the folds' verdicts,
+    #: selection/case_level.Verdict); without them each expression is answered by the network alone.
     case_selectors: list[CaseSelector] = []
+    case_selectors_answer: bool = True
     #: What LSMSv2_predict asks beyond nnU-Net's flags (-e, --text, --text_encoder, --allow_nonfinite); the stock
     #: nnUNetv2_predict reads the companion expressions file, LSMS_TEXT_ENCODER and LSMS_ALLOW_NONFINITE instead.
     expressions_file: str | None = None
@@ -143,7 +145,8 @@ class LSMSPredictor(nnUNetPredictor):
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         asked = _maybe_constant(self.model_card, texts)
         encoded = encode_texts(asked, identity, cache_folder, self.text_encoder_source)
-        if not (self.case_selectors and network_config_of(self.model_card).case_selection):
+        answers_by_case_level = self.case_selectors and self.case_selectors_answer
+        if not (answers_by_case_level and network_config_of(self.model_card).case_selection):
             return self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
                                                       torch.from_numpy(encoded.mask))
         finding = self.predict_finding_logits(data, cache_folder)
@@ -363,6 +366,17 @@ def referring_predictor(trainer) -> LSMSPredictor:
 def finding_logits(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
     """The network's all-lesion logits on one preprocessed image (the selector's candidates), as float32 numpy."""
     return predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder).float().numpy()
+
+
+def network_alone_logits(predictor: LSMSPredictor, data: np.ndarray, texts: Sequence[str],
+                         cache_folder: Path | None = None) -> np.ndarray:
+    """[E, *spatial] logits of the network answering the E texts itself, without the case-level step (float32)."""
+    answer, predictor.case_selectors_answer = predictor.case_selectors_answer, False
+    try:
+        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data)), texts, cache_folder)
+    finally:
+        predictor.case_selectors_answer = answer
+    return logits[1:].float().numpy()
 
 
 def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:

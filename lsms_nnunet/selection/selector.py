@@ -27,7 +27,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Mapping, Sequence
 
 import numpy as np
 import torch
@@ -239,10 +239,12 @@ def fit_selectors(examples: Sequence[SelectionExample], members: int = ENSEMBLE_
     return selectors
 
 
-def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256: str) -> dict:
-    """Plain tensors and numbers only, so it loads with weights_only=True (in its own file or in a checkpoint)."""
+def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256: str,
+                         verdict: Mapping[str, float] | None = None) -> dict:
+    """Plain tensors and numbers only, so it loads with weights_only=True (in its own file or in a checkpoint).
+    `verdict`: whether the selector or the network alone answers (case_level.Verdict's fields)."""
     first = selectors[0]
-    return {"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
+    return {"verdict": dict(verdict) if verdict else None, "format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
             "text_dim": first.text_dim, "width": first.width, "text_encoder_sha256": text_encoder_sha256,
             "members": [selector.state_dict() for selector in selectors],
             "vocabulary": first.vocabulary.half()}  # the members share it (one fitting set); half precision: ~1 MB
@@ -267,12 +269,16 @@ def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str)
     return selectors
 
 
-def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str) -> None:
+def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str,
+                   verdict: Mapping[str, float] | None = None) -> None:
     """Write atomically."""
     with atomic_path(path, suffix=".pt") as temporary:
-        torch.save(selectors_to_payload(selectors, text_encoder_sha256), temporary)
+        torch.save(selectors_to_payload(selectors, text_encoder_sha256, verdict), temporary)
+
+
+def read_selector_payload(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 def load_selectors(path: Path, text_encoder_sha256: str) -> list[CaseSelector]:
-    return selectors_from_payload(torch.load(path, map_location="cpu", weights_only=True), text_encoder_sha256,
-                                  str(path))
+    return selectors_from_payload(read_selector_payload(path), text_encoder_sha256, str(path))

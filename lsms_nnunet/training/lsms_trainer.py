@@ -42,7 +42,7 @@ from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
-from lsms_nnunet.selection.case_level import TextFeatures, fit_case_selectors
+from lsms_nnunet.selection.case_level import TextFeatures, Verdict, fit_case_selectors
 from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors, selectors_to_payload
 from lsms_nnunet.training.dataloading import (CasePositionDataset, LSMSDataLoader, TextEmbeddingBank,
                                             position_through_geometry_only)
@@ -320,7 +320,8 @@ class LSMSTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        from lsms_nnunet.inference.predictor import finding_logits, referring_predictor, validate_referring_fold
+        from lsms_nnunet.inference.predictor import (finding_logits, network_alone_logits, referring_predictor,
+                                                     validate_referring_fold)
 
         network = self._unwrapped_network()
         if self.prompt_set.mode == PLAIN:
@@ -333,8 +334,10 @@ class LSMSTrainer(nnUNetTrainer):
         train_keys, val_keys = self.do_split()
         predictor = referring_predictor(self)
         if network.config.case_selection:
-            predictor.case_selectors = self.fit_and_save_case_selectors(
-                train_keys, lambda data: finding_logits(predictor, data, self.text_cache_folder))
+            predictor.case_selectors, verdict = self.fit_and_save_case_selectors(
+                train_keys, lambda data: finding_logits(predictor, data, self.text_cache_folder),
+                lambda data, texts: network_alone_logits(predictor, data, texts, self.text_cache_folder))
+            predictor.case_selectors_answer = verdict is None or verdict.case_level_answers
         summary = validate_referring_fold(self, predictor, val_keys)
         self.print_to_log_file("Validation complete", also_print_to_console=True)
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
@@ -345,25 +348,30 @@ class LSMSTrainer(nnUNetTrainer):
         """Referring images are seen in one orientation: "left" is the patient's left however a scan is stored."""
         return CanonicallyOrientedDataset(dataset, self.plans_manager.transpose_forward)
 
-    def fit_and_save_case_selectors(self, train_keys: list[str], finding_logits: Callable[[np.ndarray], np.ndarray]
-                                    ) -> list[CaseSelector]:
+    def fit_and_save_case_selectors(self, train_keys: list[str], finding_logits: Callable[[np.ndarray], np.ndarray],
+                                    network_alone_logits: Callable[[np.ndarray, list[str]], np.ndarray]
+                                    ) -> tuple[list[CaseSelector], Verdict | None]:
         """Fit the case-level selector on this fold's training cases (candidates: their lesions and the network's
-        finding answers on them) and save it in the validated checkpoint and beside it, where `nnUNetv2_predict`
-        finds it; refitted by every validation run, `--val` included."""
+        finding answers on them), judge it against the network alone on them, and save both in the validated
+        checkpoint and beside it, where `nnUNetv2_predict` finds them; refitted by every validation run, `--val`
+        included."""
         dataset = self.canonically_oriented(self.dataset_class(self.preprocessed_dataset_folder, train_keys))
         texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
         constant = self.model_card["constant_text"]
         cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
         features = TextFeatures(texts, cache.load(texts))
-        selectors = fit_case_selectors(dataset, train_keys, self.prompt_set.expressions, features,
-                                     self.configuration_manager.spacing,
-                                     text_of=(lambda _: constant) if constant else (lambda text: text),
-                                     finding_logits=finding_logits, log=self.print_to_log_file)
-        save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256)
-        self._put_selectors_in_validated_checkpoint(selectors)
-        return selectors
+        selectors, verdict = fit_case_selectors(dataset, train_keys, self.prompt_set.expressions, features,
+                                                self.configuration_manager.spacing,
+                                                text_of=(lambda _: constant) if constant else (lambda text: text),
+                                                finding_logits=finding_logits,
+                                                network_alone_logits=network_alone_logits, log=self.print_to_log_file)
+        verdict_fields = dataclasses.asdict(verdict) if verdict else None
+        save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256,
+                       verdict_fields)
+        self._put_selectors_in_validated_checkpoint(selectors, verdict_fields)
+        return selectors, verdict
 
-    def _put_selectors_in_validated_checkpoint(self, selectors: list[CaseSelector]) -> None:
+    def _put_selectors_in_validated_checkpoint(self, selectors: list[CaseSelector], verdict: dict | None) -> None:
         """The checkpoint whose weights were validated carries the selectors fitted on them (atomically rewritten):
         `nnUNetv2_export_model_to_zip` packs checkpoints, not `case_selector.pt`, and stock prediction reads them from
         the weights it loads."""
@@ -375,8 +383,8 @@ class LSMSTrainer(nnUNetTrainer):
         checkpoint = load_checkpoint_safely(path)
         weights = checkpoint["network_weights"]
         weights["_extra_state"] = {**weights["_extra_state"],
-                                   CASE_SELECTOR_STATE_KEY: selectors_to_payload(selectors,
-                                                                                 self.text_encoder_identity.sha256)}
+                                   CASE_SELECTOR_STATE_KEY: selectors_to_payload(
+                                       selectors, self.text_encoder_identity.sha256, verdict)}
         save_atomically(lambda temporary: torch.save(checkpoint, temporary), path)
         self.print_to_log_file(f"case selector: stored in {path.name}")
 
