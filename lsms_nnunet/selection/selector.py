@@ -244,8 +244,9 @@ def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256:
     """Plain tensors and numbers only, so it loads with weights_only=True (in its own file or in a checkpoint).
     `verdict`: whether the selector or the network alone answers (case_level.Verdict's fields)."""
     first = selectors[0]
-    return {"verdict": dict(verdict) if verdict else None, "format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "descriptor_dim": first.descriptor_dim,
-            "text_dim": first.text_dim, "width": first.width, "text_encoder_sha256": text_encoder_sha256,
+    return {"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "verdict": dict(verdict) if verdict else None,
+            "descriptor_dim": first.descriptor_dim, "text_dim": first.text_dim, "width": first.width,
+            "text_encoder_sha256": text_encoder_sha256,
             "members": [selector.state_dict() for selector in selectors],
             "vocabulary": first.vocabulary.half()}  # the members share it (one fitting set); half precision: ~1 MB
 
