@@ -24,8 +24,10 @@ from lsms_nnunet.selection.candidates import (candidates_of_answer, describe_can
 from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, SelectionExample, choose, fit_selectors,
                                             read_selector_payload, selectors_from_payload)
 
-#: Groups of a fold's training cases the selector is refitted without, to judge it against the network alone.
-VERDICT_FOLDS = 5
+#: Groups of a fold's training cases the selector is refitted without, to judge it against the network alone; each
+#: refit is one member (the product fits ENSEMBLE_MEMBERS): three per group made the verdict cost four times the
+#: selector's own fitting (the demo: 21 minutes beside 8, on a shared CPU).
+VERDICT_FOLDS, VERDICT_MEMBERS = 5, 1
 #: How many training expressions the network answers alone for that judgement (verdict_expressions): as many as
 #: 2^24 voxels hold (32 volumes of 32 x 128 x 128, 128 blocks of 32 x 64 x 64), at least 24.
 VERDICT_VOXELS, VERDICT_MIN_EXPRESSIONS = 2 ** 24, 24
@@ -225,7 +227,8 @@ def cross_validated_verdict(evidence: Mapping[str, CaseEvidence], folds: int = V
         fitting = [example for case, found in evidence.items() if case not in held_out for example in found.examples]
         scored = [expression for case in held_out for expression in evidence[case].scored]
         log(f"case selector: verdict fit {group + 1}/{len(groups)} ({len(fitting)} examples)")
-        answers = choose(fit_selectors(fitting, log=lambda *_: None), [expression.example for expression in scored])
+        answers = choose(fit_selectors(fitting, members=VERDICT_MEMBERS, log=lambda *_: None),
+                         [expression.example for expression in scored])
         case_level += [expression.dice(answer) for expression, answer in zip(scored, answers)]
         network_alone += [expression.network_alone_dice for expression in scored]
     return Verdict(float(np.mean(case_level)), float(np.mean(network_alone)), len(case_level))
