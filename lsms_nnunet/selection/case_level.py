@@ -25,8 +25,8 @@ from lsms_nnunet.selection.selector import (SELECTOR_FILE, CaseSelector, Selecti
                                             read_selector_payload, selectors_from_payload)
 
 #: Groups of a fold's training cases the selector is refitted without, to judge it against the network alone; each
-#: refit is one member (the product fits ENSEMBLE_MEMBERS): three per group made the verdict cost four times the
-#: selector's own fitting (the demo: 21 minutes beside 8, on a shared CPU).
+#: refit is one member (the product fits ENSEMBLE_MEMBERS): the verdict is a mean over many expressions, and the
+#: refits are its cost (the demo on a shared CPU: 7 minutes of refits beside 2.4 for fitting the selector itself).
 VERDICT_FOLDS, VERDICT_MEMBERS = 5, 1
 #: How many training expressions the network answers alone for that judgement (verdict_expressions): as many as
 #: 2^24 voxels hold (32 volumes of 32 x 128 x 128, 128 blocks of 32 x 64 x 64), at least 24.
