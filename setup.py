@@ -56,6 +56,7 @@ setup(
             "LSMSv2_plan_experiment=lsms_nnunet.planning.plan_experiment:plan_experiment_entry",
             "LSMSv2_plans_variant=lsms_nnunet.planning.variants:plans_variant_entry",
             "LSMSv2_train=lsms_nnunet.training.train_entry:train_entry",
+            "LSMSv2_fit_case_level=lsms_nnunet.training.fit_case_level_entry:fit_case_level_entry",
             "LSMSv2_predict=lsms_nnunet.inference.predict_entry:predict_entry",
             "LSMSv2_evaluate=lsms_nnunet.evaluation.evaluate:evaluate_entry",
             "LSMSv2_visualize=lsms_nnunet.evaluation.visualize:visualize_entry",

@@ -37,6 +37,8 @@ def demo_entry() -> None:
     parser.add_argument("-device", default="cpu")
     args = parser.parse_args()
 
+    import lsms_nnunet_ext_hook  # noqa: F401  (the stock commands find LSMSTrainer from an editable install too)
+
     workdir = Path(args.workdir).resolve()
     env = dict(os.environ)
     for name in ("nnUNet_raw", "nnUNet_preprocessed", "nnUNet_results"):

@@ -15,17 +15,19 @@ from skimage.segmentation import watershed
 from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
-from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY
-from lsms_nnunet.selection.candidates import (LOGIT_CEILING, LOGIT_SEED_HEIGHT, LOGIT_SMOOTHING_VOXELS,
-                                              MIN_CANDIDATE_VOXELS, INTENSITY_FEATURES, describe_candidates,
-                                              find_candidates, referred_fraction)
-from lsms_nnunet.selection.case_level import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
-                                             load_case_selectors, select_case_lesions, selection_examples,
-                                             verdict_expressions)
-from lsms_nnunet.selection.selector import (OPERATIONS, SELECTOR_FILE, SELECTOR_VERSION, CaseSelector,
-                                            SelectionExample, _stack, choose, fit_selector, load_selectors,
-                                            member_vote_words, save_selectors, selectors_to_payload)
+from lsms_nnunet.selection.candidates import (INTENSITY_FEATURES, describe_candidates, find_candidates,
+                                              referred_fraction)
+from lsms_nnunet.selection.evidence import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
+                                            selection_examples, verdict_expressions)
+from lsms_nnunet.selection.selector import (OPERATIONS, CaseSelector, SelectionBatch, SelectionExample, choose,
+                                            fit_selectors, member_vote_rows)
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.stage import (STAGE_FILE, STAGE_STATE_KEY, STAGE_VERSION, CaseLevelStage,
+                                         CaseLevelStageError, stage_for_prediction, weights_identity)
 
+DEFAULTS = CaseLevelSettings()
+LOGIT_CEILING, LOGIT_SEED_HEIGHT = DEFAULTS.logit_ceiling, DEFAULTS.logit_seed_height
+LOGIT_SMOOTHING_VOXELS, MIN_CANDIDATE_VOXELS = DEFAULTS.logit_smoothing_voxels, DEFAULTS.min_candidate_voxels
 WORDS = ("the", "all", "largest", "smallest", "second", "bright", "dark", "lesion", "lesions")
 rng_words = np.random.default_rng(7)
 WORD_VECTORS = {word: rng_words.normal(size=16).astype(np.float32) for word in WORDS}
@@ -59,6 +61,16 @@ def _example(sentence: str, rng: np.random.Generator) -> SelectionExample:
     return SelectionExample(descriptors, volumes, _words(sentence), _answer(sentence, bright, volumes))
 
 
+def fit_selector(examples, steps: int = DEFAULTS.fit_steps) -> CaseSelector:
+    """One selector (seed 0) fitted with the default settings but `steps`."""
+    settings = CaseLevelSettings(fit_steps=steps, operations_first_steps=min(DEFAULTS.operations_first_steps, steps))
+    return fit_selectors(examples, settings, members=1, log=lambda *_: None)[0][0]
+
+
+def _stage(selectors, **settings) -> CaseLevelStage:
+    return CaseLevelStage(CaseLevelSettings(**settings), list(selectors), "abc")
+
+
 def _accuracy(selector, examples) -> float:
     return float(np.mean([np.array_equal(answer, e.referred) for answer, e in zip(choose([selector], examples),
                                                                                    examples)]))
@@ -70,7 +82,7 @@ def test_selector_learns_size_relations_and_combines_them_with_a_description():
     unseen_combinations = ["the smallest bright lesion", "the largest dark lesion"]
     rng = np.random.default_rng(0)
     training = [_example(sentence, rng) for _ in range(40) for sentence in fitted]
-    selector = fit_selector(training, steps=500, log=lambda *_: None)
+    selector = fit_selector(training, steps=500)
     for sentence in fitted:
         assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.9, sentence
     for sentence in unseen_combinations:
@@ -85,7 +97,7 @@ class _FixedSelector(CaseSelector):
         self.fixed = by_operation, torch.log(torch.nn.functional.one_hot(
             torch.tensor([OPERATIONS.index(operation)]), len(OPERATIONS)).float().clamp_min(1e-6))
 
-    def forward(self, *inputs, vote_words=None):
+    def forward(self, *inputs, vote_rows=None):
         return self.fixed
 
 
@@ -208,7 +220,7 @@ def test_operation_votes_read_an_unseen_word_as_its_nearest_fitted_word():
     rng = np.random.default_rng(4)
     examples = [_size_only_example(sentence, 4, rng) for sentence in ("the largest lesion", "the smallest lesion",
                                                                       "all lesions") for _ in range(20)]
-    selector = fit_selector(examples, log=lambda *_: None)
+    selector = fit_selector(examples)
     smallest = WORD_VECTORS["smallest"]
     other = rng.normal(size=smallest.shape)
     other -= other @ smallest / (smallest @ smallest) * smallest
@@ -217,16 +229,17 @@ def test_operation_votes_read_an_unseen_word_as_its_nearest_fitted_word():
 
     def operation_weights(fitted: CaseSelector, middle_word: np.ndarray) -> torch.Tensor:
         words = np.stack([WORD_VECTORS["the"], middle_word, WORD_VECTORS["lesion"]])
-        inputs = _stack([SelectionExample(case.descriptors, case.volumes, words)])[:-1]
+        inputs = SelectionBatch.of([SelectionExample(case.descriptors, case.volumes, words)]).inputs()
         with torch.no_grad():
             return fitted(*inputs)[1].exp()
 
     assert torch.allclose(operation_weights(selector, unseen), operation_weights(selector, smallest), atol=1e-3)
     selector.vocabulary = torch.zeros(0, selector.text_dim)
-    assert not torch.allclose(operation_weights(selector, unseen), operation_weights(selector, smallest), atol=1e-2)
+    raw_gap = (operation_weights(selector, unseen) - operation_weights(selector, smallest)).abs().max()
+    assert raw_gap > 5e-3  # five times what snapping leaves
 
 
-def test_select_case_lesions_answers_with_whole_finding_components():
+def test_the_stage_answers_with_whole_finding_components():
     """Two found lesions; the selector answers "the largest/smallest lesion" with one whole finding component."""
     finding = torch.full((1, 32, 32), -5.0)
     finding[0, 2:12, 2:12] = 3.0  # the larger lesion
@@ -235,60 +248,140 @@ def test_select_case_lesions_answers_with_whole_finding_components():
     texts = ["the largest lesion", "the smallest lesion"]
     width = 3 + len(INTENSITY_FEATURES)  # position (3 axes) + one channel's intensity statistics
     rng = np.random.default_rng(1)
-    selector = fit_selector([_size_only_example(t, width, rng) for _ in range(30) for t in texts],
-                            log=lambda *_: None)
+    selector = fit_selector([_size_only_example(t, width, rng) for _ in range(30) for t in texts])
     words = [np.stack([WORD_VECTORS[w] for w in t.split()]) for t in texts]
     encoded = EncodedTexts(tokens=np.stack(words), mask=np.ones((2, 3), dtype=bool),
                            pooled=np.stack([w.mean(0) for w in words]), truncated=0)
-    answers = select_case_lesions(finding, data, texts, TextFeatures(texts, encoded),
-                                  [selector], (1.0, 1.0))
+    answers = _stage([selector]).apply(finding, data, texts, TextFeatures(texts, encoded), (1.0, 1.0))
     largest, smallest = (answers > 0).numpy()
     assert largest[0, 2:12, 2:12].all() and largest.sum() == 100
     assert smallest[0, 20:25, 20:25].all() and smallest.sum() == 25
 
 
-def test_selector_round_trip_and_encoder_check(tmp_path):
+def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
     rng = np.random.default_rng(2)
     examples = [_size_only_example("the largest lesion", 4, rng) for _ in range(10)]
-    selector = fit_selector(examples, steps=20, log=lambda *_: None)
-    save_selectors([selector], tmp_path / "case_selector.pt", "abc")
-    loaded = load_selectors(tmp_path / "case_selector.pt", "abc")
-    assert len(loaded) == 1
-    assert all(torch.equal(value, loaded[0].state_dict()[key]) for key, value in selector.state_dict().items())
-    assert torch.allclose(loaded[0].vocabulary, selector.vocabulary, atol=1e-2) and len(selector.vocabulary) == 3
-    assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded, examples)))
-    # the members of one fitting share its vocabulary, another fold's selector has its own: the words are snapped
-    # once per vocabulary, and each member reads them as if it had snapped them itself
-    other = fit_selector([_size_only_example("the smallest lesion", 4, rng) for _ in range(10)], steps=20,
-                         log=lambda *_: None)
-    save_selectors([selector, selector], tmp_path / "two_members.pt", "abc")
-    save_selectors([other], tmp_path / "other.pt", "abc")
-    folds = load_selectors(tmp_path / "two_members.pt", "abc") + load_selectors(tmp_path / "other.pt", "abc")
-    words = _stack([_size_only_example("the second lesion", 4, rng)])[3]
-    vote_words = member_vote_words(folds, words)
-    assert vote_words[0] is vote_words[1] and vote_words[2] is not vote_words[0]
-    assert all(torch.allclose(shared, member.vote_words_of(words)) for shared, member in zip(vote_words, folds))
-    with pytest.raises(ValueError, match="another text encoder"):
-        load_selectors(tmp_path / "case_selector.pt", "other")
-    earlier_version = {**selectors_to_payload([selector], "abc"), "version": SELECTOR_VERSION - 1}
-    torch.save(earlier_version, tmp_path / "case_selector.pt")
-    with pytest.raises(ValueError, match=r"no case selector of version \d+\. Fix: .*--val"):
-        load_selectors(tmp_path / "case_selector.pt", "abc")
+    selector = fit_selector(examples, steps=20)
+    stage = _stage([selector], logit_ceiling=6.0, fit_steps=20, operations_first_steps=5)
+    stage.verdicts = {"this fold": Verdict(0.7, 0.5, 12)}
+    stage.save(tmp_path / STAGE_FILE)
+    loaded = CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
+    assert loaded.settings == stage.settings and loaded.settings.logit_ceiling == 6.0
+    assert list(loaded.verdicts.values()) == [Verdict(0.7, 0.5, 12)] and loaded.answers
+    assert all(torch.equal(value, loaded.selectors[0].state_dict()[key])
+               for key, value in selector.state_dict().items())
+    assert torch.allclose(loaded.selectors[0].vocabulary, selector.vocabulary, atol=1e-2)
+    assert len(selector.vocabulary) == 3
+    assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded.selectors, examples)))
+    with pytest.raises(CaseLevelStageError, match="another text encoder"):
+        CaseLevelStage.load(tmp_path / STAGE_FILE, "other")
+    earlier_version = {**stage.to_payload(), "version": 1}
+    torch.save(earlier_version, tmp_path / STAGE_FILE)
+    with pytest.raises(CaseLevelStageError, match=r"no case-level stage of version 2/3\. Fix: .*LSMSv2_fit_case_level"):
+        CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
+    unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
+    with pytest.raises(ValueError, match="unknown case-level setting.*logit_cieling"):
+        CaseLevelStage.from_payload(unknown, "abc", "the checkpoint")
+    (tmp_path / "damaged.pt").write_bytes((tmp_path / STAGE_FILE).read_bytes()[:200])  # a truncated stage
+    with pytest.raises(CaseLevelStageError, match=r"damaged\.pt is not a readable case-level stage.*Fix: delete"):
+        CaseLevelStage.load(tmp_path / "damaged.pt", "abc")
 
 
-def test_fold_selectors_come_from_the_checkpoint_else_the_file_else_none(tmp_path, capsys):
+def test_members_of_one_fitting_share_their_vocabulary_and_folds_keep_theirs():
+    rng = np.random.default_rng(2)
+    two_members = fit_selectors([_size_only_example("the largest lesion", 4, rng) for _ in range(10)],
+                                CaseLevelSettings(fit_steps=20, operations_first_steps=5), members=2)[0]
+    other = fit_selector([_size_only_example("the smallest lesion", 4, rng) for _ in range(10)], steps=20)
+    folds = two_members + [other]
+    rows = SelectionBatch.of([_size_only_example("the second lesion", 4, rng)]).word_rows
+    vote_rows = member_vote_rows(folds, rows)
+    assert vote_rows[0] is vote_rows[1] and vote_rows[2] is not vote_rows[0]
+    assert all(torch.allclose(shared, member.vote_rows_of(rows)) for shared, member in zip(vote_rows, folds))
+
+
+def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
+    """tests/data/case_level_stage_07f87bd.pt: a selector payload (format 2, no settings recorded) fitted by the code
+    of commit 07f87bd, an image with its finding logits, seven texts, and the logits that code answered with."""
+    from pathlib import Path
+
+    reference = torch.load(Path(__file__).parent / "data" / "case_level_stage_07f87bd.pt", weights_only=True)
+    stage = CaseLevelStage.from_payload(reference["payload"], "abc", "the reference")
+    assert stage.settings == CaseLevelSettings() and len(stage.selectors) == 3 and stage.answers
+    tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
+    encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)
+    answer = stage.apply(reference["finding_logits"], reference["data"], reference["texts"],
+                         TextFeatures(reference["texts"], encoded), reference["spacing"])
+    assert torch.equal(answer, reference["answer_logits"])
+    assert len({tuple((answer[i] > 0).flatten().tolist()) for i in range(len(answer))}) >= 4  # answers differ
+
+
+def test_selectors_fitted_together_each_fit_their_own_subset():
+    """Two subsets fitted in one batched optimisation: one sees only "the largest lesion", the other only "the
+    smallest lesion", both worded "the lesion": each answers as its own subset taught it."""
+    rng = np.random.default_rng(8)
+    largest = [_size_only_example("the largest lesion", 4, rng) for _ in range(30)]
+    smallest = [_size_only_example("the smallest lesion", 4, rng) for _ in range(30)]
+    neutral = [SelectionExample(e.descriptors, e.volumes, _words("the lesion"), e.referred) for e in largest + smallest]
+    only_largest = np.arange(60) < 30
+    fitted = fit_selectors(neutral, CaseLevelSettings(fit_steps=150), members=1,
+                           subsets=[only_largest, ~only_largest])
+    tests = [SelectionExample(e.descriptors, e.volumes, _words("the lesion")) for e in
+             [_size_only_example("the largest lesion", 4, rng) for _ in range(20)]]
+    for selectors, operation in zip(fitted, (np.argmax, np.argmin)):
+        answers = choose(selectors, tests)
+        assert np.mean([answer.sum() == 1 and answer[operation(e.volumes)] for answer, e in zip(answers, tests)]) \
+            >= 0.9
+
+
+def test_fold_stages_come_from_the_checkpoint_else_the_file_else_none(tmp_path, capsys):
     rng = np.random.default_rng(3)
-    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5,
-                            log=lambda *_: None)
-    in_checkpoint = {"_extra_state": {CASE_SELECTOR_STATE_KEY: selectors_to_payload([selector], "abc")}}
+    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5)
+    in_checkpoint = {"_extra_state": {STAGE_STATE_KEY: _stage([selector]).to_payload()}}
     (tmp_path / "fold_1").mkdir()
-    save_selectors([selector, selector], tmp_path / "fold_1" / SELECTOR_FILE, "abc")  # validated before checkpoints
-    selectors, answer = load_case_selectors(tmp_path, [0, 1], [in_checkpoint, {"_extra_state": {}}], "abc")
-    assert len(selectors) == 3 and answer
-    assert "no case selector" not in capsys.readouterr().out
-    assert load_case_selectors(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") == ([], False)
+    _stage([selector, selector]).save(tmp_path / "fold_1" / STAGE_FILE)  # validated before checkpoints carried it
+    stage = stage_for_prediction(tmp_path, [0, 1], [in_checkpoint, {"_extra_state": {}}], "abc")
+    assert len(stage.selectors) == 3 and stage.answers
+    log = capsys.readouterr().out
+    assert "no case selector" not in log and "answered by the case-level stage" in log
+    assert stage_for_prediction(tmp_path, [0, 2], [in_checkpoint, {"_extra_state": {}}], "abc") is None
     warning = capsys.readouterr().out
-    assert "no case selector" in warning and "fold_2" in warning and "--val" in warning
+    assert "no case selector" in warning and "fold_2" in warning and "LSMSv2_fit_case_level" in warning
+
+
+def test_a_stage_fitted_on_other_weights_is_refused():
+    """A stage records the weights it was fitted on: beside or inside a checkpoint of other weights, or with
+    folds that find candidates differently, it is refused with the fix."""
+    rng = np.random.default_rng(3)
+    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5)
+    weights = {"encoder.weight": torch.ones(3, 3), "_extra_state": {}}
+    stage = _stage([selector])
+    stage.fitted_on = weights_identity(weights)
+    own = {**weights, "_extra_state": {STAGE_STATE_KEY: stage.to_payload()}}
+    assert weights_identity(own) == stage.fitted_on  # the stage itself is not part of the identity
+    assert stage_for_prediction("unused", [0], [own], "abc", log=lambda *_: None) is not None
+    retrained = {"encoder.weight": torch.full((3, 3), 2.0), "_extra_state": {STAGE_STATE_KEY: stage.to_payload()}}
+    with pytest.raises(CaseLevelStageError, match=r"fitted on other weights .* fold 0 .* LSMSv2_fit_case_level"):
+        stage_for_prediction("unused", [0], [retrained], "abc")
+    other_split = _stage([selector], logit_ceiling=4.0).to_payload()
+    with pytest.raises(CaseLevelStageError, match="logit_ceiling"):
+        stage_for_prediction("unused", [0, 1], [own, {"_extra_state": {STAGE_STATE_KEY: other_split}}], "abc")
+
+
+def test_case_level_settings_are_checked_and_read_from_json(tmp_path):
+    with pytest.raises(ValueError, match="dropout"):
+        CaseLevelSettings(dropout=1.5)
+    with pytest.raises(ValueError, match="operations_first_steps"):
+        CaseLevelSettings(fit_steps=10, operations_first_steps=20)
+    with pytest.raises(ValueError, match="integer"):
+        CaseLevelSettings(fit_steps=10.5)
+    changes = tmp_path / "settings.json"
+    changes.write_text('{"logit_ceiling": 6, "fit_steps": 100}')
+    base = CaseLevelSettings(ensemble_members=2)
+    assert CaseLevelSettings.from_json_file(changes, base) == CaseLevelSettings(logit_ceiling=6.0, fit_steps=100,
+                                                                               ensemble_members=2)
+    changes.write_text('{"logit_cieling": 6}')
+    with pytest.raises(ValueError, match=r"settings\.json: unknown case-level setting.*logit_cieling"):
+        CaseLevelSettings.from_json_file(changes)
 
 
 class _OneCaseDataset:
@@ -329,23 +422,22 @@ def test_selector_fits_on_the_true_lesions_and_on_the_networks_answer():
 
 
 def test_most_folds_preferring_the_network_alone_make_it_answer(capsys):
-    """A fold's verdict travels with its selector; the folds in use answer with the case-level step unless most of
+    """A fold's verdict travels with its stage; the folds in use answer with the case-level stage unless most of
     them found the network alone better on their training cases."""
     rng = np.random.default_rng(4)
-    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5,
-                            log=lambda *_: None)
+    selector = fit_selector([_size_only_example("the largest lesion", 4, rng) for _ in range(4)], steps=5)
     alone_better = Verdict(case_level_dice=0.4, network_alone_dice=0.6, expressions=20)
     case_level_better = Verdict(case_level_dice=0.8, network_alone_dice=0.6, expressions=20)
 
     def fold(verdict):
-        payload = selectors_to_payload([selector], "abc", vars(verdict) if verdict else None)
-        return {"_extra_state": {CASE_SELECTOR_STATE_KEY: payload}}
+        stage = _stage([selector])
+        stage.verdicts = {"this fold": verdict}
+        return {"_extra_state": {STAGE_STATE_KEY: stage.to_payload()}}
 
-    selectors, answer = load_case_selectors("unused", [0, 1], [fold(alone_better), fold(case_level_better)], "abc")
-    assert len(selectors) == 2 and answer
-    selectors, answer = load_case_selectors("unused", [0, 1, 2], [fold(alone_better), fold(alone_better), fold(None)],
-                                            "abc")
-    assert len(selectors) == 3 and not answer
+    stage = stage_for_prediction("unused", [0, 1], [fold(alone_better), fold(case_level_better)], "abc")
+    assert len(stage.selectors) == 2 and stage.answers
+    stage = stage_for_prediction("unused", [0, 1, 2], [fold(alone_better), fold(alone_better), fold(None)], "abc")
+    assert len(stage.selectors) == 3 and not stage.answers
     note = capsys.readouterr().out
     assert "answered by the network alone" in note and "fold 0" in note and "0.400" in note and "fold 2" not in note
 
@@ -387,7 +479,7 @@ def test_the_verdict_keeps_the_case_level_step_only_where_it_answers_better():
                                  finding_logits=lambda _: finding[dataset.current],
                                  network_alone_logits=lambda data, texts: np.stack(
                                      [network_answer(data) for _ in texts]))
-        return cross_validated_verdict(evidence, folds=2, log=lambda *_: None)
+        return cross_validated_verdict(evidence, CaseLevelSettings(verdict_folds=2), log=lambda *_: None)
 
     silent = verdict(lambda data: np.full(data.shape[1:], -4.0))
     assert silent.case_level_dice == pytest.approx(2 / 3) and silent.network_alone_dice == 0.0

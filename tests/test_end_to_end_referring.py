@@ -13,10 +13,10 @@ import pytest
 import SimpleITK as sitk
 import torch
 
-from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY
+from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
-from lsms_nnunet.selection.case_level import Verdict
-from lsms_nnunet.selection.selector import SELECTOR_FILE, load_selectors, selectors_from_payload
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
@@ -66,13 +66,15 @@ def test_stock_train_writes_per_expression_validation(trained):
     assert_scores_follow_from_voxel_counts(summary["metric_per_expression"], summary["aggregate"])
     assert (trained["model"] / "fold_0" / "checkpoint_final.pth").is_file()
     log = next((trained["model"] / "fold_0").glob("training_log_*.txt")).read_text(encoding="utf-8")
-    assert "case selector: fitting on" in log
-    load_selectors(trained["model"] / "fold_0" / SELECTOR_FILE, MINILM_SHA256)  # fitted with the model's encoder
+    training_expressions = [e for e in expressions if e["case"] in set(splits[0]["train"])]
+    assert f"case selector: fitting 3 selectors on {2 * len(training_expressions)} examples" in log  # 2 candidate sets
+    beside = CaseLevelStage.load(trained["model"] / "fold_0" / STAGE_FILE, MINILM_SHA256)  # the model's encoder
     weights = load_checkpoint_safely(trained["model"] / "fold_0" / "checkpoint_final.pth")["network_weights"]
-    payload = weights["_extra_state"][CASE_SELECTOR_STATE_KEY]
-    selectors_from_payload(payload, MINILM_SHA256, "the checkpoint")
-    verdict = Verdict(**payload["verdict"])  # judged on the training cases: the case-level step or the network alone
-    assert 0.0 <= verdict.case_level_dice <= 1.0 and 0.0 <= verdict.network_alone_dice <= 1.0
+    stage = CaseLevelStage.from_payload(weights["_extra_state"][STAGE_STATE_KEY], MINILM_SHA256, "the checkpoint")
+    assert stage.settings == beside.settings == CaseLevelSettings()  # the settings it was fitted with, recorded
+    assert stage.fitted_on == beside.fitted_on == weights_identity(weights)  # and the weights it was fitted on
+    verdict = next(iter(stage.verdicts.values()))  # judged on the training cases: all of them (tiny images)
+    assert verdict.expressions == len(training_expressions)
     assert f"case selector: {verdict.describe()}" in log
     dataset_json = json.loads((trained["model"] / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["labels"] == {"background": 0, "target": 1}
@@ -86,7 +88,7 @@ def test_checkpoint_records_text_encoder(trained):
     assert card["text_encoder"]["sha256"] == MINILM_SHA256
     assert card["text_encoder"]["dim"] == 384
     plans = json.loads((trained["model"] / "plans.json").read_text(encoding="utf-8"))
-    card.pop(CASE_SELECTOR_STATE_KEY)  # fitted at validation, per fold
+    card.pop(STAGE_STATE_KEY)  # fitted at validation, per fold
     assert plans["configurations"][trained["configuration"]][MODEL_CARD_PLANS_KEY] == card  # the card is in the plans
 
 
@@ -137,7 +139,7 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     images = trained["raw"] / "imagesTs"
     without_file = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
     shutil.copytree(trained["model"], without_file)
-    (without_file / "fold_0" / SELECTOR_FILE).unlink()
+    (without_file / "fold_0" / STAGE_FILE).unlink()
     result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "checkpoint_only"),
                  nnUNet_results=str(tmp_path / "results"))
     assert "no case selector" not in result.stdout + result.stderr
@@ -145,7 +147,7 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     checkpoint = load_checkpoint_safely(checkpoint_file)
     verdicts = []
     for network_alone_dice in (0.0, 1.0):  # the verdict in the checkpoint decides who answers
-        checkpoint["network_weights"]["_extra_state"][CASE_SELECTOR_STATE_KEY]["verdict"] = {
+        checkpoint["network_weights"]["_extra_state"][STAGE_STATE_KEY]["verdict"] = {
             "case_level_dice": 0.5, "network_alone_dice": network_alone_dice, "expressions": 10}
         torch.save(checkpoint, checkpoint_file)
         out = tmp_path / f"verdict_{network_alone_dice}"
@@ -156,11 +158,49 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     masks = [answer for _, answer in verdicts]
     assert masks[0].keys() == masks[1].keys() and any(not np.array_equal(masks[0][name], masks[1][name])
                                                       for name in masks[0])
-    del checkpoint["network_weights"]["_extra_state"][CASE_SELECTOR_STATE_KEY]
+    del checkpoint["network_weights"]["_extra_state"][STAGE_STATE_KEY]
     torch.save(checkpoint, checkpoint_file)
     result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither"),
                  nnUNet_results=str(tmp_path / "results"))
-    assert "no case selector" in result.stdout + result.stderr and "--val" in result.stdout + result.stderr
+    assert "no case selector" in result.stdout + result.stderr and "LSMSv2_fit_case_level" in result.stdout + result.stderr
+
+
+def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_models, run, run_failing, tmp_path):
+    """LSMSv2_fit_case_level refits a trained fold's stage (no training, no validation) with the settings of a JSON
+    file: the checkpoint and the file beside it carry the new stage and record its settings; stock prediction uses
+    it. A stage fitted on checkpoint_final is refused for checkpoint_best, with the fix."""
+    trained = trained_models["2d"]
+    copy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
+    shutil.copytree(trained["model"], copy)
+    validation_before = (copy / "fold_0" / "validation" / "summary.json").read_bytes()
+    settings = tmp_path / "settings.json"
+    settings.write_text('{"ensemble_members": 2, "fit_steps": 60, "operations_first_steps": 10}')
+    environment = dict(nnUNet_results=str(tmp_path / "results"))
+    result = run("LSMSv2_fit_case_level", "-d", trained["dataset"], "-c", "2d", "-f", 0, "-tr", "LSMSTrainer_test",
+                 "-p", "nnUNetPlans_tiny", "-device", "cpu", "--settings", settings, **environment)
+    assert "Expressions are answered by" in result.stdout and "Fitted in" in result.stdout
+    weights = load_checkpoint_safely(copy / "fold_0" / "checkpoint_final.pth")["network_weights"]
+    stage = CaseLevelStage.from_payload(weights["_extra_state"][STAGE_STATE_KEY], MINILM_SHA256, "the checkpoint")
+    assert stage.settings == CaseLevelSettings(ensemble_members=2, fit_steps=60, operations_first_steps=10)
+    assert len(stage.selectors) == 2 and stage.fitted_on == weights_identity(weights)
+    assert CaseLevelStage.load(copy / "fold_0" / STAGE_FILE, MINILM_SHA256).settings == stage.settings
+    assert (copy / "fold_0" / "validation" / "summary.json").read_bytes() == validation_before  # not validated
+    result = run("nnUNetv2_predict", *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / "out"),
+                 **environment)
+    assert "Expressions are answered by" in result.stdout + result.stderr
+    best = load_checkpoint_safely(copy / "fold_0" / "checkpoint_best.pth")  # weights of another epoch
+    name = next(key for key, value in best["network_weights"].items() if isinstance(value, torch.Tensor))
+    best["network_weights"][name] = best["network_weights"][name] + 0.01
+    best["network_weights"]["_extra_state"].pop(STAGE_STATE_KEY, None)
+    torch.save(best, copy / "fold_0" / "checkpoint_best.pth")
+    message = run_failing("nnUNetv2_predict", *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / "best"),
+                          "-chk", "checkpoint_best.pth", **environment)
+    assert "fitted on other weights" in message and "LSMSv2_fit_case_level" in message
+    settings.write_text('{"logit_cieling": 6}')
+    message = run_failing("LSMSv2_fit_case_level", "-d", trained["dataset"], "-c", "2d", "-f", 0, "-tr",
+                          "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-device", "cpu", "--settings", settings,
+                          **environment)
+    assert "settings.json: unknown case-level setting" in message and "Traceback" not in message
 
 
 def _predict_args(trained, images, out):
@@ -326,7 +366,7 @@ def test_a_scan_stored_mirrored_gets_the_same_physical_answer(trained_models, tm
 
     predictor = nnUNetPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(trained["model"]), (0,), "checkpoint_final.pth")
-    predictor.case_selectors = []  # the network's own voxel-wise answer, not a choice among candidates
+    predictor.case_level = None  # the network's own voxel-wise answer, not a choice among candidates
     predictor.predict_from_files_sequential(str(images), str(tmp_path / "out"), save_probabilities=True)
     stored, mirrored = (np.load(tmp_path / "out" / f"{case}-left.npz")["probabilities"][1]
                         for case in ("stored", "mirrored"))

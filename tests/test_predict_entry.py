@@ -6,7 +6,7 @@ import sys
 import pytest
 
 from lsms_nnunet.inference import predict_entry as entry
-from lsms_nnunet.inference.predictor import LSMSPredictor
+from lsms_nnunet.inference.predictor import LSMSPredictor, PredictionRequest
 
 
 class _Loaded(Exception):
@@ -24,6 +24,8 @@ def _run_until_the_model_loads(monkeypatch, tmp_path, *flags: str) -> dict:
     monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
     monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
                                       "-device", "cpu", *flags])
+    import lsms_nnunet_ext_hook  # noqa: F401  (what a non-editable install's .pth already ran at start-up)
+
     environment = dict(os.environ)
     with pytest.raises(_Loaded):
         entry.predict_entry()
@@ -34,18 +36,17 @@ def _run_until_the_model_loads(monkeypatch, tmp_path, *flags: str) -> dict:
 def test_expressions_file_text_encoder_and_nonfinite_flag_reach_the_predictor(monkeypatch, tmp_path):
     seen = _run_until_the_model_loads(monkeypatch, tmp_path, "-e", "elsewhere/expressions.json", "--text_encoder",
                                       "/models/encoder", "--allow_nonfinite", "-f", "0", "all", "-chk", "x.pth")
-    predictor = seen["predictor"]
-    assert predictor.expressions_file == os.path.abspath("elsewhere/expressions.json")
-    assert predictor.ad_hoc_text is None and predictor.allow_nonfinite
-    assert predictor.text_encoder_source == "/models/encoder"
+    assert seen["predictor"].request == PredictionRequest(
+        expressions_file=os.path.abspath("elsewhere/expressions.json"), ad_hoc_text=None,
+        text_encoder_source="/models/encoder", allow_nonfinite=True)
     assert seen["model_folder"] == str(tmp_path / "results" / "Dataset001_X" / "LSMSTrainer__nnUNetPlans__2d")
     assert seen["folds"] == [0, "all"] and seen["checkpoint"] == "x.pth"
 
 
 def test_ad_hoc_text_reaches_the_predictor(monkeypatch, tmp_path):
     predictor = _run_until_the_model_loads(monkeypatch, tmp_path, "--text", "the largest cyst")["predictor"]
-    assert predictor.ad_hoc_text == "the largest cyst" and predictor.expressions_file is None
-    assert predictor.allow_nonfinite is False and LSMSPredictor.ad_hoc_text is None  # the class stays as it was
+    assert predictor.request == PredictionRequest(ad_hoc_text="the largest cyst")
+    assert not hasattr(LSMSPredictor, "request")  # per-run state lives on the instance, not the class
 
 
 @pytest.mark.parametrize("text", ["\u0000", "\u200b", "\U0001F600", "\x1b[0m"])

@@ -6,6 +6,8 @@ is missing.
 
 from __future__ import annotations
 
+import dataclasses
+
 import json
 import time
 from pathlib import Path
@@ -245,21 +247,22 @@ def measure_heldout(model: _FoldModel) -> dict:
 
 def measure_network_alone(model: _FoldModel) -> dict:
     """The validation expressions answered the way the model does not answer them, on the same trained weights
-    ({} for models without a case-level step): by the network alone when its case-level step answers (what that step
-    adds), else by the case-level step its verdict declined (`declined_case_level`: what it would have given)."""
+    ({} for models without a case-level stage): by the network alone when its stage answers (what that stage adds),
+    else by the stage its verdict declined (`declined_case_level`: what it would have given)."""
     setup, variant, fold = model.setup, model.variant, model.fold
     predictor = model.predictor
-    if not variant.uses_text or not predictor.case_selectors:
+    stage = predictor.case_level
+    if not variant.uses_text or stage is None:
         return {}
-    declined = not predictor.case_selectors_answer
-    predictor.case_selectors_answer = declined
+    declined = not stage.answers
+    predictor.case_level = dataclasses.replace(stage, verdicts={}) if declined else None
     try:
         section, description = ("case_level", "case-level step") if declined else \
             (NETWORK_ALONE_SECTION, "network alone")
         scores = model.answer_and_score(setup.validation_expressions(fold), setup.work_folder(variant, fold, section),
                                         description)
     finally:
-        predictor.case_selectors_answer = not declined
+        predictor.case_level = stage
     return {**scores, "declined_case_level": declined}
 
 

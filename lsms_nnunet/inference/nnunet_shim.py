@@ -4,7 +4,7 @@ The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`, which knows nothi
 hook through which a trainer chooses its predictor. The only LSMS code its `initialize_from_trained_model_folder`
 runs is `LSMSTrainer.build_network_architecture`, which calls `adopt_stock_predictor` below: that reads the calling
 frame's local variables (`self`, `model_training_output_dir`, `use_folds`, `parameters`: names in nnU-Net 2.8), turns
-the predictor into an `LSMSPredictor` and loads the case selectors of the folds it uses (from their checkpoints). It
+the predictor into an `LSMSPredictor` and loads the case-level stage of the folds it uses (from their checkpoints). It
 was checked against CHECKED_NNUNET_VERSIONS and refuses others with a message naming the fix; everything else (the
 model card) reaches the network through the plans.
 """
@@ -42,11 +42,11 @@ def stock_loader_locals(depth: int = 2) -> Mapping | None:
 
 
 def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
-    """Make the predictor restoring an LSMS checkpoint an `LSMSPredictor` with the case selectors of its folds."""
+    """Make the predictor restoring an LSMS checkpoint an `LSMSPredictor` with the case-level stage of its folds."""
     from lsms_nnunet.inference.predictor import LSMSPredictor
     from lsms_nnunet.network.prompting import network_config_of
     from lsms_nnunet.preprocessing.prompts import PLAIN
-    from lsms_nnunet.selection.case_level import load_case_selectors
+    from lsms_nnunet.selection.stage import stage_for_prediction
 
     check_nnunet_version()
     predictor = loader_locals["self"]
@@ -54,8 +54,9 @@ def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
         return
     if not isinstance(predictor, LSMSPredictor):
         predictor.__class__ = LSMSPredictor
+        predictor.adopt()
     if model_card["mode"] != PLAIN and network_config_of(model_card).case_selection:
-        predictor.case_selectors, predictor.case_selectors_answer = load_case_selectors(
+        predictor.case_level = stage_for_prediction(
             loader_locals["model_training_output_dir"], loader_locals["use_folds"], loader_locals["parameters"],
             model_card["text_encoder"]["sha256"])
 

@@ -82,7 +82,7 @@ def predict_entry() -> None:
     from nnunetv2.utilities.file_path_utilities import get_output_folder
 
     import lsms_nnunet_ext_hook  # noqa: F401  (registers the trainer folder in nnUNet_extTrainer)
-    from lsms_nnunet.inference.predictor import LSMSPredictor
+    from lsms_nnunet.inference.predictor import LSMSPredictor, PredictionRequest
 
     if args.device == "cpu":  # thread settings as nnUNetv2_predict chooses them
         torch.set_num_threads(multiprocessing.cpu_count())
@@ -92,11 +92,11 @@ def predict_entry() -> None:
     predictor = LSMSPredictor(tile_step_size=args.step_size, use_gaussian=True, use_mirroring=not args.disable_tta,
                               perform_everything_on_device=not args.not_on_device, device=torch.device(args.device),
                               verbose=args.verbose, verbose_preprocessing=args.verbose,
-                              allow_tqdm=not args.disable_progress_bar)
-    predictor.expressions_file = os.path.abspath(args.expressions) if args.expressions else None
-    predictor.ad_hoc_text = args.text
-    predictor.text_encoder_source = args.text_encoder
-    predictor.allow_nonfinite = args.allow_nonfinite
+                              allow_tqdm=not args.disable_progress_bar,
+                              request=PredictionRequest(
+                                  expressions_file=os.path.abspath(args.expressions) if args.expressions else None,
+                                  ad_hoc_text=args.text, text_encoder_source=args.text_encoder,
+                                  allow_nonfinite=args.allow_nonfinite))
     folds = [fold if fold == "all" else int(fold) for fold in args.f]
     predictor.initialize_from_trained_model_folder(get_output_folder(args.d, args.tr, args.p, args.c), folds,
                                                    checkpoint_name=args.chk)

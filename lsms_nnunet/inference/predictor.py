@@ -2,12 +2,14 @@
 
 `LSMSPredictor` subclasses `nnUNetPredictor` and keeps its whole pipeline (reading, preprocessing workers, sliding
 window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue_prediction`):
-- the expressions come from the companion `expressions.json` in the input folder (or from `expressions_file` /
-  `ad_hoc_text`, which `LSMSv2_predict -e/--text` pass) and are validated before anything is written, as is the output:
-  never the input folder or inside it, no expression id named like an input image;
+- the expressions come from the companion `expressions.json` in the input folder (or from the `PredictionRequest`
+  that `LSMSv2_predict -e/--text` pass) and are validated before anything is written, as is the output: never the
+  input folder or inside it, no expression id named like an input image;
 - each image is preprocessed once and seen in canonical orientation (preprocessing/orientation.py; flipped back
   before export); all of its expressions are bound to the network as prompts, so every sliding-window
   patch runs once for all of them, batched;
+- where the folds' case-level stage answers (selection/stage.py), the network is asked for its finding answer only
+  and the stage chooses each expression's lesions among its candidates;
 - the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
   (`<expression id><file ending>`), plus `expressions_index.json`.
 A plain-task model without a companion file binds its label prompts and the stock nnU-Net export writes an ordinary
@@ -20,12 +22,12 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from nnunetv2.inference.export_prediction import convert_predicted_logits_to_segmentation_with_correct_shape
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -38,11 +40,11 @@ from text_conditioning.model_texts import embed_texts, encode_texts
 
 from lsms_nnunet.inference.input_checks import check_input_images
 from lsms_nnunet.network.case_position import with_case_position
-from lsms_nnunet.network.prompting import PromptableLSMSNet, network_config_of
+from lsms_nnunet.network.prompting import PromptableLSMSNet
 from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
-from lsms_nnunet.selection.case_level import TextFeatures, select_case_lesions
-from lsms_nnunet.selection.selector import CaseSelector
+from lsms_nnunet.selection.evidence import TextFeatures
+from lsms_nnunet.selection.stage import CaseLevelStage
 
 EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
 INDEX_FILE = "expressions_index.json"
@@ -117,20 +119,36 @@ def empty_where_absent(prompt_logits: torch.Tensor, case_existence: torch.Tensor
 
 
 # ------------------------------------------------------------------------------------------------ predictor
-class LSMSPredictor(nnUNetPredictor):
-    """nnUNetPredictor that answers referring expressions (see module docstring)."""
+@dataclass(frozen=True)
+class PredictionRequest:
+    """What one prediction asks beyond nnU-Net's own arguments: LSMSv2_predict's -e, --text, --text_encoder and
+    --allow_nonfinite. The stock nnUNetv2_predict has none of them: it reads the companion expressions file,
+    LSMS_TEXT_ENCODER and LSMS_ALLOW_NONFINITE instead."""
 
-    expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
-    #: The case-level selectors of the folds in use, and whether they answer (the folds' verdicts,
-    #: selection/case_level.Verdict); without them each expression is answered by the network alone.
-    case_selectors: list[CaseSelector] = []
-    case_selectors_answer: bool = True
-    #: What LSMSv2_predict asks beyond nnU-Net's flags (-e, --text, --text_encoder, --allow_nonfinite); the stock
-    #: nnUNetv2_predict reads the companion expressions file, LSMS_TEXT_ENCODER and LSMS_ALLOW_NONFINITE instead.
     expressions_file: str | None = None
     ad_hoc_text: str | None = None
     text_encoder_source: str | None = None
     allow_nonfinite: bool = False
+
+
+class LSMSPredictor(nnUNetPredictor):
+    """nnUNetPredictor that answers referring expressions (see module docstring).
+
+    `request`: the prediction's `PredictionRequest`; `case_level`: the case-level stage of the folds in use (set when
+    a model folder is loaded; None: each expression is answered by the network alone)."""
+
+    expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
+
+    def __init__(self, *args, request: PredictionRequest = PredictionRequest(), **kwargs):
+        super().__init__(*args, **kwargs)
+        self.request = request
+        self.case_level: CaseLevelStage | None = None
+
+    def adopt(self, request: PredictionRequest = PredictionRequest()) -> None:
+        """The per-run state of a predictor built by nnU-Net's own code (the stock nnUNetv2_predict) and turned into
+        an LSMSPredictor, whose __init__ did not run."""
+        self.request = request
+        self.case_level = None
 
     @property
     def model_card(self) -> dict:
@@ -140,18 +158,17 @@ class LSMSPredictor(nnUNetPredictor):
                               cache_folder: Path | None = None) -> torch.Tensor:
         """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts.
 
-        With case selectors, the network is asked for the finding answer only, and each expression is answered by
-        the selector's choice among its lesion candidates (selection/case_level.py)."""
+        Where the case-level stage answers, the network is asked for the finding answer only, and the stage chooses
+        each expression's lesions among its candidates (selection/stage.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         asked = _maybe_constant(self.model_card, texts)
-        encoded = encode_texts(asked, identity, cache_folder, self.text_encoder_source)
-        answers_by_case_level = self.case_selectors and self.case_selectors_answer
-        if not (answers_by_case_level and network_config_of(self.model_card).case_selection):
+        encoded = encode_texts(asked, identity, cache_folder, self.request.text_encoder_source)
+        if self.case_level is None or not self.case_level.answers:
             return self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
                                                       torch.from_numpy(encoded.mask))
         finding = self.predict_finding_logits(data, cache_folder)
-        answers = select_case_lesions(finding, data, asked, TextFeatures(asked, encoded),
-                                      self.case_selectors, self.configuration_manager.spacing)
+        answers = self.case_level.apply(finding, data, asked, TextFeatures(asked, encoded),
+                                        self.configuration_manager.spacing)
         return torch.cat((torch.zeros_like(answers[:1]), answers))
 
     def predict_finding_logits(self, data: torch.Tensor, cache_folder: Path | None = None) -> torch.Tensor:
@@ -159,7 +176,7 @@ class LSMSPredictor(nnUNetPredictor):
         head's answer (the finding prompt bound), or for networks without one the answer to the finding prompt."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         encoded = encode_texts(_maybe_constant(self.model_card, [FINDING_TEXT]), identity, cache_folder,
-                               self.text_encoder_source)
+                               self.request.text_encoder_source)
         tokens, mask = torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
         if not self.network.config.finding_head:
             return self._sliding_window_prompt_logits(data, tokens, mask)[1]
@@ -256,9 +273,9 @@ class LSMSPredictor(nnUNetPredictor):
             self._refuse_unsafe_output(source, output)
             encode_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
                          EncoderIdentity.from_dict(self.model_card["text_encoder"]),
-                         encoder_source=self.text_encoder_source)
+                         encoder_source=self.request.text_encoder_source)
         check_input_images(source, self.dataset_json, self.plans_manager.image_reader_writer_class(),
-                           self.model_card.get("training_directions", []), self.allow_nonfinite)
+                           self.model_card.get("training_directions", []), self.request.allow_nonfinite)
 
     def _refuse_unsafe_output(self, source: str, output) -> None:
         """Masks are named `<expression id><file ending>`: in the input folder they can replace an image (an id equal
@@ -280,7 +297,7 @@ class LSMSPredictor(nnUNetPredictor):
                 f"the expressions file, e.g. to {clashes[0]}_mask.")
 
     def _expressions_file(self, source: str) -> str:
-        return self.expressions_file or os.path.join(source, EXPRESSIONS_FILE)
+        return self.request.expressions_file or os.path.join(source, EXPRESSIONS_FILE)
 
     def _requested_expressions(self, source) -> list[Expression] | None:
         """The expressions asked for, validated against the images present; None when nothing was asked."""
@@ -288,11 +305,11 @@ class LSMSPredictor(nnUNetPredictor):
             return None
         ending = self.dataset_json["file_ending"]
         cases = sorted({name[: -len(ending) - 5] for name in os.listdir(source) if name.endswith(ending)})
-        if self.ad_hoc_text:
-            return [Expression(f"{case}-text", case, self.ad_hoc_text, None) for case in cases]
+        if self.request.ad_hoc_text:
+            return [Expression(f"{case}-text", case, self.request.ad_hoc_text, None) for case in cases]
         file = self._expressions_file(source)
         if not os.path.isfile(file):
-            if self.expressions_file:
+            if self.request.expressions_file:
                 raise ExpressionsError(f"{file} is missing. Fix: point -e at an existing expressions file.")
             return None
         expressions = load_expressions(file, require_targets=False)
@@ -351,53 +368,3 @@ class LSMSPredictor(nnUNetPredictor):
             write_index(Path(output_folder), entries)
             written.extend(entries)
         return written
-
-
-def referring_predictor(trainer) -> LSMSPredictor:
-    """A predictor on the trainer's network, as nnU-Net's own validation builds one."""
-    predictor = LSMSPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
-                              perform_everything_on_device=True, device=trainer.device, allow_tqdm=False)
-    predictor.manual_initialization(trainer._unwrapped_network(), trainer.plans_manager, trainer.configuration_manager,
-                                    None, trainer.dataset_json, trainer.__class__.__name__,
-                                    trainer.inference_allowed_mirroring_axes)
-    return predictor
-
-
-def finding_logits(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
-    """The network's all-lesion logits on one preprocessed image (the selector's candidates), as float32 numpy."""
-    return predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder).float().numpy()
-
-
-def network_alone_logits(predictor: LSMSPredictor, data: np.ndarray, texts: Sequence[str],
-                         cache_folder: Path | None = None) -> np.ndarray:
-    """[E, *spatial] logits of the network answering the E texts itself, without the case-level step (float32)."""
-    answer, predictor.case_selectors_answer = predictor.case_selectors_answer, False
-    try:
-        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data)), texts, cache_folder)
-    finally:
-        predictor.case_selectors_answer = answer
-    return logits[1:].float().numpy()
-
-
-def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:
-    """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
-    from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
-
-    output_folder = Path(trainer.output_folder) / "validation"
-    output_folder.mkdir(parents=True, exist_ok=True)
-    dataset = trainer.canonically_oriented(trainer.dataset_class(trainer.preprocessed_dataset_folder,
-                                                                 list(validation_cases)))
-    reader_writer = trainer.plans_manager.image_reader_writer_class()
-    ending = trainer.dataset_json["file_ending"]
-    expressions = [e for e in trainer.prompt_set.expressions if e.case in set(validation_cases)]
-    for case in tqdm(list(validation_cases), desc="Validating expressions"):
-        case_expressions = [e for e in expressions if e.case == case]
-        data, _, _, properties = dataset.load_case(case)
-        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
-                                                 [e.text for e in case_expressions], trainer.text_cache_folder)
-        logits = flip_spatial(logits, canonical_flip_axes(properties, trainer.plans_manager.transpose_forward))
-        export_expression_masks(logits, properties, trainer.configuration_manager, trainer.plans_manager,
-                                reader_writer, [e.id for e in case_expressions], output_folder, ending)
-    gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
-    return evaluate_referring_folder(gt_folder, output_folder, expressions, file_ending=ending,
-                                     output_file=output_folder / "summary.json")

@@ -15,19 +15,10 @@ from scipy import ndimage
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
-#: Components smaller than this are speckles of the finding mask, not lesions (the smallest synthetic lesion covers
-#: 13 voxels in 3D, ~26 pixels in 2D).
-MIN_CANDIDATE_VOXELS = 4
-#: Splitting the network's answer: Gaussian smoothing of its logits (voxels) and how far a seed must rise above its
-#: surroundings (logits); heights 1, 2 and 4 scored 0.90-0.91 mean Dice on the synthetic 2D benchmark, 2 the best.
-LOGIT_SMOOTHING_VOXELS, LOGIT_SEED_HEIGHT = 1.0, 2.0
-#: The split reads the logits up to this ceiling (probability 0.9997): where the network is sure, the rises and falls
-#: of its confidence are texture, not boundaries between lesions. Without it one training's answer, more confident
-#: and more uneven inside its lesions, was cut into pieces and "the largest" chose a piece (synthetic 2D benchmark,
-#: that training: mean Dice 0.846 -> 0.878, size rank 0.47 -> 0.69; seven other trainings, 2D, 3D and LiTS: -0.019
-#: to +0.021).
-LOGIT_CEILING = 8.0
-SHELL_VOXELS = 2  # the ring of surrounding tissue a lesion is compared with ("hypodense" = darker than its liver)
+from lsms_nnunet.selection.settings import CaseLevelSettings
+
+DEFAULT_SETTINGS = CaseLevelSettings()
+
 INTENSITY_FEATURES = ("mean", "std", "p10", "p90", "core", "rim", "shell", "contrast")
 
 
@@ -46,16 +37,14 @@ class Candidates:
         return lookup[self.labels]
 
 
-def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: np.ndarray | None = None
-                    ) -> Candidates:
+def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: np.ndarray | None = None,
+                    settings: CaseLevelSettings = DEFAULT_SETTINGS) -> Candidates:
     """The lesions of a bool mask, without speckles, numbered from 1: connected components, and touching lesions
     split apart by a watershed seeded at maxima that rise above their surroundings. Lesions lie close together, and a
-    finding answer bridging them would make one candidate of several (3 of 8 validation cases of the synthetic
-    benchmark without the split). A ground-truth mask is split along the distance to the background (seeds one voxel
-    high); the network's answer along its own logits, capped at LOGIT_CEILING and smoothed (seeds LOGIT_SEED_HEIGHT
-    high): its confidence dips between lesions it bridged, and the boundary it draws there sets the volumes that "the
-    smallest" compares (on the synthetic 2D benchmark, 3 seeds: mean Dice 0.885 -> 0.906, size rank 0.63 -> 0.71
-    against the distance split).
+    finding answer bridging them would make one candidate of several. A ground-truth mask is split along the distance
+    to the background (seeds one voxel high); the network's answer along its own logits, capped at
+    `settings.logit_ceiling` and smoothed (seeds `settings.logit_seed_height` high): its confidence dips between
+    lesions it bridged, and the boundary it draws there sets the volumes that "the smallest" compares.
     The split, and the smoothing it reads, run inside the lesions' bounding box with one voxel of background around
     it: the same result as on the whole image (background only ever connects lesions at the lowest elevation), at a
     cost that follows the lesions rather than the image."""
@@ -69,16 +58,16 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     if logits is None:
         elevation, seed_height = ndimage.distance_transform_edt(mask, sampling=spacing), min(spacing)
     else:
-        smoothed = _capped_and_smoothed_inside(logits, box)
+        smoothed = _capped_and_smoothed_inside(logits, box, settings)
         # the background lies a seed height below every lesion voxel: every component keeps a seed however faint,
         # and any such floor gives the same seeds (a maximum's rise over it is then always enough)
-        floor = smoothed.min() - LOGIT_SEED_HEIGHT
-        elevation, seed_height = np.where(mask, smoothed, floor), LOGIT_SEED_HEIGHT
+        floor = smoothed.min() - settings.logit_seed_height
+        elevation, seed_height = np.where(mask, smoothed, floor), settings.logit_seed_height
     seeds, _ = ndimage.label(h_maxima(elevation, seed_height) & mask, structure)
     split = watershed(-elevation, seeds, mask=mask)
     count = int(split.max())
     sizes = np.bincount(split.ravel(), minlength=count + 1)
-    keep = np.flatnonzero(sizes >= MIN_CANDIDATE_VOXELS)
+    keep = np.flatnonzero(sizes >= settings.min_candidate_voxels)
     keep = keep[keep > 0]
     renumber = np.zeros(count + 1, dtype=np.int32)
     renumber[keep] = np.arange(1, len(keep) + 1)
@@ -87,20 +76,23 @@ def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: n
     return Candidates(labels, len(keep), volumes)
 
 
-def _capped_and_smoothed_inside(logits: np.ndarray, box: tuple[slice, ...]) -> np.ndarray:
-    """The logits capped at LOGIT_CEILING and Gaussian-smoothed on `box`, computed on the box grown by the filter's
+def _capped_and_smoothed_inside(logits: np.ndarray, box: tuple[slice, ...], settings: CaseLevelSettings
+                                ) -> np.ndarray:
+    """The logits capped at the ceiling and Gaussian-smoothed on `box`, computed on the box grown by the filter's
     radius: the same values as capping and smoothing the whole image (the filter reaches no further; at the image
     border it reflects there either way), at a cost that follows the box."""
-    radius = int(4.0 * LOGIT_SMOOTHING_VOXELS + 0.5)  # scipy's default truncation at 4 sigma
+    sigma = settings.logit_smoothing_voxels
+    radius = int(4.0 * sigma + 0.5)  # scipy's default truncation at 4 sigma
     grown = tuple(slice(max(s.start - radius, 0), min(s.stop + radius, n)) for s, n in zip(box, logits.shape))
-    capped = np.minimum(np.asarray(logits[grown], dtype=np.float32), LOGIT_CEILING)
-    smoothed = ndimage.gaussian_filter(capped, LOGIT_SMOOTHING_VOXELS)
+    capped = np.minimum(np.asarray(logits[grown], dtype=np.float32), settings.logit_ceiling)
+    smoothed = ndimage.gaussian_filter(capped, sigma)
     return smoothed[tuple(slice(s.start - g.start, s.stop - g.start) for s, g in zip(box, grown))]
 
 
-def candidates_of_answer(logits: np.ndarray, spacing: Sequence[float]) -> Candidates:
+def candidates_of_answer(logits: np.ndarray, spacing: Sequence[float],
+                         settings: CaseLevelSettings = DEFAULT_SETTINGS) -> Candidates:
     """The lesions of the network's all-lesion answer (its logits): where it says lesion, split along its logits."""
-    return find_candidates(logits > 0, spacing, logits)
+    return find_candidates(logits > 0, spacing, logits, settings)
 
 
 def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: Sequence[int]) -> np.ndarray:
@@ -112,11 +104,13 @@ def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: S
     return np.asarray(inside) / np.bincount(candidates.labels.ravel(), minlength=candidates.count + 1)[1:]
 
 
-def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequence[float]) -> np.ndarray:
+def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequence[float],
+                        shell_voxels: int = DEFAULT_SETTINGS.shell_voxels) -> np.ndarray:
     """[count, features]: centroid position in the case (-1..1 per axis) and, per image channel, the intensity
     statistics of INTENSITY_FEATURES (core and rim split the lesion at half its inner depth; shell is the
-    tissue just around it, other candidates excluded). Size is left out on purpose: the selector's set operations
-    compare volumes; a size descriptor lets the match score imitate "the largest" on the training cases instead."""
+    `shell_voxels` of tissue just around it, other candidates excluded). Size is left out on purpose: the selector's
+    set operations compare volumes; a size descriptor lets the match score imitate "the largest" on the training
+    cases instead."""
     spatial = candidates.labels.shape
     channels = image.reshape(-1, *spatial)
     extent = np.maximum(np.asarray(spatial, dtype=np.float64) - 1, 1)
@@ -124,14 +118,14 @@ def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequ
     for index, box in enumerate(ndimage.find_objects(candidates.labels), start=1):
         if box is None:
             continue
-        padded = tuple(slice(max(s.start - SHELL_VOXELS, 0), min(s.stop + SHELL_VOXELS, n))
+        padded = tuple(slice(max(s.start - shell_voxels, 0), min(s.stop + shell_voxels, n))
                        for s, n in zip(box, spatial))
         local = candidates.labels[padded]
         inside = local == index
         depth = ndimage.distance_transform_edt(inside, sampling=spacing)
         core = inside & (depth >= 0.5 * depth.max())
         rim = inside & ~core
-        shell = ndimage.binary_dilation(inside, iterations=SHELL_VOXELS) & (local == 0)
+        shell = ndimage.binary_dilation(inside, iterations=shell_voxels) & (local == 0)
         centroid = np.array([c.mean() + s.start for c, s in zip(np.nonzero(inside), padded)])
         row = list(2 * centroid / extent - 1)
         for channel in channels:

@@ -7,61 +7,35 @@ it does not see together. The selector works on the whole case after the sliding
   Each word states a constraint on the candidate's descriptors (a direction, a bias and a gate that says how much
   the word constrains at all) and the match is their soft conjunction: the product of the gated per-word
   probabilities. Reading words rather than the pooled sentence keeps one word's meaning whatever wording surrounds
-  it: on the synthetic 2D benchmark (3 seeds) an MLP over the sentence embedding scored 0.84 on seen and 0.67 on
-  held-out wording, the conjunction 0.89 and 0.78, and "left" / "right", nearly one point in sentence space,
-  became separable;
+  it ("left" and "right" are nearly one point in sentence space);
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
   second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
   "second") decides even in a sentence of otherwise unseen wording; a word never fitted votes as its nearest fitted
-  words do (VOTE_SNAP_TEMPERATURE). Each operation is the exact probability under
-  independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is
-  computed, not learned from a few examples. A sentence means one operation: fitting maximises the likelihood of
-  the whole answer as a mixture over operations (its first steps with every candidate held as matching, so the
-  operations are learned before the match could explain a rare relation instead), and prediction uses the most
-  likely one.
+  words do (`CaseLevelSettings.vote_snap_temperature`). Each operation is the exact probability under independent
+  matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed, not
+  learned from a few examples. A sentence means one operation: fitting maximises the likelihood of the whole answer
+  as a mixture over operations (its first steps with every candidate held as matching, so the operations are learned
+  before the match could explain a rare relation instead), and prediction uses the most likely one.
 
-It is fitted on the training cases' expressions and lesion candidates (selection/case_level.py), saved next to the
-fold's checkpoint and applied by the predictor to the components of the network's finding answer.
+Words are handled as rows of unique token embeddings (`SelectionBatch`): at inference a text asked of many
+candidate sets is mapped once; while fitting each occurrence gets its own dropout. Several selectors (the ensemble's
+members, the verdict's refits) are fitted together in one batched optimisation (`fit_selectors`).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+from torch.func import functional_call, stack_module_state, vmap
 
-from text_conditioning.io import atomic_path
+from lsms_nnunet.selection.settings import CaseLevelSettings
 
 #: Set operations over the matching candidates; superlatives of size are the relations radiology reports use.
 OPERATIONS = ("all", "largest", "smallest", "second_largest")
-SELECTOR_FORMAT, SELECTOR_VERSION = "lsms-case-selector", 2
-SELECTOR_FILE = "case_selector.pt"
-ENSEMBLE_MEMBERS = 3
-#: Prior logit of "all" over the other operations: an operation that explains an answer by coincidence (a kind the
-#: match cannot yet tell, answered by "second largest") must not take over. Measured on the synthetic 2D benchmark's
-#: fold 0 with ground-truth candidates, 3 seeds: prior 0 -> mean Dice 0.81 (kind 0.76), 3 -> 0.90 but size rank
-#: 0.54, 1.5 -> 0.88 with size rank 0.75.
-ALL_PRIOR = 1.5
-#: Full-batch fitting steps. On the synthetic 2D benchmark (3 seeds, seen / held-out wording): 150 steps 0.883 / 0.775,
-#: 300 0.885 / 0.794, 500 0.887 / 0.785, 1000 0.890 / 0.777 (the loss then reaches 0.003: memorised) at 3.3x the time.
-FIT_STEPS = 300
-#: The first fitting steps learn the operations alone, every candidate held as matching: otherwise the match learns
-#: to single out the referred lesion of a rare relation ("the second largest", 3 training expressions) and "largest"
-#: explains it, which no new case repeats. Synthetic 2D benchmark, 3 seeds (seen / held-out wording, size rank):
-#: 0 steps 0.906 / 0.797, 0.71; 50 steps 0.921 / 0.819, 0.83; 100 steps 0.896 / 0.800, 0.83 (attribute drops).
-#: On the 3D benchmark (one training) they traded attribute 0.71 -> 0.41 for size rank 0.62 -> 0.75 (mean 0.678 ->
-#: 0.649): with every candidate matching, "the <attribute> lesion" can only be explained by a superlative.
-OPERATIONS_FIRST_STEPS = 50
-#: After fitting, an operation vote reads each word as a softmax mix (this temperature, over cosine similarity) of the
-#: fitting expressions' word embeddings: "the most diminutive lesion" votes as its nearest fitted words do, where the
-#: raw embedding of an unseen word votes wherever the linear vote happens to extrapolate. Only the votes: snapping
-#: the match as well made negations and locations of unseen wording worse. Synthetic 2D benchmark, 3 seeds (seen /
-#: held-out wording): without 0.921 / 0.819 (size rank held-out 0.72); votes snapped at 0.05 0.921 / 0.831 (0.80);
-#: match and votes snapped 0.921 / 0.814.
-VOTE_SNAP_TEMPERATURE = 0.05
 
 
 @dataclass
@@ -74,40 +48,100 @@ class SelectionExample:
     referred: np.ndarray | None = None  # [K] bool (fitting only)
 
 
+@dataclass
+class SelectionBatch:
+    """Examples padded to their largest candidate and word counts, the words as indices into unique rows."""
+
+    descriptors: torch.Tensor  # [E, K, F]
+    volumes: torch.Tensor  # [E, K]
+    valid: torch.Tensor  # [E, K] bool
+    word_rows: torch.Tensor  # [N, D] the unique token embeddings
+    word_index: torch.Tensor  # [E, L] row of each word (0 where padded)
+    word_mask: torch.Tensor  # [E, L] bool
+    referred: torch.Tensor  # [E, K] (zeros at inference)
+
+    @classmethod
+    def of(cls, examples: Sequence[SelectionExample]) -> SelectionBatch:
+        count = max([len(e.volumes) for e in examples] + [1])
+        width = next((e.descriptors.shape[1] for e in examples if e.descriptors.ndim == 2), 0)
+        length = max(len(e.words) for e in examples)
+        descriptors = torch.zeros(len(examples), count, width)
+        volumes = torch.zeros(len(examples), count)
+        valid = torch.zeros(len(examples), count, dtype=torch.bool)
+        referred = torch.zeros(len(examples), count)
+        word_mask = torch.zeros(len(examples), length, dtype=torch.bool)
+        all_words = np.concatenate([np.asarray(e.words, dtype=np.float32) for e in examples])
+        rows, inverse = np.unique(all_words, axis=0, return_inverse=True)
+        word_index = torch.zeros(len(examples), length, dtype=torch.long)
+        start = 0
+        for row, example in enumerate(examples):
+            k, words = len(example.volumes), len(example.words)
+            descriptors[row, :k] = torch.as_tensor(example.descriptors, dtype=torch.float32)
+            volumes[row, :k] = torch.as_tensor(example.volumes, dtype=torch.float32)
+            valid[row, :k] = True
+            if example.referred is not None:
+                referred[row, :k] = torch.as_tensor(example.referred, dtype=torch.float32)
+            word_index[row, :words] = torch.as_tensor(inverse.reshape(-1)[start:start + words])
+            word_mask[row, :words] = True
+            start += words
+        return cls(descriptors, volumes, valid, torch.from_numpy(rows), word_index, word_mask, referred)
+
+    def inputs(self) -> tuple[torch.Tensor, ...]:
+        """What `CaseSelector.forward` takes, in its order."""
+        return self.descriptors, self.volumes, self.valid, self.word_rows, self.word_index, self.word_mask
+
+
+class UniformDropout(nn.Dropout):
+    """`nn.Dropout` with its mask drawn by thresholding uniform noise: the same distribution, drawn several times
+    faster on the CPU than by PyTorch's Bernoulli sampler (which was most of a fitting step)."""
+
+    def forward(self, values: torch.Tensor) -> torch.Tensor:
+        if not self.training or self.p == 0:
+            return values
+        return values * (torch.rand_like(values) >= self.p) / (1 - self.p)
+
+
 class CaseSelector(nn.Module):
     """Per-candidate probability of being referred to, given the expression's words (see module docstring)."""
 
-    def __init__(self, descriptor_dim: int, text_dim: int, width: int = 64, dropout: float = 0.3):
+    def __init__(self, descriptor_dim: int, text_dim: int, settings: CaseLevelSettings = CaseLevelSettings()):
         super().__init__()
-        self.descriptor_dim, self.text_dim, self.width = descriptor_dim, text_dim, width
+        self.descriptor_dim, self.text_dim, self.width = descriptor_dim, text_dim, settings.width
+        self.vote_snap_temperature = settings.vote_snap_temperature
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
         self.register_buffer("descriptor_std", torch.ones(descriptor_dim))
+        width = settings.width
         self.candidate = nn.Sequential(nn.Linear(descriptor_dim, width), nn.GELU(), nn.Linear(width, width))
-        self.constraint = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, width + 2))  # direction, bias, gate
-        self.operation = nn.Sequential(nn.Dropout(dropout), nn.Linear(text_dim, len(OPERATIONS)))
-        #: The fitting expressions' word embeddings (VOTE_SNAP_TEMPERATURE); empty while fitting and for selectors
-        #: saved before it existed. Saved beside the members, once per ensemble (selectors_to_payload).
+        # per word: a direction, a bias and a gate
+        self.constraint = nn.Sequential(UniformDropout(settings.dropout), nn.Linear(text_dim, width + 2))
+        self.operation = nn.Sequential(UniformDropout(settings.dropout), nn.Linear(text_dim, len(OPERATIONS)))
+        #: The fitting expressions' word embeddings (vote snapping); empty while fitting and for selectors saved
+        #: before it existed. Saved beside the members, once per ensemble (CaseLevelStage.to_payload).
         self.register_buffer("vocabulary", torch.zeros(0, text_dim), persistent=False)
-        with torch.no_grad():  # prior: "all that match" unless the words consistently say otherwise (an operation
-            self.operation[1].bias[0] = ALL_PRIOR  # that explains an answer by coincidence must not take over)
+        with torch.no_grad():  # prior: "all that match" unless the words consistently say otherwise
+            self.operation[1].bias[0] = settings.all_prior
 
-    def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, words: torch.Tensor,
-                word_mask: torch.Tensor, operations_only: bool = False, vote_words: torch.Tensor | None = None
-                ) -> torch.Tensor:
-        """descriptors [E, K, F], volumes [E, K], valid [E, K] bool, words [E, L, D], word_mask [E, L] bool ->
-        per-operation probabilities [E, K, operations] and log operation weights [E, operations]. `vote_words`:
-        the words as the operation votes read them, when already computed (`vote_words_of`; choose shares them
-        among the members of one fitting)."""
-        vote_words = self.vote_words_of(words) if vote_words is None else vote_words
-        words = _unit_variance(words)
+    def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, word_rows: torch.Tensor,
+                word_index: torch.Tensor, word_mask: torch.Tensor, operations_only: bool = False,
+                vote_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """`SelectionBatch.inputs()` -> per-operation probabilities [E, K, operations] and log operation weights
+        [E, operations]. `vote_rows`: the word rows as the operation votes read them, when already computed
+        (`vote_rows_of`; the members of one fitting share them)."""
+        vote_rows = self.vote_rows_of(word_rows) if vote_rows is None else vote_rows
+        if self.training:  # dropout per occurrence of a word, as fitted: map the [E, L] occurrences
+            constraints = self.constraint(_unit_variance(word_rows)[word_index])  # [E, L, width + 2]
+            votes = self.operation(vote_rows[word_index])  # [E, L, operations]
+        else:  # the same values, each unique word mapped once
+            constraints = self.constraint(_unit_variance(word_rows))[word_index]
+            votes = self.operation(vote_rows)[word_index]
+        direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
-        direction, bias, gate = self.constraint(words).split((self.width, 1, 1), dim=-1)  # [E, L, width | 1 | 1]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
         gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
-        if operations_only:  # fitting's first steps (OPERATIONS_FIRST_STEPS): every candidate held as matching
+        if operations_only:  # fitting's first steps: every candidate held as matching
             match = 0.99 * valid.float()
-        votes = self.operation(vote_words).masked_fill(~word_mask.unsqueeze(-1), -1e4)  # [E, L, operations]
+        votes = votes.masked_fill(~word_mask.unsqueeze(-1), -1e4)
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
         larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
         smaller = (volumes.unsqueeze(1) < volumes.unsqueeze(2)) & valid.unsqueeze(1)
@@ -119,25 +153,35 @@ class CaseSelector(nn.Module):
         by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
         return by_operation * valid.unsqueeze(-1), log_weights
 
-    def vote_words_of(self, words: torch.Tensor) -> torch.Tensor:
+    def vote_rows_of(self, word_rows: torch.Tensor) -> torch.Tensor:
         """The words as the operation votes read them: each as the similarity-weighted mix of the fitted vocabulary
         (itself, for a word seen in fitting), or as it is while fitting and for selectors without a vocabulary."""
         if not len(self.vocabulary):
-            return _unit_variance(words)
-        similarity = nn.functional.normalize(words, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
-        return _unit_variance(torch.softmax(similarity / VOTE_SNAP_TEMPERATURE, dim=-1) @ self.vocabulary)
+            return _unit_variance(word_rows)
+        similarity = nn.functional.normalize(word_rows, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
+        return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary)
 
-    def negative_log_likelihood(self, *inputs: torch.Tensor, referred: torch.Tensor, operations_only: bool = False
-                                ) -> torch.Tensor:
-        """Mean over expressions of -log P(answer): a sentence means one operation, so the answer's likelihood is a
-        mixture over operations of the product over candidates (EM-like credit goes to the operation that explains
-        the whole answer)."""
-        by_operation, log_weights = self(*inputs, operations_only=operations_only)
-        valid = inputs[2].unsqueeze(-1)
-        p = by_operation.clamp(1e-6, 1 - 1e-6)
-        target = referred.unsqueeze(-1)
-        log_likelihood = ((target * p.log() + (1 - target) * (1 - p).log()) * valid).sum(1)  # [E, operations]
-        return -torch.logsumexp(log_likelihood + log_weights, dim=-1).mean()
+
+def answer_log_likelihood(by_operation: torch.Tensor, log_weights: torch.Tensor, valid: torch.Tensor,
+                          referred: torch.Tensor) -> torch.Tensor:
+    """Per expression, log P(answer): a sentence means one operation, so the answer's likelihood is a mixture over
+    operations of the product over candidates (EM-like credit goes to the operation that explains the whole
+    answer). [E]"""
+    p = by_operation.clamp(1e-6, 1 - 1e-6)
+    target = referred.unsqueeze(-1)
+    log_likelihood = ((target * p.log() + (1 - target) * (1 - p).log()) * valid.unsqueeze(-1)).sum(1)
+    return torch.logsumexp(log_likelihood + log_weights, dim=-1)
+
+
+@contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """PyTorch's intra-op threads set to `count` inside the block, restored after."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExample]) -> list[np.ndarray]:
@@ -146,10 +190,11 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     is kept when its probability exceeds 0.5; a superlative refers to exactly one candidate, so the most probable one
     is kept when the chance that any is meant exceeds 0.5 (its candidates' probabilities are exclusive events, so
     they sum to that chance): thresholding each alone gave no answer when two lesions of similar size shared it."""
-    inputs = _stack(examples)[:-1]
+    batch = SelectionBatch.of(examples)
+    inputs = batch.inputs()
     with torch.no_grad():
-        outputs = [selector.eval()(*inputs, vote_words=vote_words)
-                   for selector, vote_words in zip(selectors, member_vote_words(selectors, inputs[3]))]
+        outputs = [selector.eval()(*inputs, vote_rows=vote_rows)
+                   for selector, vote_rows in zip(selectors, member_vote_rows(selectors, batch.word_rows))]
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
     operation = weights.argmax(-1)
@@ -164,13 +209,13 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     return answers
 
 
-def member_vote_words(selectors: Sequence[CaseSelector], words: torch.Tensor) -> list[torch.Tensor]:
-    """Per member, the words as its operation votes read them, computed once per vocabulary: the members of one
-    fitting share theirs (selectors_from_payload), and snapping is most of a member's work at inference."""
+def member_vote_rows(selectors: Sequence[CaseSelector], word_rows: torch.Tensor) -> list[torch.Tensor]:
+    """Per member, the word rows as its operation votes read them, computed once per vocabulary: the members of one
+    fitting share theirs, and snapping is most of a member's work at inference."""
     snapped: dict[int, torch.Tensor] = {}
     for selector in selectors:
         if id(selector.vocabulary) not in snapped:
-            snapped[id(selector.vocabulary)] = selector.vote_words_of(words)
+            snapped[id(selector.vocabulary)] = selector.vote_rows_of(word_rows)
     return [snapped[id(selector.vocabulary)] for selector in selectors]
 
 
@@ -179,107 +224,75 @@ def _unit_variance(vectors: torch.Tensor) -> torch.Tensor:
     return nn.functional.normalize(vectors, dim=-1) * vectors.shape[-1] ** 0.5
 
 
-def _stack(examples: Sequence[SelectionExample]):
-    """Pad to the largest candidate and word counts: descriptors, volumes, valid, words, word mask, referred."""
-    count = max([len(e.volumes) for e in examples] + [1])
-    width = next((e.descriptors.shape[1] for e in examples if e.descriptors.ndim == 2), 0)
-    descriptors = torch.zeros(len(examples), count, width)
-    volumes = torch.zeros(len(examples), count)
-    valid = torch.zeros(len(examples), count, dtype=torch.bool)
-    referred = torch.zeros(len(examples), count)
-    for row, example in enumerate(examples):
-        k = len(example.volumes)
-        descriptors[row, :k] = torch.as_tensor(example.descriptors, dtype=torch.float32)
-        volumes[row, :k] = torch.as_tensor(example.volumes, dtype=torch.float32)
-        valid[row, :k] = True
-        if example.referred is not None:
-            referred[row, :k] = torch.as_tensor(example.referred, dtype=torch.float32)
-    length = max(len(e.words) for e in examples)
-    words = torch.zeros(len(examples), length, examples[0].words.shape[-1])
-    word_mask = torch.zeros(len(examples), length, dtype=torch.bool)
-    for row, example in enumerate(examples):
-        words[row, :len(example.words)] = torch.as_tensor(example.words, dtype=torch.float32)
-        word_mask[row, :len(example.words)] = True
-    return descriptors, volumes, valid, words, word_mask, referred
+def fit_selectors(examples: Sequence[SelectionExample], settings: CaseLevelSettings = CaseLevelSettings(),
+                  members: int | None = None, subsets: Sequence[np.ndarray] | None = None, log=print
+                  ) -> list[list[CaseSelector]]:
+    """Per subset of `examples` (bool masks; default: all of them), `members` selectors from seeds 0..members-1
+    (default `settings.ensemble_members`): a few hundred training expressions leave single fits seed-sensitive, and
+    `choose` averages the members. All of them are fitted in one batched full-batch optimisation (AdamW, descriptor
+    noise, the operations alone for the first steps), each on its own subset, with `settings.threads` threads.
+    The members of one subset hold one vocabulary tensor (their fitting words), so `choose` snaps words once."""
+    members = settings.ensemble_members if members is None else members
+    subsets = [np.ones(len(examples), dtype=bool)] if subsets is None else [np.asarray(s, bool) for s in subsets]
+    with torch_threads(settings.threads):
+        batch = SelectionBatch.of(examples)
+        include = torch.from_numpy(np.stack([s for s in subsets for _ in range(members)])).float()  # [M, E]
+        selectors = []
+        for subset in subsets:
+            real = batch.descriptors[torch.from_numpy(subset)][batch.valid[torch.from_numpy(subset)]]
+            for seed in range(members):
+                torch.manual_seed(seed)
+                selector = CaseSelector(batch.descriptors.shape[-1], batch.word_rows.shape[-1], settings)
+                selector.descriptor_mean.copy_(real.mean(0))
+                selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
+                selectors.append(selector.train())
+        _fit_together(selectors, batch, include, settings, log)
+        fitted = []
+        for index, subset in enumerate(subsets):
+            group = [selector.eval() for selector in selectors[index * members:(index + 1) * members]]
+            vocabulary = torch.unique(batch.word_rows[batch.word_index[torch.from_numpy(subset)][
+                batch.word_mask[torch.from_numpy(subset)]]], dim=0)
+            for selector in group:
+                selector.vocabulary = vocabulary
+            fitted.append(group)
+    return fitted
 
 
-def fit_selector(examples: Sequence[SelectionExample], steps: int = FIT_STEPS, seed: int = 0,
-                 learning_rate: float = 1e-3, log=print) -> CaseSelector:
-    """Fit a selector on examples with known referred candidates (full batch, Adam, descriptor noise)."""
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    descriptors, volumes, valid, words, word_mask, referred = _stack(examples)
-    selector = CaseSelector(descriptors.shape[-1], words.shape[-1])
-    real = descriptors[valid]
-    selector.descriptor_mean.copy_(real.mean(0))
-    selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
-    optimizer = torch.optim.AdamW(selector.parameters(), lr=learning_rate, weight_decay=1e-3)
-    selector.train()
+def _fit_together(selectors: list[CaseSelector], batch: SelectionBatch, include: torch.Tensor,
+                  settings: CaseLevelSettings, log) -> None:
+    """Optimise the selectors in one vmapped model: each one's loss is the mean negative log-likelihood of the
+    examples `include` gives it ([M, E]); AdamW treats every element alone, so the sum of the losses fits each as if
+    alone. The fitted values are copied back into `selectors`."""
+    parameters, buffers = stack_module_state(selectors)
+    parameters = {name: value.detach().requires_grad_() for name, value in parameters.items()}
+    template = selectors[0]
+    descriptor_std = buffers["descriptor_std"]  # [M, F]
+    unit_rows = _unit_variance(batch.word_rows)
+    generator = torch.Generator().manual_seed(0)
+    optimizer = torch.optim.AdamW(parameters.values(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    inputs = batch.descriptors, batch.volumes, batch.valid, batch.word_rows, batch.word_index, batch.word_mask
+
+    def loss_of(model_parameters, model_buffers, noisy_descriptors, operations_only):
+        by_operation, log_weights = functional_call(
+            template, (model_parameters, model_buffers), (noisy_descriptors, *inputs[1:]),
+            {"operations_only": operations_only, "vote_rows": unit_rows})
+        return -answer_log_likelihood(by_operation, log_weights, batch.valid, batch.referred)  # [E]
+
+    per_example = {flag: vmap(lambda p, b, d, flag=flag: loss_of(p, b, d, flag), randomness="different")
+                   for flag in (True, False)}
+    steps = settings.fit_steps
     for step in range(steps):
-        noise = 0.05 * torch.randn(descriptors.shape, generator=generator) * selector.descriptor_std
-        loss = selector.negative_log_likelihood(descriptors + noise, volumes, valid, words, word_mask,
-                                                referred=referred, operations_only=step < OPERATIONS_FIRST_STEPS)
+        noise = settings.descriptor_noise * torch.randn((len(selectors), *batch.descriptors.shape),
+                                                        generator=generator) * descriptor_std[:, None, None, :]
+        nll = per_example[step < settings.operations_first_steps](parameters, buffers, batch.descriptors + noise)
+        losses = (nll * include).sum(-1) / include.sum(-1).clamp_min(1.0)  # [M]
         optimizer.zero_grad()
-        loss.backward()
+        losses.sum().backward()
         optimizer.step()
         if (step + 1) % max(1, steps // 4) == 0:
-            log(f"case selector: step {step + 1}/{steps}, loss {loss.item():.4f}")
-    selector.vocabulary = torch.unique(words[word_mask], dim=0)
-    return selector.eval()
-
-
-def fit_selectors(examples: Sequence[SelectionExample], members: int = ENSEMBLE_MEMBERS, log=print
-                  ) -> list[CaseSelector]:
-    """Several selectors from different seeds; `choose` averages them (a few hundred training expressions leave
-    single fits seed-sensitive: 0.67 vs 0.73 mean Dice on one benchmark fold). The members hold one vocabulary
-    tensor (the same fitting words), so `choose` snaps the words once for all of them, as for loaded members."""
-    selectors = [fit_selector(examples, seed=seed, log=log) for seed in range(members)]
-    for selector in selectors[1:]:
-        selector.vocabulary = selectors[0].vocabulary
-    return selectors
-
-
-def selectors_to_payload(selectors: Sequence[CaseSelector], text_encoder_sha256: str,
-                         verdict: Mapping[str, float] | None = None) -> dict:
-    """Plain tensors and numbers only, so it loads with weights_only=True (in its own file or in a checkpoint).
-    `verdict`: whether the selector or the network alone answers (case_level.Verdict's fields)."""
-    first = selectors[0]
-    return {"format": SELECTOR_FORMAT, "version": SELECTOR_VERSION, "verdict": dict(verdict) if verdict else None,
-            "descriptor_dim": first.descriptor_dim, "text_dim": first.text_dim, "width": first.width,
-            "text_encoder_sha256": text_encoder_sha256,
-            "members": [selector.state_dict() for selector in selectors],
-            "vocabulary": first.vocabulary.half()}  # the members share it (one fitting set); half precision: ~1 MB
-
-
-def selectors_from_payload(content: dict, text_encoder_sha256: str, source: str) -> list[CaseSelector]:
-    if content.get("format") != SELECTOR_FORMAT or content.get("version") != SELECTOR_VERSION:
-        raise ValueError(f"{source} holds no case selector of version {SELECTOR_VERSION}. Fix: refit it by rerunning "
-                         f"validation (nnUNetv2_train ... --val) with this lsms-nnunet.")
-    if content["text_encoder_sha256"] != text_encoder_sha256:
-        raise ValueError(f"The case selector in {source} was fitted with another text encoder than its model. Fix: "
-                         f"rerun validation (nnUNetv2_train ... --val) to refit it.")
-    selectors = []
-    # absent from selectors saved before vote snapping: they vote on raw words; one tensor for all members
-    vocabulary = content["vocabulary"].float() if "vocabulary" in content else None
-    for state in content["members"]:
-        selector = CaseSelector(content["descriptor_dim"], content["text_dim"], content["width"])
-        selector.load_state_dict(state)
-        if vocabulary is not None:
-            selector.vocabulary = vocabulary
-        selectors.append(selector.eval())
-    return selectors
-
-
-def save_selectors(selectors: Sequence[CaseSelector], path: Path, text_encoder_sha256: str,
-                   verdict: Mapping[str, float] | None = None) -> None:
-    """Write atomically."""
-    with atomic_path(path, suffix=".pt") as temporary:
-        torch.save(selectors_to_payload(selectors, text_encoder_sha256, verdict), temporary)
-
-
-def read_selector_payload(path: Path) -> dict:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def load_selectors(path: Path, text_encoder_sha256: str) -> list[CaseSelector]:
-    return selectors_from_payload(read_selector_payload(path), text_encoder_sha256, str(path))
+            log(f"case selector: step {step + 1}/{steps}, loss {losses.mean().item():.4f} "
+                f"({len(selectors)} selectors fitted together)")
+    with torch.no_grad():
+        for index, selector in enumerate(selectors):
+            for name, parameter in selector.named_parameters():
+                parameter.copy_(parameters[name][index])

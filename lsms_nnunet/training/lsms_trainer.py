@@ -7,17 +7,15 @@ What changes, each in the narrowest hook:
   `nnUNetv2_predict` text-aware).
 - `get_dataloaders`: nnU-Net's loaders over (case, prompt) pairs.
 - `train_step` / `validation_step`: bind the batch's text, then nnU-Net's own step; the loss adds the contrastive term.
-- `perform_actual_validation`: per (case, expression) masks and RLS metrics for referring tasks; nnU-Net's own
-  validation (label maps, summary.json) for plain tasks.
+- `perform_actual_validation`: for referring tasks, fit the case-level stage on the fold's training cases, then
+  per (case, expression) masks and RLS metrics (training/referring_validation.py); nnU-Net's own validation (label
+  maps, summary.json) for plain tasks.
 """
 from __future__ import annotations
 
 import dataclasses
 import math
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 import torch
 from torch import nn
 
@@ -35,15 +33,14 @@ from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
-from lsms_nnunet.network.prompting import (CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY, PromptableLSMSNet,
-                                          build_promptable_network, make_model_card)
+from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network, make_model_card
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
 from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING, read_prompt_set
-from lsms_nnunet.selection.case_level import TextFeatures, Verdict, fit_case_selectors
-from lsms_nnunet.selection.selector import SELECTOR_FILE, CaseSelector, save_selectors, selectors_to_payload
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.stage import CaseLevelStage
 from lsms_nnunet.training.dataloading import (CasePositionDataset, LSMSDataLoader, TextEmbeddingBank,
                                             position_through_geometry_only)
 
@@ -140,6 +137,8 @@ class LSMSTrainer(nnUNetTrainer):
     #: Referring tasks: share of draws that ask a case's finding prompt (all lesions), whose answer is every
     #: expression's candidate set under case selection; the rest are drawn uniformly among its expressions.
     finding_fraction: float = 0.0
+    #: What the case-level stage is fitted with at validation (and by LSMSv2_fit_case_level, unless --settings).
+    case_level_settings: CaseLevelSettings = CaseLevelSettings()
     #: The checkpoint file the weights in memory came from, when loaded (None: the final weights of this run).
     validated_checkpoint: str | None = None
 
@@ -320,8 +319,7 @@ class LSMSTrainer(nnUNetTrainer):
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
-        from lsms_nnunet.inference.predictor import (finding_logits, network_alone_logits, referring_predictor,
-                                                     validate_referring_fold)
+        from lsms_nnunet.training.referring_validation import referring_predictor, validate_referring_fold
 
         network = self._unwrapped_network()
         if self.prompt_set.mode == PLAIN:
@@ -331,62 +329,28 @@ class LSMSTrainer(nnUNetTrainer):
             return super().perform_actual_validation(save_probabilities)
         self.set_deep_supervision_enabled(False)
         self.network.eval()
-        train_keys, val_keys = self.do_split()
+        _, val_keys = self.do_split()
         predictor = referring_predictor(self)
         if network.config.case_selection:
-            predictor.case_selectors, verdict = self.fit_and_save_case_selectors(
-                train_keys, lambda data: finding_logits(predictor, data, self.text_cache_folder),
-                lambda data, texts: network_alone_logits(predictor, data, texts, self.text_cache_folder))
-            predictor.case_selectors_answer = verdict is None or verdict.case_level_answers
+            predictor.case_level = self.fit_case_level_stage(predictor)
         summary = validate_referring_fold(self, predictor, val_keys)
         self.print_to_log_file("Validation complete", also_print_to_console=True)
         self.print_to_log_file(f"Mean validation Dice over {summary['aggregate']['n_expressions']} expressions: "
                                f"{summary['aggregate']['mean_dice']:.4f}", also_print_to_console=True)
         self.set_deep_supervision_enabled(True)
 
+    def fit_case_level_stage(self, predictor=None) -> CaseLevelStage:
+        """Fit, judge and save the case-level stage of this fold on the weights in memory (its training cases);
+        the network must be in inference mode (eval, no deep supervision), as validation sets it."""
+        from lsms_nnunet.training.referring_validation import fit_case_level_stage, referring_predictor
+
+        train_keys, _ = self.do_split()
+        return fit_case_level_stage(self, predictor or referring_predictor(self), train_keys,
+                                    self.case_level_settings)
+
     def canonically_oriented(self, dataset) -> CanonicallyOrientedDataset:
         """Referring images are seen in one orientation: "left" is the patient's left however a scan is stored."""
         return CanonicallyOrientedDataset(dataset, self.plans_manager.transpose_forward)
-
-    def fit_and_save_case_selectors(self, train_keys: list[str], finding_logits: Callable[[np.ndarray], np.ndarray],
-                                    network_alone_logits: Callable[[np.ndarray, list[str]], np.ndarray]
-                                    ) -> tuple[list[CaseSelector], Verdict | None]:
-        """Fit the case-level selector on this fold's training cases (candidates: their lesions and the network's
-        finding answers on them), judge it against the network alone on them, and save both in the validated
-        checkpoint and beside it, where `nnUNetv2_predict` finds them; refitted by every validation run, `--val`
-        included."""
-        dataset = self.canonically_oriented(self.dataset_class(self.preprocessed_dataset_folder, train_keys))
-        texts = self.prompt_set.all_texts()  # the constant text of the control is one of them
-        constant = self.model_card["constant_text"]
-        cache = TextEmbeddingCache(self.text_cache_folder, self.text_encoder_identity)
-        features = TextFeatures(texts, cache.load(texts))
-        selectors, verdict = fit_case_selectors(dataset, train_keys, self.prompt_set.expressions, features,
-                                                self.configuration_manager.spacing,
-                                                text_of=(lambda _: constant) if constant else (lambda text: text),
-                                                finding_logits=finding_logits,
-                                                network_alone_logits=network_alone_logits, log=self.print_to_log_file)
-        verdict_fields = dataclasses.asdict(verdict) if verdict else None
-        save_selectors(selectors, Path(self.output_folder) / SELECTOR_FILE, self.text_encoder_identity.sha256,
-                       verdict_fields)
-        self._put_selectors_in_validated_checkpoint(selectors, verdict_fields)
-        return selectors, verdict
-
-    def _put_selectors_in_validated_checkpoint(self, selectors: list[CaseSelector], verdict: dict | None) -> None:
-        """The checkpoint whose weights were validated carries the selectors fitted on them (atomically rewritten):
-        `nnUNetv2_export_model_to_zip` packs checkpoints, not `case_selector.pt`, and stock prediction reads them from
-        the weights it loads."""
-        from lsms_nnunet.training.checkpoints import load_checkpoint_safely, save_atomically
-
-        path = Path(self.validated_checkpoint or Path(self.output_folder) / "checkpoint_final.pth")
-        if not path.is_file():
-            return  # checkpointing disabled: case_selector.pt alone
-        checkpoint = load_checkpoint_safely(path)
-        weights = checkpoint["network_weights"]
-        weights["_extra_state"] = {**weights["_extra_state"],
-                                   CASE_SELECTOR_STATE_KEY: selectors_to_payload(
-                                       selectors, self.text_encoder_identity.sha256, verdict)}
-        save_atomically(lambda temporary: torch.save(checkpoint, temporary), path)
-        self.print_to_log_file(f"case selector: stored in {path.name}")
 
     # ---------------------------------------------------------------- checkpoints that survive a kill
     def save_checkpoint(self, filename: str) -> None:

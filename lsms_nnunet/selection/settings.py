@@ -1,0 +1,121 @@
+"""Every setting of the case-level stage in one object, saved with each fitted stage.
+
+The values below were tuned on validation folds of the synthetic benchmarks; `docs/decisions.md` records, for each,
+what else was tried, on which data and split it was chosen, and what it measured. A fitted stage stores the settings
+it was fitted with (`CaseLevelStage.to_payload`), so a model folder says how its stage was made, and
+`LSMSv2_fit_case_level --settings FILE` refits a fold with other values without retraining.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+
+@dataclass(frozen=True)
+class CaseLevelSettings:
+    """What the case-level stage is fitted and applied with (see module docstring)."""
+
+    # -- candidates (selection/candidates.py)
+    #: Components smaller than this are speckles of the finding mask, not lesions.
+    min_candidate_voxels: int = 4
+    #: The network's answer is split along its logits, Gaussian-smoothed by this sigma (voxels) ...
+    logit_smoothing_voxels: float = 1.0
+    #: ... at maxima that rise this far above their surroundings (logits) ...
+    logit_seed_height: float = 2.0
+    #: ... read up to this ceiling: where the network is sure, its confidence is texture, not a lesion boundary.
+    logit_ceiling: float = 8.0
+    #: Width of the ring of surrounding tissue a candidate is compared with ("hypodense": darker than its organ).
+    shell_voxels: int = 2
+
+    # -- selector (selection/selector.py)
+    #: Width of the candidate embedding and of each word's constraint.
+    width: int = 64
+    #: Dropout on the word embeddings while fitting (a few hundred expressions; the selector must not memorise).
+    dropout: float = 0.3
+    #: Prior logit of the operation "all" over the superlatives: a superlative that explains an answer by
+    #: coincidence must not take over.
+    all_prior: float = 1.5
+    #: Full-batch fitting steps of one selector.
+    fit_steps: int = 300
+    #: The first fitting steps learn the operations alone, every candidate held as matching.
+    operations_first_steps: int = 50
+    learning_rate: float = 1e-3
+    weight_decay: float = 1e-3
+    #: Gaussian noise on the (standardised) descriptors while fitting.
+    descriptor_noise: float = 0.05
+    #: After fitting, an operation vote reads each word as a softmax mix (this temperature over cosine similarity)
+    #: of the fitted words: an unseen word votes as its nearest fitted words do.
+    vote_snap_temperature: float = 0.05
+    #: Selectors fitted from different seeds; their answers are averaged.
+    ensemble_members: int = 3
+
+    # -- verdict (selection/evidence.py): does the stage answer better than the network alone?
+    #: Groups of training cases the selector is refitted without, to be scored on them.
+    verdict_folds: int = 5
+    #: Selectors per verdict refit.
+    verdict_members: int = 1
+    #: The network answers alone at most as many training expressions as this many voxels hold ...
+    verdict_voxels: int = 2 ** 24
+    #: ... and at least this many.
+    verdict_min_expressions: int = 24
+
+    # -- application
+    #: The logit given outside the chosen candidates: below the mask threshold, so saved probabilities still rank.
+    unselected_logit: float = -1.0
+    #: PyTorch threads while fitting and choosing: the selector is a small model, and on a few cores more threads
+    #: only contend (with each other and with any other process).
+    threads: int = 1
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise ValueError(f"CaseLevelSettings.{field.name} must be a number, got {value!r}.")
+            if field.type == "int" and not isinstance(value, int):
+                raise ValueError(f"CaseLevelSettings.{field.name} must be an integer, got {value!r}.")
+        positive = ("min_candidate_voxels", "width", "fit_steps", "ensemble_members", "verdict_folds",
+                    "verdict_members", "verdict_voxels", "verdict_min_expressions", "threads", "learning_rate",
+                    "vote_snap_temperature")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"CaseLevelSettings.{name} must be > 0, got {getattr(self, name)!r}.")
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"CaseLevelSettings.dropout must be in [0, 1), got {self.dropout!r}.")
+        if not 0 <= self.operations_first_steps <= self.fit_steps:
+            raise ValueError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps ({self.fit_steps}), "
+                             f"got {self.operations_first_steps!r}.")
+        if self.unselected_logit >= 0:
+            raise ValueError(f"CaseLevelSettings.unselected_logit must be < 0 (below the mask threshold), got "
+                             f"{self.unselected_logit!r}.")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], source: str = "the settings") -> CaseLevelSettings:
+        """Missing keys take their defaults (stages fitted before a setting existed used its default then); unknown
+        keys are an error naming `source`."""
+        known = {field.name for field in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{source}: unknown case-level setting(s) {unknown}. Fix: use the names of "
+                             f"CaseLevelSettings: {sorted(known)}.")
+        try:
+            return cls(**values)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{source}: {error}") from None
+
+    @classmethod
+    def from_json_file(cls, path: str | Path, base: CaseLevelSettings | None = None) -> CaseLevelSettings:
+        """`base` (default: the defaults) with the fields a JSON object in `path` names."""
+        try:
+            values = json.loads(Path(path).read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+            raise ValueError(f"{path}: not a readable JSON object of case-level settings ({error}). Fix: write e.g. "
+                             f'{{"logit_ceiling": 6.0}}.') from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a JSON object of case-level settings, e.g. {{\"logit_ceiling\": 6.0}}.")
+        return cls.from_dict({**(base or cls()).to_dict(), **values}, str(path))

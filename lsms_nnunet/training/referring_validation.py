@@ -1,0 +1,115 @@
+"""A referring fold after training: fit its case-level stage, then validate it per (case, expression).
+
+Both run on the trainer's network through an `LSMSPredictor`, as nnU-Net's own validation does; `LSMSTrainer.
+perform_actual_validation` (so `nnUNetv2_train ... --val` too) calls them in this order, and `LSMSv2_fit_case_level`
+runs the fitting alone on a trained fold.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from text_conditioning.cache import TextEmbeddingCache
+
+from lsms_nnunet.inference.predictor import LSMSPredictor, export_expression_masks
+from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
+from lsms_nnunet.selection.evidence import TextFeatures, case_evidence
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
+
+
+def referring_predictor(trainer) -> LSMSPredictor:
+    """A predictor on the trainer's network, as nnU-Net's own validation builds one."""
+    predictor = LSMSPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=True,
+                              perform_everything_on_device=True, device=trainer.device, allow_tqdm=False)
+    predictor.manual_initialization(trainer._unwrapped_network(), trainer.plans_manager, trainer.configuration_manager,
+                                    None, trainer.dataset_json, trainer.__class__.__name__,
+                                    trainer.inference_allowed_mirroring_axes)
+    return predictor
+
+
+def finding_logits(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
+    """The network's all-lesion logits on one preprocessed image (the stage's candidates), as float32 numpy."""
+    return predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder).float().numpy()
+
+
+def network_alone_logits(predictor: LSMSPredictor, data: np.ndarray, texts: Sequence[str],
+                         cache_folder: Path | None = None) -> np.ndarray:
+    """[E, *spatial] logits of the network answering the E texts itself, without the case-level stage (float32)."""
+    stage, predictor.case_level = predictor.case_level, None
+    try:
+        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data)), texts, cache_folder)
+    finally:
+        predictor.case_level = stage
+    return logits[1:].float().numpy()
+
+
+def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence[str],
+                         settings: CaseLevelSettings) -> CaseLevelStage:
+    """Fit the case-level stage on the fold's training cases (candidates: their lesions and the network's finding
+    answers on them), judge it against the network alone on them, and save it beside the fold and inside the
+    validated checkpoint, with the identity of the weights it was fitted on."""
+    log = trainer.print_to_log_file
+    dataset = trainer.canonically_oriented(trainer.dataset_class(trainer.preprocessed_dataset_folder,
+                                                                 list(train_keys)))
+    texts = trainer.prompt_set.all_texts()  # the constant text of the control is one of them
+    constant = trainer.model_card["constant_text"]
+    cache = TextEmbeddingCache(trainer.text_cache_folder, trainer.text_encoder_identity)
+    evidence = case_evidence(
+        dataset, train_keys, trainer.prompt_set.expressions, TextFeatures(texts, cache.load(texts)),
+        trainer.configuration_manager.spacing, text_of=(lambda _: constant) if constant else (lambda text: text),
+        finding_logits=lambda data: finding_logits(predictor, data, trainer.text_cache_folder),
+        network_alone_logits=lambda data, asked: network_alone_logits(predictor, data, asked,
+                                                                      trainer.text_cache_folder),
+        settings=settings)
+    weights = trainer._unwrapped_network().state_dict()
+    stage = CaseLevelStage.fit(evidence, settings, trainer.text_encoder_identity.sha256, weights_identity(weights),
+                               log=log)
+    stage.judge(evidence, log=log)
+    stage.save(Path(trainer.output_folder) / STAGE_FILE)
+    _put_stage_in_validated_checkpoint(trainer, stage)
+    return stage
+
+
+def _put_stage_in_validated_checkpoint(trainer, stage: CaseLevelStage) -> None:
+    """The checkpoint whose weights were validated carries the stage fitted on them (atomically rewritten):
+    `nnUNetv2_export_model_to_zip` packs checkpoints, and stock prediction reads the stage from the weights it
+    loads."""
+    from lsms_nnunet.training.checkpoints import load_checkpoint_safely, save_atomically
+
+    path = Path(trainer.validated_checkpoint or Path(trainer.output_folder) / "checkpoint_final.pth")
+    if not path.is_file():
+        return  # checkpointing disabled: the file beside the fold alone
+    checkpoint = load_checkpoint_safely(path)
+    weights = checkpoint["network_weights"]
+    weights["_extra_state"] = {**weights["_extra_state"], STAGE_STATE_KEY: stage.to_payload()}
+    save_atomically(lambda temporary: torch.save(checkpoint, temporary), path)
+    trainer.print_to_log_file(f"case selector: stored in {path.name}")
+
+
+def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases: Sequence[str]) -> dict:
+    """Final validation of a referring fold: a mask per (case, expression), then RLS metrics into summary.json."""
+    from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
+
+    output_folder = Path(trainer.output_folder) / "validation"
+    output_folder.mkdir(parents=True, exist_ok=True)
+    dataset = trainer.canonically_oriented(trainer.dataset_class(trainer.preprocessed_dataset_folder,
+                                                                 list(validation_cases)))
+    reader_writer = trainer.plans_manager.image_reader_writer_class()
+    ending = trainer.dataset_json["file_ending"]
+    expressions = [e for e in trainer.prompt_set.expressions if e.case in set(validation_cases)]
+    for case in tqdm(list(validation_cases), desc="Validating expressions"):
+        case_expressions = [e for e in expressions if e.case == case]
+        data, _, _, properties = dataset.load_case(case)
+        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
+                                                 [e.text for e in case_expressions], trainer.text_cache_folder)
+        logits = flip_spatial(logits, canonical_flip_axes(properties, trainer.plans_manager.transpose_forward))
+        export_expression_masks(logits, properties, trainer.configuration_manager, trainer.plans_manager,
+                                reader_writer, [e.id for e in case_expressions], output_folder, ending)
+    gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
+    return evaluate_referring_folder(gt_folder, output_folder, expressions, file_ending=ending,
+                                     output_file=output_folder / "summary.json")
