@@ -29,8 +29,8 @@ class TextFeatures:
         self.by_text = {text: encoded.tokens[i][encoded.mask[i]].astype(np.float32) for i, text in enumerate(texts)}
 
     def example(self, text: str, descriptors: np.ndarray, volumes: np.ndarray,
-                referred: np.ndarray | None = None) -> SelectionExample:
-        return SelectionExample(descriptors, volumes, self.by_text[text], referred)
+                referred: np.ndarray | None = None, expression: str | None = None) -> SelectionExample:
+        return SelectionExample(descriptors, volumes, self.by_text[text], referred, expression)
 
 
 def preprocessed_spacing(configured_spacing: Sequence[float], spatial_dims: int) -> list[float]:
@@ -115,7 +115,8 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
             descriptors = describe_candidates(data, candidates, spacing, settings.shell_voxels)
             examples.append([text_features.example(text_of(expression.text), descriptors, candidates.volumes_mm3,
                                                    referred_fraction(candidates, region_map,
-                                                                     expression.targets or ()) > 0.5)
+                                                                     expression.targets or ()) > 0.5,
+                                                   expression.id)
                              for expression in case_expressions])
         asked = [(example, expression) for example, expression in zip(examples[-1], case_expressions)
                  if expression.id in judged]

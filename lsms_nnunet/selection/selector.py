@@ -19,7 +19,7 @@ it does not see together. The selector works on the whole case after the sliding
 
 Words are handled as rows of unique token embeddings (`SelectionBatch`): at inference a text asked of many
 candidate sets is mapped once; while fitting each occurrence gets its own dropout. Several selectors (the ensemble's
-members, the verdict's refits) are fitted together in one batched optimisation (`fit_selectors`).
+members, the verdict's refits) are fitted from one padded batch (`fit_selectors`).
 """
 from __future__ import annotations
 
@@ -30,7 +30,6 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, stack_module_state, vmap
 
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
@@ -46,6 +45,8 @@ class SelectionExample:
     volumes: np.ndarray  # [K] mm^3
     words: np.ndarray  # [L, D] token embeddings, real tokens only
     referred: np.ndarray | None = None  # [K] bool (fitting only)
+    #: The expression it asks (fitting: its examples over different candidate sets read one draw of its words).
+    expression: str | None = None
 
 
 @dataclass
@@ -59,6 +60,16 @@ class SelectionBatch:
     word_index: torch.Tensor  # [E, L] row of each word (0 where padded)
     word_mask: torch.Tensor  # [E, L] bool
     referred: torch.Tensor  # [E, K] (zeros at inference)
+    #: The words as fitting reads them: one row per word of each expression ([T], into word_rows), and per example
+    #: the place of each of its words among them ([E, L], 0 where padded).
+    occurrence_rows: torch.Tensor
+    occurrence_index: torch.Tensor
+
+    def rows(self, chosen: torch.Tensor) -> SelectionBatch:
+        """The examples `chosen` (a bool mask over them), over the same word rows."""
+        return SelectionBatch(self.descriptors[chosen], self.volumes[chosen], self.valid[chosen], self.word_rows,
+                              self.word_index[chosen], self.word_mask[chosen], self.referred[chosen],
+                              self.occurrence_rows, self.occurrence_index[chosen])
 
     @classmethod
     def of(cls, examples: Sequence[SelectionExample]) -> SelectionBatch:
@@ -73,7 +84,10 @@ class SelectionBatch:
         all_words = np.concatenate([np.asarray(e.words, dtype=np.float32) for e in examples])
         rows, inverse = np.unique(all_words, axis=0, return_inverse=True)
         word_index = torch.zeros(len(examples), length, dtype=torch.long)
-        start = 0
+        occurrence_index = torch.zeros(len(examples), length, dtype=torch.long)
+        first_place: dict[str, int] = {}  # expression -> where its words start among the occurrences
+        occurrences: list[torch.Tensor] = []
+        start, count = 0, 0
         for row, example in enumerate(examples):
             k, words = len(example.volumes), len(example.words)
             descriptors[row, :k] = torch.as_tensor(example.descriptors, dtype=torch.float32)
@@ -84,21 +98,42 @@ class SelectionBatch:
             word_index[row, :words] = torch.as_tensor(inverse.reshape(-1)[start:start + words])
             word_mask[row, :words] = True
             start += words
-        return cls(descriptors, volumes, valid, torch.from_numpy(rows), word_index, word_mask, referred)
+            if example.expression is None or example.expression not in first_place:
+                if example.expression is not None:
+                    first_place[example.expression] = count
+                occurrences.append(word_index[row, :words])
+                occurrence_index[row, :words] = torch.arange(count, count + words)
+                count += words
+            else:
+                place = first_place[example.expression]
+                occurrence_index[row, :words] = torch.arange(place, place + words)
+        return cls(descriptors, volumes, valid, torch.from_numpy(rows), word_index, word_mask, referred,
+                   torch.cat(occurrences), occurrence_index)
 
     def inputs(self) -> tuple[torch.Tensor, ...]:
         """What `CaseSelector.forward` takes, in its order."""
         return self.descriptors, self.volumes, self.valid, self.word_rows, self.word_index, self.word_mask
 
 
-class UniformDropout(nn.Dropout):
-    """`nn.Dropout` with its mask drawn by thresholding uniform noise: the same distribution, drawn several times
-    faster on the CPU than by PyTorch's Bernoulli sampler (which was most of a fitting step)."""
+def dropout_keep_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
+    """A bool mask keeping each element with probability 1 - p (to within 2^-16), drawn from 16 random bits per
+    element of PyTorch's generator: several times faster on the CPU than its float sampler, which was most of a
+    fitting step."""
+    count = int(np.prod(shape))
+    bits = torch.empty((count + 2) // 3, dtype=torch.int64).random_()
+    # random_ leaves the top bit of an int64 zero: use its three lower 16-bit lanes, each uniform on int16
+    lanes = bits.view(torch.int16).view(-1, 4)[:, :3].reshape(-1)[:count].view(shape)
+    return lanes >= int(round(-32768 + p * 65536))
 
-    def forward(self, values: torch.Tensor) -> torch.Tensor:
-        if not self.training or self.p == 0:
-            return values
-        return values * (torch.rand_like(values) >= self.p) / (1 - self.p)
+
+def dropped_linears(values: torch.Tensor, p: float, *linears: nn.Linear) -> list[torch.Tensor]:
+    """Each of `linears` applied to `values` under one draw of dropout (rate p): the mask and the rescaling applied
+    once, the rescaling to the (narrower) outputs, the linears as one product."""
+    kept = values * dropout_keep_mask(tuple(values.shape), p) if p > 0 else values
+    weight = torch.cat([linear.weight for linear in linears])
+    bias = torch.cat([linear.bias for linear in linears])
+    outputs = nn.functional.linear(kept, weight) / (1 - p) + bias
+    return list(outputs.split([linear.out_features for linear in linears], dim=-1))
 
 
 class CaseSelector(nn.Module):
@@ -113,8 +148,8 @@ class CaseSelector(nn.Module):
         width = settings.width
         self.candidate = nn.Sequential(nn.Linear(descriptor_dim, width), nn.GELU(), nn.Linear(width, width))
         # per word: a direction, a bias and a gate
-        self.constraint = nn.Sequential(UniformDropout(settings.dropout), nn.Linear(text_dim, width + 2))
-        self.operation = nn.Sequential(UniformDropout(settings.dropout), nn.Linear(text_dim, len(OPERATIONS)))
+        self.constraint = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(text_dim, width + 2))
+        self.operation = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(text_dim, len(OPERATIONS)))
         #: The fitting expressions' word embeddings (vote snapping); empty while fitting and for selectors saved
         #: before it existed. Saved beside the members, once per ensemble (CaseLevelStage.to_payload).
         self.register_buffer("vocabulary", torch.zeros(0, text_dim), persistent=False)
@@ -123,15 +158,21 @@ class CaseSelector(nn.Module):
 
     def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, word_rows: torch.Tensor,
                 word_index: torch.Tensor, word_mask: torch.Tensor, operations_only: bool = False,
-                vote_rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                vote_rows: torch.Tensor | None = None, fitting_words: tuple[torch.Tensor, torch.Tensor] | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
         """`SelectionBatch.inputs()` -> per-operation probabilities [E, K, operations] and log operation weights
         [E, operations]. `vote_rows`: the word rows as the operation votes read them, when already computed
-        (`vote_rows_of`; the members of one fitting share them)."""
-        vote_rows = self.vote_rows_of(word_rows) if vote_rows is None else vote_rows
-        if self.training:  # dropout per occurrence of a word, as fitted: map the [E, L] occurrences
-            constraints = self.constraint(_unit_variance(word_rows)[word_index])  # [E, L, width + 2]
-            votes = self.operation(vote_rows[word_index])  # [E, L, operations]
-        else:  # the same values, each unique word mapped once
+        (`vote_rows_of`; the members of one fitting share them). `fitting_words`: while fitting, the unit-variance
+        embedding of each word of each expression [T, D] and where each example's words lie among them [E, L]
+        (`SelectionBatch.occurrence_index`): the constraints and the votes both read them, each occurrence under its
+        own draw of dropout."""
+        if fitting_words is not None:
+            occurrences, place = fitting_words
+            constraints, votes = dropped_linears(occurrences, self.constraint[0].p, self.constraint[1],
+                                                 self.operation[1])
+            constraints, votes = constraints[place], votes[place]  # [E, L, width + 2], [E, L, operations]
+        else:  # each unique word mapped once
+            vote_rows = self.vote_rows_of(word_rows) if vote_rows is None else vote_rows
             constraints = self.constraint(_unit_variance(word_rows))[word_index]
             votes = self.operation(vote_rows)[word_index]
         direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
@@ -229,70 +270,44 @@ def fit_selectors(examples: Sequence[SelectionExample], settings: CaseLevelSetti
                   ) -> list[list[CaseSelector]]:
     """Per subset of `examples` (bool masks; default: all of them), `members` selectors from seeds 0..members-1
     (default `settings.ensemble_members`): a few hundred training expressions leave single fits seed-sensitive, and
-    `choose` averages the members. All of them are fitted in one batched full-batch optimisation (AdamW, descriptor
-    noise, the operations alone for the first steps), each on its own subset, with `settings.threads` threads.
-    The members of one subset hold one vocabulary tensor (their fitting words), so `choose` snaps words once."""
+    `choose` averages the members. The examples are padded and their words indexed once for all fits, which run with
+    `settings.threads` threads. The members of one subset hold one vocabulary tensor (their fitting words), so
+    `choose` snaps words once for all of them."""
     members = settings.ensemble_members if members is None else members
-    subsets = [np.ones(len(examples), dtype=bool)] if subsets is None else [np.asarray(s, bool) for s in subsets]
     with torch_threads(settings.threads):
         batch = SelectionBatch.of(examples)
-        include = torch.from_numpy(np.stack([s for s in subsets for _ in range(members)])).float()  # [M, E]
-        selectors = []
-        for subset in subsets:
-            real = batch.descriptors[torch.from_numpy(subset)][batch.valid[torch.from_numpy(subset)]]
-            for seed in range(members):
-                torch.manual_seed(seed)
-                selector = CaseSelector(batch.descriptors.shape[-1], batch.word_rows.shape[-1], settings)
-                selector.descriptor_mean.copy_(real.mean(0))
-                selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
-                selectors.append(selector.train())
-        _fit_together(selectors, batch, include, settings, log)
         fitted = []
-        for index, subset in enumerate(subsets):
-            group = [selector.eval() for selector in selectors[index * members:(index + 1) * members]]
-            vocabulary = torch.unique(batch.word_rows[batch.word_index[torch.from_numpy(subset)][
-                batch.word_mask[torch.from_numpy(subset)]]], dim=0)
+        for subset in [None] if subsets is None else subsets:
+            part = batch if subset is None else batch.rows(torch.from_numpy(np.asarray(subset, dtype=bool)))
+            group = [_fit_one(part, settings, seed, log) for seed in range(members)]
+            vocabulary = torch.unique(part.word_rows[part.word_index[part.word_mask]], dim=0)
             for selector in group:
                 selector.vocabulary = vocabulary
             fitted.append(group)
     return fitted
 
 
-def _fit_together(selectors: list[CaseSelector], batch: SelectionBatch, include: torch.Tensor,
-                  settings: CaseLevelSettings, log) -> None:
-    """Optimise the selectors in one vmapped model: each one's loss is the mean negative log-likelihood of the
-    examples `include` gives it ([M, E]); AdamW treats every element alone, so the sum of the losses fits each as if
-    alone. The fitted values are copied back into `selectors`."""
-    parameters, buffers = stack_module_state(selectors)
-    parameters = {name: value.detach().requires_grad_() for name, value in parameters.items()}
-    template = selectors[0]
-    descriptor_std = buffers["descriptor_std"]  # [M, F]
-    unit_rows = _unit_variance(batch.word_rows)
-    generator = torch.Generator().manual_seed(0)
-    optimizer = torch.optim.AdamW(parameters.values(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    inputs = batch.descriptors, batch.volumes, batch.valid, batch.word_rows, batch.word_index, batch.word_mask
-
-    def loss_of(model_parameters, model_buffers, noisy_descriptors, operations_only):
-        by_operation, log_weights = functional_call(
-            template, (model_parameters, model_buffers), (noisy_descriptors, *inputs[1:]),
-            {"operations_only": operations_only, "vote_rows": unit_rows})
-        return -answer_log_likelihood(by_operation, log_weights, batch.valid, batch.referred)  # [E]
-
-    per_example = {flag: vmap(lambda p, b, d, flag=flag: loss_of(p, b, d, flag), randomness="different")
-                   for flag in (True, False)}
-    steps = settings.fit_steps
-    for step in range(steps):
-        noise = settings.descriptor_noise * torch.randn((len(selectors), *batch.descriptors.shape),
-                                                        generator=generator) * descriptor_std[:, None, None, :]
-        nll = per_example[step < settings.operations_first_steps](parameters, buffers, batch.descriptors + noise)
-        losses = (nll * include).sum(-1) / include.sum(-1).clamp_min(1.0)  # [M]
+def _fit_one(batch: SelectionBatch, settings: CaseLevelSettings, seed: int, log) -> CaseSelector:
+    """One selector, full batch: AdamW, descriptor noise, the operations alone for the first steps."""
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    selector = CaseSelector(batch.descriptors.shape[-1], batch.word_rows.shape[-1], settings)
+    real = batch.descriptors[batch.valid]
+    selector.descriptor_mean.copy_(real.mean(0))
+    selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
+    optimizer = torch.optim.AdamW(selector.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    # every expression's words (the votes read them as they are), where the examples of the fit find theirs
+    fitting_words = _unit_variance(batch.word_rows)[batch.occurrence_rows], batch.occurrence_index
+    selector.train()
+    for step in range(settings.fit_steps):
+        noise = settings.descriptor_noise * torch.randn(batch.descriptors.shape, generator=generator)
+        by_operation, log_weights = selector(batch.descriptors + noise * selector.descriptor_std, *batch.inputs()[1:],
+                                             operations_only=step < settings.operations_first_steps,
+                                             fitting_words=fitting_words)
+        loss = -answer_log_likelihood(by_operation, log_weights, batch.valid, batch.referred).mean()
         optimizer.zero_grad()
-        losses.sum().backward()
+        loss.backward()
         optimizer.step()
-        if (step + 1) % max(1, steps // 4) == 0:
-            log(f"case selector: step {step + 1}/{steps}, loss {losses.mean().item():.4f} "
-                f"({len(selectors)} selectors fitted together)")
-    with torch.no_grad():
-        for index, selector in enumerate(selectors):
-            for name, parameter in selector.named_parameters():
-                parameter.copy_(parameters[name][index])
+        if (step + 1) % max(1, settings.fit_steps // 4) == 0:
+            log(f"case selector: step {step + 1}/{settings.fit_steps}, loss {loss.item():.4f}")
+    return selector.eval()

@@ -52,7 +52,7 @@ def weights_identity(network_weights: Mapping[str, torch.Tensor]) -> str:
         if name.endswith("_extra_state") or not isinstance(value, torch.Tensor):
             continue
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
-        digest.update(value.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
