@@ -196,7 +196,7 @@ def cross_validated_verdict(evidence: Mapping[str, CaseEvidence], settings: Case
         owners += [case] * len(found.examples)
     owners = np.asarray(owners)
     subsets = [~np.isin(owners, held_out) for held_out in groups]
-    log(f"case selector: verdict, {folds} refits without a group of training cases each, fitted together")
+    log(f"case selector: verdict, {folds} refits, each without a group of training cases")
     refits = fit_selectors(examples, settings, members=settings.verdict_members, subsets=subsets,
                            log=lambda *_: None)
     case_level, network_alone = [], []
