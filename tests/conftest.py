@@ -16,6 +16,11 @@ FAST_NNUNET_ENV = {
 }
 
 
+def pytest_configure(config) -> None:
+    config.addinivalue_line("markers", "slow: trains or benchmarks models end to end (minutes); the fast tier is "
+                                       "pytest -m 'not slow'")
+
+
 @pytest.fixture(scope="session")
 def nnunet_dirs(tmp_path_factory) -> dict:
     """nnUNet_raw / _preprocessed / _results and a text cache, set in os.environ for in-process calls too."""

@@ -124,6 +124,25 @@ def test_duplicate_id_names_both_entries(tmp_path):
     assert "entry 1 (id 'liver_003-e0') repeats the id of entry 0" in message and "unique id" in message
 
 
+def test_a_lone_surrogate_escape_is_refused_before_encoding(tmp_path):
+    """"\\ud800" is valid JSON but no text: it would pass and then fail deep in the text cache's UTF-8 write."""
+    path = tmp_path / "expressions.json"
+    path.write_text('{"format": "lsms-expressions", "version": 1, "expressions": [{"id": "a", "case": "liver_003", '
+                    '"text": "\\ud800 the cyst", "targets": [1]}]}', encoding="utf-8")
+    message = _error_of(path)
+    assert "entry 0 (id 'a')" in message and "lone surrogate code point(s) U+D800" in message and "Fix:" in message
+
+
+def test_a_key_given_twice_in_one_entry_is_refused(tmp_path):
+    """Python's json keeps the last of repeated keys: {"id": "a", "id": "b"} would silently become id "b"."""
+    path = tmp_path / "expressions.json"
+    path.write_text('{"format": "lsms-expressions", "version": 1, "expressions": [{"id": "a", "case": "liver_003", '
+                    '"text": "the cyst", "id": "b", "targets": [1]}]}', encoding="utf-8")
+    message = _error_of(path)
+    assert "expressions.json: the entry with id 'b' has the key(s) ['id'] more than once" in message
+    assert "Fix: keep one of each" in message
+
+
 @pytest.mark.parametrize("unsafe_id", ["../escape", "with space", "", "-leading-dash", "a" * 201, 7, "a/b"])
 def test_unsafe_id_is_rejected(tmp_path, unsafe_id):
     message = _error_of(_write(tmp_path / "e.json", [_entry(expression_id=unsafe_id)]))

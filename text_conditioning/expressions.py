@@ -49,6 +49,11 @@ def unusable_text_reason(text: str) -> str | None:
     characters (zero-width spaces) or symbols only (emoji) encodes to an effectively empty sentence, and the
     network would still answer it with a mask: such texts are refused like empty ones.
     """
+    surrogates = sorted({char for char in text if unicodedata.category(char) == "Cs"})
+    if surrogates:
+        listed = ", ".join(f"U+{ord(char):04X}" for char in surrogates[:5])
+        return (f"contains lone surrogate code point(s) {listed} (half of a character pair, not text; often from a "
+                "broken \\uD8xx escape). Fix: write the intended character itself")
     controls = sorted({char for char in text if unicodedata.category(char) == "Cc"} - _ORDINARY_WHITESPACE)
     if controls:
         listed = ", ".join(f"U+{ord(char):04X}" for char in controls[:5])
@@ -224,12 +229,24 @@ def _read_document(path: Path) -> Any:
         raise ExpressionsError(f"Expressions file {path} is not UTF-8 text (bad byte at line {line}, byte offset "
                                f"{error.start}). Fix: save the file with UTF-8 encoding.") from error
     try:
-        return json.loads(content)
+        return json.loads(content, object_pairs_hook=lambda pairs: _object_without_duplicate_keys(pairs, path))
     except json.JSONDecodeError as error:
         raise ExpressionsError(f"Expressions file {path} is not valid JSON: {error.msg} at line {error.lineno}, "
                                f"column {error.colno}. Fix: correct the JSON syntax there.") from error
     except RecursionError:
         raise ExpressionsError(f"Expressions file {json_too_deep_message(path)}") from None
+
+
+def _object_without_duplicate_keys(pairs: list[tuple[str, Any]], path: Path) -> dict:
+    """A JSON object as a dict, refused when a key repeats: Python's json would silently keep the last value."""
+    keys = [key for key, _ in pairs]
+    repeated = sorted({key for key in keys if keys.count(key) > 1})
+    if repeated:
+        entry = dict(pairs).get("id")
+        where = f"the entry with id {entry!r}" if isinstance(entry, str) else "an object"
+        raise ExpressionsError(f"Expressions file {path}: {where} has the key(s) {repeated} more than once (JSON "
+                               f"keeps only the last). Fix: keep one of each.")
+    return dict(pairs)
 
 
 def load_expressions(path: str | os.PathLike, require_targets: bool = True) -> list[Expression]:
