@@ -63,3 +63,35 @@ def test_expressions_option_pointing_to_a_folder_says_so(monkeypatch, tmp_path):
     with pytest.raises(SystemExit, match=r"is a folder\. Fix: point -e at the expressions file itself, e\.g\. -e "
                                          r".*expressions\.json"):
         entry.predict_entry()
+
+
+class _RunsCode:
+    """A pickled object that runs code when unpickled (what a malicious shared model file can carry)."""
+
+    def __reduce__(self):
+        return (os.makedirs, (os.path.join(os.environ["LSMS_TEST_MARKER_DIR"], "code_ran"),))
+
+
+@pytest.mark.parametrize("content", ["pickled object", "truncated"])
+def test_a_checkpoint_that_would_run_code_or_is_damaged_is_refused_before_loading(monkeypatch, tmp_path, capsys,
+                                                                                   content):
+    import torch
+
+    fold = tmp_path / "results" / "Dataset001_X" / "LSMSTrainer__nnUNetPlans__2d" / "fold_0"
+    fold.mkdir(parents=True)
+    monkeypatch.setenv("LSMS_TEST_MARKER_DIR", str(tmp_path))
+    torch.save({"network_weights": {}, "trainer_name": "LSMSTrainer", "payload": _RunsCode()},
+               fold / "checkpoint_final.pth")
+    if content == "truncated":
+        (fold / "checkpoint_final.pth").write_bytes((fold / "checkpoint_final.pth").read_bytes()[:100])
+    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder",
+                        lambda *args, **kwargs: pytest.fail("nnU-Net's loader was reached"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
+                                      "-device", "cpu", "-f", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        entry.predict_entry()
+    assert stopped.value.code == 1 and not (tmp_path / "code_ran").exists()
+    message = capsys.readouterr().err
+    assert str(fold / "checkpoint_final.pth") in message and "Fix:" in message
+    assert ("would run code" if content == "pickled object" else "not a readable checkpoint") in message

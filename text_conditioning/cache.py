@@ -38,7 +38,8 @@ LOCK_FILE_NAME = ".lock"
 SHARD_FILE_PATTERN = re.compile(r"^shard_(\d{4,})\.npz$")
 DEFAULT_MISSING_FIX = ("encode them into this cache first (run the dataset's text-encoding step, e.g. "
                        "LSMSv2_encode_text -d DATASET_ID, or call TextEmbeddingCache.update)")
-#: Texts per shard while encoding: what an interrupted encoding can lose (about 25 s of MiniLM on 2 CPU cores).
+#: Texts per shard while encoding: what an interrupted encoding can lose, a short stretch of CPU encoding
+#: (docs/decisions.md).
 DEFAULT_SHARD_SIZE = 1024
 _READ_ATTEMPTS = 5
 _LISTED_MISSING_TEXTS = 5

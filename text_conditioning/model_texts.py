@@ -38,7 +38,7 @@ def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: 
 
     An encoder named by the user (argument or LSMS_TEXT_ENCODER) is always checked against the model's identity.
     Texts read once stay in memory for the process (an image's expressions and the finding prompt are asked again for
-    every image; reading them back from the compressed cache took 40% of a small image's answer).
+    every image; reading them back from the compressed cache each time was a large share of a small image's answer).
     """
     unique = list(dict.fromkeys(texts))
     requested_source = encoder_source or os.environ.get(TEXT_ENCODER_ENV)

@@ -1,9 +1,10 @@
 """Benchmark step 5 (with `--seeds`): the same benchmark repeated with seeded trainings, reported as mean and spread.
 
-One training run per variant scores within several hundredths of the next one at the README budget, so a claim
-such as "LSMS reaches 0.85" or "choosing costs less than 10%" is read from the mean and spread over seeds. Each seed
-is a complete benchmark in `seed_<k>/` (its own models, records, results.json); this step only combines their
-results.json files into results_over_seeds.json and results_over_seeds.md.
+At the README budget one training run per variant can score noticeably apart from the next one, so a claim about a
+variant's mean Dice, or about what choosing the referred lesion costs against vanilla's all-lesion answer, is read
+from the mean and spread over seeds. Each seed is a complete benchmark in `seed_<k>/` (its own models, records,
+results.json); this step only combines their results.json files into results_over_seeds.json and
+results_over_seeds.md.
 """
 from __future__ import annotations
 
@@ -40,7 +41,7 @@ def _variant_over_seeds(name: str, per_seed: list[dict], vanilla_per_seed: list[
     }
     if all("heldout_vs_seen_dice" in v for v in per_seed):
         summary["heldout_vs_seen_dice"] = spread([v["heldout_vs_seen_dice"] for v in per_seed])
-    if vanilla_per_seed is not None:  # "choosing costs < 10%": this variant's referring Dice / vanilla's lesion Dice
+    if vanilla_per_seed is not None:  # what choosing costs: this variant's referring Dice / vanilla's lesion Dice
         summary["mean_dice_vs_vanilla_lesion_dice"] = spread(
             [v["referring"]["mean_dice"] / van["plain_lesion"]["mean_dice"] if van["plain_lesion"]["mean_dice"]
              else None for v, van in zip(per_seed, vanilla_per_seed)])

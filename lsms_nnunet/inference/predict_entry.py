@@ -5,8 +5,9 @@
   --text_encoder X   where the model's text encoder lives on this machine (checked against the checkpoint)
   --allow_nonfinite  predict images with NaN/infinite voxels anyway (refused by default), with a warning
 
-It builds an `LSMSPredictor` and hands it these as arguments; the rest is nnU-Net's predictor, run as
-`nnUNetv2_predict` runs it.
+It screens each fold's checkpoint with `torch.load(weights_only=True)` (a file that would run code when nnU-Net's
+unrestricted loader reads it is refused), builds an `LSMSPredictor` and hands it these as arguments; the rest is
+nnU-Net's predictor, run as `nnUNetv2_predict` runs it.
 """
 import argparse
 import multiprocessing
@@ -83,6 +84,7 @@ def predict_entry() -> None:
 
     import lsms_nnunet_ext_hook  # noqa: F401  (registers the trainer folder in nnUNet_extTrainer)
     from lsms_nnunet.inference.predictor import LSMSPredictor, PredictionRequest
+    from lsms_nnunet.training.checkpoints import screen_checkpoint
 
     if args.device == "cpu":  # thread settings as nnUNetv2_predict chooses them
         torch.set_num_threads(multiprocessing.cpu_count())
@@ -98,8 +100,12 @@ def predict_entry() -> None:
                                   ad_hoc_text=args.text, text_encoder_source=args.text_encoder,
                                   allow_nonfinite=args.allow_nonfinite))
     folds = [fold if fold == "all" else int(fold) for fold in args.f]
-    predictor.initialize_from_trained_model_folder(get_output_folder(args.d, args.tr, args.p, args.c), folds,
-                                                   checkpoint_name=args.chk)
+    model_folder = get_output_folder(args.d, args.tr, args.p, args.c)
+    for fold in folds:  # nnU-Net's loader unpickles without restriction: screen each file first
+        checkpoint = os.path.join(model_folder, f"fold_{fold}", args.chk)
+        if os.path.isfile(checkpoint):
+            screen_checkpoint(checkpoint)
+    predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     os.makedirs(args.o, exist_ok=True)
     if args.npp == 0 and args.nps == 0:
         predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,

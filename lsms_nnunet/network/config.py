@@ -16,13 +16,14 @@ ABLATIONS: dict[str, dict] = {
     "unet_decoder": {"decoder": "unet"},
     "no_contrastive": {"contrastive": False},
     "static_head": {"text_conditioned_head": False},
-    # Not an ablation but the one opt-in variant: the prompt decoder with its existence output and position-aware
-    # heads. Measured on the README benchmark (20 x 50 iterations, nnU-Net's SGD) it scored below the sentence-only
-    # heads (mean Dice 0.40 vs 0.56), so it is not the default yet; on the micro task it learns what they cannot.
+    # Not an ablation but an opt-in variant: the prompt decoder with its existence output and position-aware heads.
+    # At the README benchmark's budget it scored below the sentence-only heads, so it is not the default; on the micro
+    # task it learns what they cannot (docs/decisions.md).
     "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
     "no_case_selection": {"case_selection": False},
-    # Opt-in until benchmarked: the network also reads each voxel's position in the whole case (3D cases larger than
-    # the patch; network/case_position.py).
+    # Opt-in: the network also reads each voxel's position in the whole case (3D cases larger than the patch;
+    # network/case_position.py). At the 3D benchmark's budget the channels cost the finding answer more than they
+    # gave, and the case-level stage already places candidates in the whole case (docs/decisions.md).
     "case_position": {"case_position": True},
     "no_finding_head": {"finding_head": False},
 }
@@ -46,7 +47,7 @@ class LSMSConfig:
     svla_stages: encoder stage indices followed by an SVLA block. None means every stage from `svla_first_stage`
     on (at least the deepest): stage 2 is stride 4 in nnU-Net's plans, where LAVT starts its pixel-word attention.
     The finer stages cost the most (voxel-to-word attention memory grows with voxels x tokens x heads; stage 1 took
-    60% of SVLA's time in a training step) and their features are still edges and intensities that a sentence
+    most of SVLA's time in a training step) and their features are still edges and intensities that a sentence
     cannot ground; the coarser stages carry the semantics that the expression refers to.
     """
 
@@ -63,8 +64,8 @@ class LSMSConfig:
     #: text then enters through SVLA only.
     text_conditioned_head: bool = True
     #: Channels each source is squeezed to before a Full-Scale Decoder level fuses them. 8 rather than UNet 3+'s
-    #: wider fusion: at 16 the decoder cost twice nnU-Net's U-Net decoder per training step (345 vs 172 ms on the
-    #: CPU benchmark's shapes), at 8 it costs 1.3x.
+    #: wider fusion: the decoder's cost grows with these channels, and at 16 it cost far more per training step than
+    #: nnU-Net's U-Net decoder on the CPU benchmark's shapes; 8 removes most of that extra cost (docs/decisions.md).
     fsd_channels_per_scale: int = 8
     #: How the Full-Scale Decoder squeezes each source (full_scale_decoder.PROJECTIONS): "pointwise" or "planned".
     fsd_projection: str = "pointwise"
@@ -72,8 +73,9 @@ class LSMSConfig:
     contrastive_dim: int = 64
     contrastive_weight: float = 0.1
     #: Deep-supervision level (0 = full resolution) at which the contrastive term compares voxels with the sentence:
-    #: the highest-resolution decoder features are average-pooled to it. Level 1 costs a quarter of level 0 in 2D
-    #: (an eighth in 3D); at level 0 the term and its projection took 12% of a CPU training step.
+    #: the highest-resolution decoder features are average-pooled to it. The term's cost follows the voxels it
+    #: compares: level 1 has a quarter of level 0's voxels in 2D (an eighth in 3D), and at level 0 the term and its
+    #: projection were a noticeable share of a CPU training step.
     contrastive_level: int = 1
     strip_kernel_sizes: tuple[int, ...] = (7, 11, 21)
     #: Read the sentence against the image (network/prompt_decoder.py) before it drives the heads. Off by default
@@ -90,8 +92,8 @@ class LSMSConfig:
     #: Referring tasks: the network's input also holds each voxel's normalised position in the whole case
     #: (network/case_position.py), so a patch of a scan larger than the patch knows where it lies.
     case_position: bool = False
-    #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with 0.1 the text path
-    #: stayed unused for hundreds of iterations (bright/dark micro task: pseudo Dice 0.65 vs 0.93 at 300 iterations).
+    #: tanh(gate) scales the word-attention output at initialisation. 1.0 (tanh = 0.76): with a small gate the text
+    #: path stayed unused for hundreds of iterations on the bright/dark micro task (docs/decisions.md).
     language_gate_init: float = 1.0
     #: Referring tasks: after the sliding window, choose among the case's lesion candidates (the components of the
     #: network's finding answer) with the case-level selector (lsms_nnunet/selection/), fitted on the training
@@ -100,7 +102,7 @@ class LSMSConfig:
     #: Referring tasks: a text-free all-lesion output beside every deep-supervision head, trained on every sample
     #: with all of the case's lesions (what vanilla nnU-Net learns), whose answer gives the case selector its
     #: candidates. Without it the candidates come from the finding prompt, which is one draw in ~8 and segmented
-    #: lesions less well (benchmark fold 0: all-lesion Dice 0.90 against vanilla's 0.96 at the same budget).
+    #: lesions less well than vanilla nnU-Net at the same budget (docs/decisions.md).
     finding_head: bool = True
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ class SharedProjection(nn.Module):
     The convolution has channels_per_scale outputs per consumer level and its output is split per level. Convolution,
     the norm (nnU-Net's blocks build it per channel: `norm_op(channels)`, instance or batch norm) and the
     nonlinearity act on each output channel alone, so this computes exactly what one projection per level would, with
-    a fraction of the module calls (2D inference on the CPU plans: the network's forward 7% faster).
+    a fraction of the module calls, which shortens the network's forward pass on the CPU.
     """
 
     def __init__(self, projection: ConvDropoutNormReLU, consumer_levels: Sequence[int], channels_per_scale: int):
@@ -49,7 +49,7 @@ class FullScaleDecoder(nn.Module):
     Levels are computed deepest first; `stages[-1]` produces the highest-resolution features (as in UNetDecoder).
     Each source is squeezed to channels_per_scale by a projection (config.FSD_PROJECTIONS): a 1x1 convolution
     ("pointwise"; the fusion convolution after the concatenation has the planned kernel) or one with the planned
-    kernel of its scale ("planned", UNet 3+'s 3x3, 15% of the decoder's training time on the CPU benchmark's shapes).
+    kernel of its scale ("planned", UNet 3+'s 3x3, which adds to the decoder's training time; docs/decisions.md).
     A finer skip is max-pooled to the level and projected there (`down_projections`); a skip at the level's
     resolution or coarser (`skip_projections`) and a deeper decoder output (`decoded_projections`) are projected
     once for all the levels that read them (`SharedProjection`) and interpolated up, so every convolution runs on the
@@ -177,7 +177,7 @@ class FullScaleDecoder(nn.Module):
     def pooled_sources(skips: Sequence[torch.Tensor]) -> dict[int, dict[int, torch.Tensor]]:
         """pooled[source][level]: each skip max-pooled to every coarser decoder level's size. Each level pools the
         previous level's map where the sizes divide (the same maximum over nested windows, at a fraction of the
-        work; on the CPU about half the time of adaptive pooling for the same result), else the skip itself with
+        work, and on the CPU faster than adaptive pooling for the same result), else the skip itself with
         adaptive pooling."""
         adaptive_pool = F.adaptive_max_pool2d if skips[0].ndim == 4 else F.adaptive_max_pool3d
         pooled: dict[int, dict[int, torch.Tensor]] = {}
@@ -220,8 +220,8 @@ class FullScaleDecoder(nn.Module):
 
 def _window_max(x: torch.Tensor, window: Sequence[int]) -> torch.Tensor:
     """Max pooling with kernel = stride = window. Without autograd, as the elementwise maximum of the window's
-    strided views: on the CPU PyTorch's max pool over a channels-first map is slow (a 2 x 32 x 32 x 64 x 64 map
-    pooled by 1 x 2 x 2 took 22 ms, the strided maxima 4 ms); with autograd the max pool, whose backward is faster."""
+    strided views: on the CPU PyTorch's max pool over a channels-first map is slow, several times slower than the
+    strided maxima; with autograd the max pool, whose backward is faster."""
     if torch.is_grad_enabled() and x.requires_grad:
         return (F.max_pool2d if x.ndim == 4 else F.max_pool3d)(x, list(window), list(window))
     views = [x[(..., *(slice(offset, None, step) for offset, step in zip(offsets, window)))]

@@ -20,11 +20,11 @@ class DepthwiseStripConv(nn.Module):
 
     Along an axis of n voxels, a k-tap strip is multiplication by an n x n band matrix per channel (entry [j, i] =
     tap j - i + k // 2, zero off the band, which is exactly the zero padding and clips taps longer than the map).
-    On CPU, PyTorch's depthwise convolution along the contiguous axis is slow, its backward slower still: a 21-tap
-    strip on a 64-channel 48 x 48 map with its backward took 22.5 ms as a convolution and 5.5 ms as a matrix
-    product (lsms_nnunet/benchmark/step_profile.py found the strips a sixth of a training step). On long axes,
-    where the band is sparse (n > BAND_MAX_RATIO * k), the convolution does less work and is used instead. Both
-    read the same `conv` parameters, so checkpoints do not depend on the choice.
+    On CPU, PyTorch's depthwise convolution along the contiguous axis is slow, its backward slower still: as a
+    matrix product a strip and its backward take a fraction of the convolution's time, and as convolutions the
+    strips were a large share of a training step (lsms_nnunet/benchmark/step_profile.py; docs/decisions.md). On
+    long axes, where the band is sparse (n > BAND_MAX_RATIO * k), the convolution does less work and is used
+    instead. Both read the same `conv` parameters, so checkpoints do not depend on the choice.
     """
 
     #: Axis length (in taps) beyond which the band matrix would hold mostly zeros.

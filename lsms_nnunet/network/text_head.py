@@ -1,9 +1,9 @@
 """Text-conditioned segmentation head: the expression shifts the weights of the decoder's 1x1 output convolution.
 
 Why the head, and not only SVLA: nnU-Net normalises every convolution's output per sample and channel (instance
-norm), which removes most of a spatially uniform, text-dependent scaling of the encoder features. Measured on the
-synthetic referring dataset: the SVLA word-attention output varies little across voxels (its attention starts near
-uniform), and a trained network's logits moved by 0.02% when its texts were swapped, i.e. the text was ignored. A
+norm), which removes most of a spatially uniform, text-dependent scaling of the encoder features. On the synthetic
+referring dataset the SVLA word-attention output varied little across voxels (its attention starts near uniform), and
+a trained network with static heads barely changed its logits when its texts were swapped: it ignored the text. A
 head whose weights depend on the text makes the answer bilinear in voxel features and sentence, with no
 normalisation after it (as the text-driven heads of CLIP-Driven Universal Model and CRIS do).
 """

@@ -35,12 +35,10 @@ NNUNET_PLANS_NAME = "nnUNetPlans"
 # element costs less memory than one U-Net-counted element, and the reference is scaled by how many LSMS-counted
 # elements take the memory of one element of the base network's count. Calibrated on CPU (float32, batch 1-2, one
 # forward+backward, memory_profile.measure_training_step_peak_bytes) on nnU-Net-planned architectures with default
-# features and LSMSConfig defaults; value = (peak bytes / count) of the base U-Net divided by the same for LSMS:
-#   PlainConvUNet 2D 256x256: 2.15, 320x256: 2.15, 512x512: 2.21 (128x128: 2.76)            -> 2.2
-#   PlainConvUNet 3D 32x64x64: 2.00, 32x96x96: 2.00, 40x112x112: 2.03, 64x64x64: 1.88, 64x96x96: 1.90 -> 1.95
-#   ResidualEncoderUNet 2D 512x512: 1.85 (256x256: 2.59) -> 1.85; 3D 64x64x64: 1.75, 64x96x96: 1.77 -> 1.75
-# The values fit the patch sizes real plans reach (small 2D patches, in brackets, deviate most). On a GPU (AMP,
-# flash attention) the ratio may differ; it has not been measured there.
+# features and LSMSConfig defaults; value = (peak bytes / count) of the base U-Net divided by the same for LSMS, per
+# architecture and dimension, rounded to fit the patch sizes real plans reach (small 2D patches deviate most). The
+# measured ratios and the network they were measured with are in docs/decisions.md. On a GPU (AMP, flash attention)
+# the ratio may differ; it has not been measured there.
 LSMS_COUNT_SCALE: dict[str, dict[int, float]] = {
     "PlainConvUNet": {2: 2.2, 3: 1.95},
     "ResidualEncoderUNet": {2: 1.85, 3: 1.75},

@@ -36,6 +36,27 @@ def load_checkpoint_safely(path: str | os.PathLike, **load_arguments) -> dict:
         return torch.load(path, map_location="cpu", weights_only=True, **load_arguments)
 
 
+class UnsafeCheckpointError(RuntimeError):
+    """A checkpoint that cannot be read without running code from it, or cannot be read at all."""
+
+
+def screen_checkpoint(path: str | os.PathLike) -> None:
+    """Refuse a checkpoint that `load_checkpoint_safely` cannot read, before an unrestricted loader (nnU-Net's) runs
+    whatever a pickled object in it asks for."""
+    try:
+        load_checkpoint_safely(path, mmap=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"{path} holds objects beyond tensors, numbers and strings ({str(error).splitlines()[0][:160]}): loading "
+            f"it would run code from the file. Fix: use a model from a source you trust, re-exported by its "
+            f"training; do not load this file.") from None
+    except UNREADABLE as error:
+        raise UnsafeCheckpointError(
+            f"{path} is not a readable checkpoint ({type(error).__name__}: "
+            f"{str(error).splitlines()[0][:160] if str(error) else 'no detail'}). Fix: copy the model folder again, "
+            f"or retrain this fold.") from None
+
+
 def save_atomically(save: Callable[[str], None], filename: str | os.PathLike) -> None:
     """Call `save(temporary path)`, then rename the file onto `filename`: readers see the old or the new file.
 

@@ -70,8 +70,8 @@ def uses_batch_dice(mode: str, planned: bool) -> bool:
 
     nnU-Net plans per-sample Dice for 3d_fullres, which suits one sizeable structure per patch. A referring target
     is one lesion of a few dozen voxels, or nothing: per-sample Dice then gives little usable gradient, and LSMS
-    collapsed to all-background in 3D (issue 15: 0 of 175 lesions; a micro 3D task, 100 steps, one seed: Dice 0.00
-    per-sample, 0.43 pooled over the batch; the micro task is too seed-sensitive to be a test). 2D plans already pool.
+    collapsed to all-background in 3D (issue 15); with Dice pooled over the batch it learns (docs/decisions.md; the
+    3D micro task that showed this is too seed-sensitive to be a test). 2D plans already pool.
     """
     return True if mode == REFERRING else planned
 
@@ -131,8 +131,8 @@ class LSMSTrainer(nnUNetTrainer):
     #: Plain tasks: probability of drawing a label present in the sampled case (others teach "not here").
     present_label_bias: float = 0.75
     #: Batch slots per drawn case, each with a prompt of different targets (one image asked different questions in
-    #: one step). Default 1, nnU-Net's own sampling: on the synthetic 2D benchmark (batch 8, 1,000 iterations, two
-    #: runs each) 2 gave mean Dice 0.525 / 0.567 and 1 gave 0.559 / 0.659 — no gain for fewer distinct images.
+    #: one step). Default 1, nnU-Net's own sampling: on the synthetic 2D benchmark two prompts per image scored no
+    #: better, and they show the network fewer distinct images per batch (docs/decisions.md).
     prompts_per_image: int = 1
     #: Referring tasks: share of draws that ask a case's finding prompt (all lesions), whose answer is every
     #: expression's candidate set under case selection; the rest are drawn uniformly among its expressions.

@@ -1,10 +1,10 @@
 """Augmentation workers that exit when the trainer dies.
 
 batchgenerators' multi-process augmenters stop their workers when the trainer ends normally, but a SIGKILLed trainer
-runs no clean-up: its workers live on (reparented to PID 1, ~650 MB each), retrying to put a batch on a queue that
-nobody reads. `exit_with_trainer` wraps an augmenter's `transform`, which each worker calls on every batch before it
-can block on that queue: the first call in a worker asks the kernel to kill the worker when its parent dies (Linux
-`prctl(PR_SET_PDEATHSIG)`) and exits at once if the parent is already gone.
+runs no clean-up: its workers live on (reparented to PID 1, each keeping its memory), retrying to put a batch on a
+queue that nobody reads. `exit_with_trainer` wraps an augmenter's `transform`, which each worker calls on every batch
+before it can block on that queue: the first call in a worker asks the kernel to kill the worker when its parent dies
+(Linux `prctl(PR_SET_PDEATHSIG)`) and exits at once if the parent is already gone.
 """
 from __future__ import annotations
 
