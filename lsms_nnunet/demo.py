@@ -13,6 +13,7 @@ import shlex
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 from lsms_nnunet.cli import console_entry
@@ -22,7 +23,15 @@ def _run(command: list[str], env: dict) -> None:
     print(f"\n$ {shlex.join(command)}", flush=True)
     executable = shutil.which(command[0], path=os.pathsep.join([str(Path(sys.executable).parent),
                                                                  env.get("PATH", "")]))
+    started = time.perf_counter()
     subprocess.run([executable or command[0], *command[1:]], env=env, check=True)
+    print(f"[{command[0]}: {time.perf_counter() - started:.0f} s]", flush=True)
+
+
+def _summary_lines(summary: Path) -> list[str]:
+    """The headline rows of LSMSv2_evaluate's summary.md (mean Dice, no-target accuracy)."""
+    wanted = ("| Expressions ", "| Mean Dice ", "| No-target accuracy ")
+    return [line for line in summary.read_text(encoding="utf-8").splitlines() if line.startswith(wanted)]
 
 
 @console_entry
@@ -38,6 +47,8 @@ def demo_entry() -> None:
     args = parser.parse_args()
 
     import lsms_nnunet_ext_hook  # noqa: F401  (the stock commands find LSMSTrainer from an editable install too)
+
+    started = time.perf_counter()
 
     workdir = Path(args.workdir).resolve()
     env = dict(os.environ)
@@ -61,10 +72,15 @@ def demo_entry() -> None:
         resume = ["--c"] if (model / "fold_0" / "checkpoint_latest.pth").is_file() else []
         _run(["nnUNetv2_train", str(args.d), configuration, "0", "-tr", args.tr, "-device", args.device, *resume], env)
     predictions = workdir / "predictions"
+    # nnU-Net's default of 3 preprocessing + 3 export processes only contends on a small CPU
+    workers = str(min(3, max(1, (os.cpu_count() or 2) // 2)))
     _run(["nnUNetv2_predict", "-i", str(dataset / "imagesTs"), "-o", str(predictions), "-d", str(args.d), "-c",
-          configuration, "-tr", args.tr, "-f", "0", "-device", args.device], env)
+          configuration, "-tr", args.tr, "-f", "0", "-device", args.device, "-npp", workers, "-nps", workers], env)
     expressions = dataset / "imagesTs" / "expressions.json"
     _run(["LSMSv2_evaluate", "-ref", str(dataset / "labelsTs"), "-pred", str(predictions), "-e", str(expressions)], env)
     _run(["LSMSv2_visualize", "-i", str(dataset / "imagesTs"), "-pred", str(predictions), "-e", str(expressions),
           "-ref", str(dataset / "labelsTs"), "-o", str(workdir / "overlays"), "--max", "8"], env)
-    print(f"\nDone. Masks: {predictions}  metrics: {predictions / 'summary.md'}  pictures: {workdir / 'overlays'}")
+    print("\nTest images (imagesTs), answered by the trained fold 0:")
+    print("\n".join(_summary_lines(predictions / "summary.md")))
+    print(f"Done in {(time.perf_counter() - started) / 60:.1f} minutes. Masks: {predictions}  metrics: "
+          f"{predictions / 'summary.md'}  pictures: {workdir / 'overlays'}")

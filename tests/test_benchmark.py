@@ -16,6 +16,8 @@ from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 DATASET = 518
 PLANS = "nnUNetPlans_tiny"
 VARIANTS = ("nnunet_merged", "lsms", "lsms_constant_text")

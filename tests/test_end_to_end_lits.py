@@ -4,11 +4,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 
 from lsms_nnunet.planning.variants import make_plans_variant
 
 from conftest import assert_scores_follow_from_voxel_counts
+
+pytestmark = pytest.mark.slow  # trains models end to end
 
 PLAIN_ID, REFERRING_ID = 516, 517
 

@@ -13,6 +13,8 @@ import SimpleITK as sitk
 
 from lsms_nnunet.planning.variants import make_plans_variant
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 DATASET = 513
 TRAINERS = ("nnUNetTrainer_test", "LSMSTrainer_test")
 

@@ -21,6 +21,8 @@ from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
 from conftest import assert_scores_follow_from_voxel_counts
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
 DATASETS = {
     "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),

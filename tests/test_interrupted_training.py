@@ -22,6 +22,8 @@ import torch
 from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
+pytestmark = pytest.mark.slow  # trains models end to end
+
 DATASET = 531
 KILLS = int(os.environ.get("LSMS_TEST_KILLS", "5"))
 EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$", re.MULTILINE)
