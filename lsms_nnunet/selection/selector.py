@@ -87,7 +87,7 @@ class SelectionBatch:
         occurrence_index = torch.zeros(len(examples), length, dtype=torch.long)
         first_place: dict[str, int] = {}  # expression -> where its words start among the occurrences
         occurrences: list[torch.Tensor] = []
-        start, count = 0, 0
+        start, placed = 0, 0
         for row, example in enumerate(examples):
             k, words = len(example.volumes), len(example.words)
             descriptors[row, :k] = torch.as_tensor(example.descriptors, dtype=torch.float32)
@@ -100,10 +100,10 @@ class SelectionBatch:
             start += words
             if example.expression is None or example.expression not in first_place:
                 if example.expression is not None:
-                    first_place[example.expression] = count
+                    first_place[example.expression] = placed
                 occurrences.append(word_index[row, :words])
-                occurrence_index[row, :words] = torch.arange(count, count + words)
-                count += words
+                occurrence_index[row, :words] = torch.arange(placed, placed + words)
+                placed += words
             else:
                 place = first_place[example.expression]
                 occurrence_index[row, :words] = torch.arange(place, place + words)
