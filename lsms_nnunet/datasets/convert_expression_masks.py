@@ -26,9 +26,9 @@ import SimpleITK as sitk
 
 from lsms_nnunet.datasets.geometry import (ConversionError, Geometry, binary_mask, case_stem, check_region_count,
                                            check_same_geometry, dataset_folder, folders_with_dataset_id,
-                                           geometry_mismatches, image_ending, map_with_progress, publish_dataset,
+                                           geometry_mismatches, image_ending, map_with_progress,
                                            read_image, region_map_image, resample_like, resolve_raw_root,
-                                           staging_folder, stored_grid, write_image_atomically)
+                                           staged_dataset, stored_grid, write_image_atomically)
 from text_conditioning.expressions import (CATEGORY_PATTERN, SAFE_ID_PATTERN, Expression, ExpressionsError,
                                            json_too_deep_message, load_expressions, save_expressions)
 from text_conditioning.io import write_json_atomically
@@ -350,8 +350,7 @@ def convert_expression_masks(table: str | os.PathLike, dataset_id: int, name: st
                               f"{reason}. Fix: choose another id, or pass overwrite=True (--overwrite) to replace it.")
     previous_cases = previous["cases"] if previous else {}
 
-    staging = staging_folder(root, destination)
-    try:
+    with staged_dataset(root, destination, existing) as staging:
         for subfolder in ("imagesTr", "labelsTr"):
             (staging / subfolder).mkdir()
         jobs, records = [], {}
@@ -375,10 +374,6 @@ def convert_expression_masks(table: str | os.PathLike, dataset_id: int, name: st
         print(f"{CONVERTER_NAME}: converted {len(jobs)} case(s), kept {len(cases) - len(jobs)} unchanged case(s).")
         _write_dataset_files(staging, cases, records, ending, channel_name, table, resample_masks)
         verify_roundtrip(staging, table)
-        publish_dataset(staging, destination, existing)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return destination
 
 

@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import re
-import shutil
 import zlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -42,8 +41,8 @@ import SimpleITK as sitk
 
 from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_region_count, check_same_geometry,
                                            copy_file_atomically, dataset_folder, image_ending, map_with_progress,
-                                           physical_points, publish_dataset, read_image, refuse_existing_dataset,
-                                           region_map_image, resolve_raw_root, staging_folder, write_image_atomically)
+                                           physical_points, read_image, refuse_existing_dataset,
+                                           region_map_image, resolve_raw_root, staged_dataset, write_image_atomically)
 from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression,
                                            save_expressions, validate_against_cases)
 from text_conditioning.io import write_json_atomically
@@ -494,18 +493,13 @@ def convert_semantic(source: str | os.PathLike, lesion_label: int | str, organ_l
     root = resolve_raw_root(raw_root)
     destination = dataset_folder(root, dataset_id, name)
     replaced = refuse_existing_dataset(root, dataset_id, overwrite)
-    staging = staging_folder(root, destination)
-    try:
+    with staged_dataset(root, destination, replaced) as staging:
         jobs = [_CaseJob(case, staging, lesion_value, organ_value, min_lesion_voxels, vocabulary, seed)
                 for case in semantic.cases]
         results = {result.case: result for result in map_with_progress(_convert_case, jobs, num_processes,
                                                                         "Converting cases")}
         _write_dataset_files(staging, semantic, [results[case.case] for case in semantic.cases], lesion_value,
                              organ_value, min_lesion_voxels, seed, source_description or str(semantic.folder))
-        publish_dataset(staging, destination, replaced)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return destination
 
 

@@ -11,7 +11,9 @@ import os
 import re
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -247,16 +249,36 @@ def refuse_existing_dataset(raw_root: Path, dataset_id: int, overwrite: bool) ->
     return existing
 
 
-def publish_dataset(staging: Path, destination: Path, replaced: list[Path]) -> None:
-    """Move a finished dataset into place, then delete what it replaces, so a failed run damages nothing."""
-    trash = []
-    for old in replaced:
-        parked = old.with_name(f".{old.name}.replaced-{os.getpid()}")
-        os.replace(old, parked)
-        trash.append(parked)
-    os.replace(staging, destination)
-    for parked in trash:
-        shutil.rmtree(parked)
+def publish_dataset(staging: Path, destination: Path, replaced: Sequence[Path]) -> None:
+    """Move a finished dataset into place, replacing the folders of the same dataset id: they are moved aside first,
+    put back if the move fails, and deleted only once the new dataset is in place, so a failed run damages nothing."""
+    aside = destination.parent / f".{destination.name}.replaced-{uuid.uuid4().hex}"
+    aside.mkdir()
+    moved = []
+    try:
+        for old in replaced:
+            os.replace(old, aside / old.name)
+            moved.append(old)
+        os.replace(staging, destination)
+    except BaseException:
+        for old in moved:
+            os.replace(aside / old.name, old)
+        aside.rmdir()
+        raise
+    shutil.rmtree(aside)
+
+
+@contextmanager
+def staged_dataset(raw_root: Path, destination: Path, replaced: Sequence[Path]) -> Iterator[Path]:
+    """A staging folder beside `destination` to write a dataset into: published (publish_dataset) when the block
+    ends normally, deleted when it fails, so nnU-Net never sees half a dataset. The one way every dataset writer
+    (synthetic generator, LiTS, both converters) puts a dataset into nnUNet_raw."""
+    staging = staging_folder(raw_root, destination)
+    try:
+        yield staging
+        publish_dataset(staging, destination, replaced)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def staging_folder(raw_root: Path, destination: Path) -> Path:

@@ -27,8 +27,8 @@ import SimpleITK as sitk
 from scipy import ndimage
 
 from lsms_nnunet.datasets.convert_semantic import convert_semantic
-from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, publish_dataset, refuse_existing_dataset,
-                                           resolve_raw_root, staging_folder, write_image_atomically)
+from lsms_nnunet.datasets.geometry import (ConversionError, dataset_folder, refuse_existing_dataset, resolve_raw_root,
+                                           staged_dataset, staging_folder, write_image_atomically)
 from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
 
@@ -141,16 +141,17 @@ def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.P
     root = resolve_raw_root(raw_root)
     destination = dataset_folder(root, dataset_id, DATASET_NAMES[mode])
     replaced = refuse_existing_dataset(root, dataset_id, overwrite)
-    staging = staging_folder(root, destination)
+    if mode == "plain":
+        with staged_dataset(root, destination, replaced) as staging:
+            _write_plain_blocks(staging, crop, num_cases)
+        return destination
+    blocks = staging_folder(root, destination)  # the plain blocks, the source the referring dataset is made from
     try:
-        description = _write_plain_blocks(staging, crop, num_cases)
-        if mode == "plain":
-            publish_dataset(staging, destination, replaced)
-            return destination
-        return convert_semantic(staging, "tumour", "liver", dataset_id, DATASET_NAMES[mode], raw_root=root,
+        description = _write_plain_blocks(blocks, crop, num_cases)
+        return convert_semantic(blocks, "tumour", "liver", dataset_id, DATASET_NAMES[mode], raw_root=root,
                                 overwrite=overwrite, source_description=description)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(blocks, ignore_errors=True)
 
 
 @console_entry

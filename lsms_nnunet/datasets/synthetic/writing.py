@@ -6,8 +6,6 @@ import argparse
 import json
 import os
 import re
-import shutil
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -18,7 +16,7 @@ from tqdm import tqdm
 from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, HELDOUT_PHRASING, Expression, save_expressions
 
 from lsms_nnunet.cli import console_entry
-from lsms_nnunet.datasets.geometry import resolve_raw_root
+from lsms_nnunet.datasets.geometry import resolve_raw_root, staged_dataset
 from lsms_nnunet.datasets.synthetic.anatomy import (DEFAULT_SHAPES, LOBE_CONVENTION, MAX_LESIONS, MIN_SHAPE, PLAIN_LABELS,
                                                     SPACINGS)
 from lsms_nnunet.datasets.synthetic.cases import SyntheticCase, generate_case
@@ -150,27 +148,6 @@ def _write_dataset(folder: Path, dataset_name: str, dim: int, shape: tuple[int, 
         "size_rank_convention": "1 = largest lesion of the case", "cases": regions})
 
 
-def _swap_in(staging: Path, target: Path, replaced: Sequence[Path]) -> None:
-    """Move the complete staging folder to target, replacing the folders of the same dataset id.
-
-    The old folders are first moved aside, so a failed rename puts them back and nothing is lost.
-    """
-    aside = target.parent / f".{target.name}.replaced-{uuid.uuid4().hex}"
-    aside.mkdir()
-    moved = []
-    try:
-        for old in replaced:
-            os.rename(old, aside / old.name)
-            moved.append(old)
-        os.rename(staging, target)
-    except BaseException:
-        for old in moved:
-            os.rename(aside / old.name, old)
-        aside.rmdir()
-        raise
-    shutil.rmtree(aside)
-
-
 def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, num_test_cases: int = 6,
                            seed: int = 0, shape: tuple[int, ...] | None = None, name: str | None = None,
                            plain: bool = False, overwrite: bool = False,
@@ -191,14 +168,8 @@ def make_synthetic_dataset(dataset_id: int, dim: int = 2, num_cases: int = 40, n
         raise FileExistsError(f"Dataset id {dataset_id} already exists in {root}: "
                               f"{', '.join(path.name for path in existing)}. Fix: pass --overwrite "
                               "(overwrite=True) to replace it, or choose another id with -d.")
-    staging = root / f".{target.name}.partial-{uuid.uuid4().hex}"
-    staging.mkdir()
-    try:
+    with staged_dataset(root, target, existing) as staging:
         _write_dataset(staging, target.name, dim, shape, num_cases, num_test_cases, seed, plain, heldout_phrasing)
-        _swap_in(staging, target, existing)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
 
 
