@@ -35,6 +35,7 @@ setup(
         "batchgenerators>=0.25",
         "acvl-utils",
         "SimpleITK>=2.2",
+        "nibabel",
         "numpy",
         "scipy",
         "scikit-image",

@@ -16,7 +16,7 @@ from lsms_nnunet.inference.predictor import LSMSPredictor
 from lsms_nnunet.preprocessing.encode_text import check_training_images
 from lsms_nnunet.preprocessing.image_checks import ImageContentError, training_directions
 
-ENDING = ".mha"  # SimpleITK reads NaN in NIfTI as 0 (then the image is reported constant); MetaImage keeps NaN
+ENDING = ".mha"  # MetaImage keeps NaN in what SimpleITK reads (NIfTI: see the NIfTI test)
 FLIPPED = (-1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0)
 DATASET_JSON = {"file_ending": ENDING, "channel_names": {"0": "CT"}}
 
@@ -65,11 +65,17 @@ def test_constant_image_is_warned(tmp_path, monkeypatch):
         check_input_images(folder, DATASET_JSON, SimpleITKIO(), [])
 
 
-def test_all_nan_nifti_read_as_zeros_is_warned_as_constant(tmp_path, monkeypatch):
+def test_nan_in_nifti_is_refused_although_the_reader_returns_zeros(tmp_path, monkeypatch):
+    """SimpleITK reads NaN and infinite NIfTI voxels as 0: the NIfTI files themselves are checked (issue 36)."""
     monkeypatch.delenv(ALLOW_NONFINITE_ENV, raising=False)
     (tmp_path / "in").mkdir()
-    _image(tmp_path / "in" / "empty_0000.nii.gz", np.full((4, 6, 6), np.nan))
-    with pytest.warns(UserWarning, match=r"'empty' is constant"):
+    broken = _noise()
+    broken[0, 0, :] = np.nan  # 6 voxels
+    broken[1, 1, 1] = -np.inf
+    _image(tmp_path / "in" / "broken_0000.nii.gz", broken)
+    _image(tmp_path / "in" / "good_0000.nii.gz", _noise(1))
+    assert np.isfinite(SimpleITKIO().read_images([str(tmp_path / "in" / "broken_0000.nii.gz")])[0]).all()
+    with pytest.raises(ImageContentError, match=r"1 image\(s\) contain NaN or infinite voxels: broken \(7 voxels\)"):
         check_input_images(str(tmp_path / "in"), {**DATASET_JSON, "file_ending": ".nii.gz"}, SimpleITKIO(), [])
 
 

@@ -55,7 +55,7 @@ def check_input_images(source: str | Sequence[Sequence[str]], dataset_json: Mapp
     nonfinite = {}
     for case, files in files_by_case.items():
         image, properties = reader.read_images(files)
-        if count := nonfinite_voxel_count(image):
+        if count := nonfinite_voxel_count(image, files):
             nonfinite[case] = count
         warn_if_constant(case, image)
         warn_if_orientation_differs(case, properties, known_directions)

@@ -71,7 +71,7 @@ def check_training_images(raw_folder: Path) -> None:
     nonfinite = {}
     for case, files in tqdm(cases.items(), desc="Checking training images", disable=len(cases) < 20):
         image, _ = reader.read_images(files["images"])
-        if count := nonfinite_voxel_count(image):
+        if count := nonfinite_voxel_count(image, files["images"]):
             nonfinite[case] = count
         warn_if_constant(case, image)
     refuse_nonfinite(nonfinite, f"repair or remove these cases in {raw_folder} (e.g. replace NaN by the background "

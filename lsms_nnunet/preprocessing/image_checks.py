@@ -3,8 +3,8 @@
 nnU-Net segments whatever array it reads. An all-NaN or constant image still gets lesion masks, NaNs in training
 images poison the intensity fingerprint (CT normalisation clips to NaN percentiles), and an image stored with another
 direction matrix than the training data is a mirrored or transposed array to the network (flips are undone for
-referring models by preprocessing/orientation.py; axis order and rotation are only warned about). These
-functions read nothing themselves: callers pass what nnU-Net's reader returned.
+referring models by preprocessing/orientation.py; axis order and rotation are only warned about). Callers pass what
+nnU-Net's reader returned; only NIfTI files are read once more, for non-finite voxels (`nonfinite_voxel_count`).
 """
 from __future__ import annotations
 
@@ -22,9 +22,24 @@ class ImageContentError(ValueError):
     """Images whose content cannot be segmented meaningfully as it is (e.g. NaN or infinite voxels)."""
 
 
-def nonfinite_voxel_count(image: np.ndarray) -> int:
-    """How many voxels are NaN or infinite."""
-    return int(image.size - np.count_nonzero(np.isfinite(image)))
+NIFTI_ENDINGS = (".nii", ".nii.gz")
+
+
+def nonfinite_voxel_count(image: np.ndarray, files: Sequence[str | Path] = ()) -> int:
+    """How many voxels are NaN or infinite: in the array a reader returned or, for NIfTI `files`, in the files
+    themselves (SimpleITK's NIfTI reader turns NaN and infinite voxels into 0, so its array cannot tell)."""
+    count = int(image.size - np.count_nonzero(np.isfinite(image)))
+    return count or sum(_nonfinite_in_nifti(Path(file)) for file in files if str(file).endswith(NIFTI_ENDINGS))
+
+
+def _nonfinite_in_nifti(path: Path) -> int:
+    import nibabel
+
+    stored = nibabel.load(str(path))
+    if stored.get_data_dtype().kind != "f":  # integer voxels cannot be NaN or infinite
+        return 0
+    data = np.asanyarray(stored.dataobj)
+    return int(data.size - np.count_nonzero(np.isfinite(data)))
 
 
 def warn_if_constant(case: str, image: np.ndarray) -> None:
