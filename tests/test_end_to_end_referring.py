@@ -37,7 +37,7 @@ def _train(configuration: str, run, nnunet_dirs) -> dict:
     run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test_cases", 2,
         "--shape", *spec["shape"], "--seed", 3)
     run("LSMSv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", 1, "--verify_dataset_integrity",
-        nnUNet_n_proc_DA="1")
+        nnUNet_n_proc_DA="0")  # as exported for seeded benchmarks: nnU-Net's own planner would crash on it
     make_plans_variant(dataset, "nnUNetPlans_tiny", max_features=16, batch_size=2)
     run("nnUNetv2_train", dataset, configuration, 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny",
         "-device", "cpu", nnUNet_n_proc_DA="0")

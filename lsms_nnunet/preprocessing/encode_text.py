@@ -8,6 +8,7 @@ stores shards as it encodes).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -113,6 +114,10 @@ def plan_and_preprocess_entry() -> None:
         load_prompt_set(dataset_folders(dataset)[1])
         check_training_images(dataset_folders(dataset)[1])
     sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args]
+    if os.environ.get("nnUNet_n_proc_DA") == "0":
+        # nnU-Net's planner estimates VRAM with torch.set_num_threads(nnUNet_n_proc_DA), which 0 crashes; 0 only
+        # matters to training (augmentation in the main process), so planning gets 1
+        os.environ["nnUNet_n_proc_DA"] = "1"
     nnunet_entry()
     for dataset in args.d:
         encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
