@@ -382,7 +382,12 @@ def test_expression_batching_benchmark_runs(trained_models, run):
                  "-p", "nnUNetPlans_tiny", "-E", 1, 3).stdout
     rows = [line for line in output.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2
-    assert all(float(row.split("|")[6].strip().rstrip("x")) > 0 for row in rows)
+    for row in rows:  # each figure follows from the measured seconds (printed with 2 decimals)
+        expressions, batched, separate, batched_each, separate_each, speedup = (
+            float(cell.strip().rstrip("x")) for cell in row.split("|")[1:7])
+        assert batched_each == pytest.approx(batched / expressions, abs=0.006)
+        assert separate_each == pytest.approx(separate / expressions, abs=0.006)
+        assert speedup == pytest.approx(separate / batched, rel=0.1, abs=0.02)
 
 
 def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, run, tmp_path):
