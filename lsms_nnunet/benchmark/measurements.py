@@ -250,9 +250,11 @@ def measure_network_alone(model: _FoldModel) -> dict:
     ({} for models without a case-level stage): by the network alone when its stage answers (what that stage adds),
     else by the stage its verdict declined (`declined_case_level`: what it would have given)."""
     setup, variant, fold = model.setup, model.variant, model.fold
+    if not variant.uses_text:
+        return {}
     predictor = model.predictor
     stage = predictor.case_level
-    if not variant.uses_text or stage is None:
+    if stage is None:
         return {}
     declined = not stage.answers
     predictor.case_level = dataclasses.replace(stage, verdicts={}) if declined else None
