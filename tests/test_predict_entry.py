@@ -95,3 +95,24 @@ def test_a_checkpoint_that_would_run_code_or_is_damaged_is_refused_before_loadin
     message = capsys.readouterr().err
     assert str(fold / "checkpoint_final.pth") in message and "Fix:" in message
     assert ("would run code" if content == "pickled object" else "not a readable checkpoint") in message
+
+
+def test_a_refused_prediction_leaves_no_empty_output_folder(monkeypatch, tmp_path, capsys):
+    from text_conditioning.expressions import ExpressionsError
+
+    def refuse(*args, **kwargs):
+        raise ExpressionsError("expressions.json: entry 0 names an unknown case. Fix: ...")
+
+    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder", lambda *args, **kwargs: None)
+    monkeypatch.setattr(LSMSPredictor, "predict_from_files", refuse)
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", str(tmp_path), "-o", str(tmp_path / "out"), "-d",
+                                      "Dataset001_X", "-c", "2d", "-device", "cpu", "-f", "0"])
+    with pytest.raises(SystemExit):
+        entry.predict_entry()
+    assert "unknown case" in capsys.readouterr().err and not (tmp_path / "out").exists()
+    (tmp_path / "kept").mkdir()  # an output folder the user made is left as it was
+    monkeypatch.setattr(sys, "argv", [*sys.argv[:4], str(tmp_path / "kept"), *sys.argv[5:]])
+    with pytest.raises(SystemExit):
+        entry.predict_entry()
+    assert (tmp_path / "kept").is_dir()

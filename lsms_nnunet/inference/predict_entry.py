@@ -106,14 +106,20 @@ def predict_entry() -> None:
         if os.path.isfile(checkpoint):
             screen_checkpoint(checkpoint)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
+    created = not os.path.isdir(args.o)
     os.makedirs(args.o, exist_ok=True)
-    if args.npp == 0 and args.nps == 0:
-        predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
-                                                overwrite=not args.continue_prediction,
-                                                folder_with_segs_from_prev_stage=args.prev_stage_predictions)
-    else:
-        predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
-                                     overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
-                                     num_processes_segmentation_export=args.nps,
-                                     folder_with_segs_from_prev_stage=args.prev_stage_predictions,
-                                     num_parts=args.num_parts, part_id=args.part_id)
+    try:
+        if args.npp == 0 and args.nps == 0:
+            predictor.predict_from_files_sequential(args.i, args.o, save_probabilities=args.save_probabilities,
+                                                    overwrite=not args.continue_prediction,
+                                                    folder_with_segs_from_prev_stage=args.prev_stage_predictions)
+        else:
+            predictor.predict_from_files(args.i, args.o, save_probabilities=args.save_probabilities,
+                                         overwrite=not args.continue_prediction, num_processes_preprocessing=args.npp,
+                                         num_processes_segmentation_export=args.nps,
+                                         folder_with_segs_from_prev_stage=args.prev_stage_predictions,
+                                         num_parts=args.num_parts, part_id=args.part_id)
+    except BaseException:
+        if created and not os.listdir(args.o):  # a refused run leaves no empty output folder behind
+            os.rmdir(args.o)
+        raise
