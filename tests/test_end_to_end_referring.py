@@ -164,7 +164,8 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     torch.save(checkpoint, checkpoint_file)
     result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither"),
                  nnUNet_results=str(tmp_path / "results"))
-    assert "no case selector" in result.stdout + result.stderr and "LSMSv2_fit_case_level" in result.stdout + result.stderr
+    said = result.stdout + result.stderr
+    assert "no case selector" in said and "LSMSv2_fit_case_level" in said
 
 
 def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_models, run, run_failing, tmp_path):

@@ -14,6 +14,10 @@ from pathlib import Path
 from typing import Any, Mapping
 
 
+class CaseLevelSettingsError(ValueError):
+    """Case-level settings that are unknown or out of range (from a file, a payload or code)."""
+
+
 @dataclass(frozen=True)
 class CaseLevelSettings:
     """What the case-level stage is fitted and applied with (see module docstring)."""
@@ -73,23 +77,23 @@ class CaseLevelSettings:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
             if isinstance(value, bool) or not isinstance(value, (int, float)):
-                raise ValueError(f"CaseLevelSettings.{field.name} must be a number, got {value!r}.")
+                raise CaseLevelSettingsError(f"CaseLevelSettings.{field.name} must be a number, got {value!r}.")
             if field.type == "int" and not isinstance(value, int):
-                raise ValueError(f"CaseLevelSettings.{field.name} must be an integer, got {value!r}.")
+                raise CaseLevelSettingsError(f"CaseLevelSettings.{field.name} must be an integer, got {value!r}.")
         positive = ("min_candidate_voxels", "width", "fit_steps", "ensemble_members", "verdict_folds",
                     "verdict_members", "verdict_voxels", "verdict_min_expressions", "threads", "learning_rate",
                     "vote_snap_temperature")
         for name in positive:
             if getattr(self, name) <= 0:
-                raise ValueError(f"CaseLevelSettings.{name} must be > 0, got {getattr(self, name)!r}.")
+                raise CaseLevelSettingsError(f"CaseLevelSettings.{name} must be > 0, got {getattr(self, name)!r}.")
         if not 0 <= self.dropout < 1:
-            raise ValueError(f"CaseLevelSettings.dropout must be in [0, 1), got {self.dropout!r}.")
+            raise CaseLevelSettingsError(f"CaseLevelSettings.dropout must be in [0, 1), got {self.dropout!r}.")
         if not 0 <= self.operations_first_steps <= self.fit_steps:
-            raise ValueError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps ({self.fit_steps}), "
-                             f"got {self.operations_first_steps!r}.")
+            raise CaseLevelSettingsError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps "
+                                         f"({self.fit_steps}), got {self.operations_first_steps!r}.")
         if self.unselected_logit >= 0:
-            raise ValueError(f"CaseLevelSettings.unselected_logit must be < 0 (below the mask threshold), got "
-                             f"{self.unselected_logit!r}.")
+            raise CaseLevelSettingsError(f"CaseLevelSettings.unselected_logit must be < 0 (below the mask threshold), "
+                                         f"got {self.unselected_logit!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -101,12 +105,12 @@ class CaseLevelSettings:
         known = {field.name for field in dataclasses.fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise ValueError(f"{source}: unknown case-level setting(s) {unknown}. Fix: use the names of "
-                             f"CaseLevelSettings: {sorted(known)}.")
+            raise CaseLevelSettingsError(f"{source}: unknown case-level setting(s) {unknown}. Fix: use the names of "
+                                         f"CaseLevelSettings: {sorted(known)}.")
         try:
             return cls(**values)
         except (TypeError, ValueError) as error:
-            raise ValueError(f"{source}: {error}") from None
+            raise CaseLevelSettingsError(f"{source}: {error}") from None
 
     @classmethod
     def from_json_file(cls, path: str | Path, base: CaseLevelSettings | None = None) -> CaseLevelSettings:
@@ -114,8 +118,9 @@ class CaseLevelSettings:
         try:
             values = json.loads(Path(path).read_text(encoding="utf-8"))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-            raise ValueError(f"{path}: not a readable JSON object of case-level settings ({error}). Fix: write e.g. "
-                             f'{{"logit_ceiling": 6.0}}.') from None
+            raise CaseLevelSettingsError(f"{path}: not a readable JSON object of case-level settings ({error}). Fix: "
+                                         f'write e.g. {{"logit_ceiling": 6.0}}.') from None
         if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a JSON object of case-level settings, e.g. {{\"logit_ceiling\": 6.0}}.")
+            raise CaseLevelSettingsError(f"{path}: expected a JSON object of case-level settings, e.g. "
+                                         f'{{"logit_ceiling": 6.0}}.')
         return cls.from_dict({**(base or cls()).to_dict(), **values}, str(path))

@@ -33,7 +33,8 @@ from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
-from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network, make_model_card
+from lsms_nnunet.network.prompting import (MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network,
+                                          make_model_card)
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
