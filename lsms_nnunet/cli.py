@@ -29,7 +29,7 @@ EXPECTED_ERRORS = (
     ("lsms_nnunet.training.lsms_trainer", "TooFewCasesError"),
     ("lsms_nnunet.selection.stage", "CaseLevelStageError"),
     ("lsms_nnunet.selection.settings", "CaseLevelSettingsError"),
-    ("lsms_nnunet.training.checkpoints", "UnsafeCheckpointError"),
+    ("lsms_nnunet.inference.model_files", "UnsafeCheckpointError"),
     ("lsms_nnunet.benchmark.preparation", "BenchmarkSetupError"),
     ("lsms_nnunet.benchmark.training_runner", "TrainingFailedError"),
     ("lsms_nnunet.planning.plan_experiment", "LSMSPlanningError"),

@@ -84,7 +84,7 @@ def predict_entry() -> None:
 
     import lsms_nnunet_ext_hook  # noqa: F401  (registers the trainer folder in nnUNet_extTrainer)
     from lsms_nnunet.inference.predictor import LSMSPredictor, PredictionRequest
-    from lsms_nnunet.training.checkpoints import screen_checkpoint
+    from lsms_nnunet.inference.model_files import screen_checkpoint
 
     if args.device == "cpu":  # thread settings as nnUNetv2_predict chooses them
         torch.set_num_threads(multiprocessing.cpu_count())
