@@ -150,6 +150,7 @@ def _train_and_score(use_position: bool, seed: int = 0, steps: int = 600) -> lis
     return [float(np.mean([d for d, a in zip(dice, asked) if a == side])) for side in (LEFT, RIGHT)]
 
 
+@pytest.mark.slow  # trains a network for a minute or more
 def test_the_case_position_tells_left_from_right_where_the_patch_cannot():
     with_position = _train_and_score(use_position=True, seed=INITIALISATION)
     assert min(with_position) > 0.8, with_position

@@ -24,6 +24,8 @@ from lsms_nnunet.preprocessing.prompts import PLAIN, REFERRING
 from lsms_nnunet.training.lsms_trainer import uses_batch_dice
 from test_network import plans_architecture
 
+pytestmark = pytest.mark.slow  # trains networks for a minute or more
+
 SIZE, TOKENS, TEXT_DIM = 32, 4, 16
 LARGER, SMALLER, LEFT, RIGHT, DARK = range(5)
 TEXTS = ("the larger blob", "the smaller blob", "the blob on the left", "the blob on the right", "the dark blob")

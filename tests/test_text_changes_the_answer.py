@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import SimpleITK as sitk
 import torch
 from torch import nn
@@ -90,6 +91,7 @@ class _TextControlledNet(PromptableLSMSNet, _TextControlledBase):
     pass
 
 
+@pytest.mark.slow  # trains a network for a minute or more
 def test_two_expressions_on_one_image_segment_their_own_lesions(run, nnunet_dirs, tmp_path):
     folder = _write_dataset(Path(nnunet_dirs["nnUNet_raw"]), train_cases=5, test_cases=3)
     run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
