@@ -22,7 +22,7 @@ from lsms_nnunet.selection.evidence import (TextFeatures, Verdict, case_evidence
 from lsms_nnunet.selection.selector import (OPERATIONS, CaseSelector, SelectionBatch, SelectionExample, choose,
                                             fit_selectors, member_vote_rows)
 from lsms_nnunet.selection.settings import CaseLevelSettings
-from lsms_nnunet.selection.stage import (STAGE_FILE, STAGE_STATE_KEY, STAGE_VERSION, CaseLevelStage,
+from lsms_nnunet.selection.stage import (STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage,
                                          CaseLevelStageError, stage_for_prediction, weights_identity)
 
 DEFAULTS = CaseLevelSettings()
