@@ -65,6 +65,8 @@ setup(
             "LSMSv2_convert_semantic=lsms_nnunet.datasets.convert_semantic:convert_semantic_entry",
             "LSMSv2_benchmark=lsms_nnunet.benchmark.benchmark:benchmark_entry",
             "LSMSv2_benchmark_expressions=lsms_nnunet.benchmark.expression_batching:benchmark_expressions_entry",
+            "LSMSv2_benchmark_expression_memory="
+            "lsms_nnunet.benchmark.expression_memory:benchmark_expression_memory_entry",
             "LSMSv2_benchmark_plain=lsms_nnunet.benchmark.plain_task:benchmark_plain_entry",
             "LSMSv2_make_lits=lsms_nnunet.datasets.lits:make_lits_entry",
         ]

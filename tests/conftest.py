@@ -1,8 +1,10 @@
 """Shared fixtures: nnU-Net folders in a temporary directory, fast single-process settings, no network."""
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -77,3 +79,34 @@ def assert_scores_follow_from_voxel_counts(per_expression: list[dict], aggregate
     assert aggregate["n_expressions"] == len(per_expression)
     assert aggregate["mean_dice"] == pytest.approx(sum(e["dice"] for e in per_expression) / len(per_expression))
     assert aggregate["mIoU"] == pytest.approx(sum(e["iou"] for e in per_expression) / len(per_expression))
+
+
+def child_processes(pid: int) -> list[int]:
+    """The live children of a process (Linux /proc)."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if int(fields[1]) == pid:
+            children.append(int(stat.parent.name))
+    return children
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return False
+
+
+def assert_outlived_by_none(workers: list[int], what: str, wait_s: float = 10) -> None:
+    """After their parent was killed: every worker exits within wait_s (survivors are killed, then reported)."""
+    deadline = time.monotonic() + wait_s
+    while any(map(process_alive, workers)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    survivors = [pid for pid in workers if process_alive(pid)]
+    for pid in survivors:  # clean up before failing
+        os.kill(pid, signal.SIGKILL)
+    assert not survivors, f"{what} {survivors} outlived their killed parent"

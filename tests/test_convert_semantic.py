@@ -88,14 +88,18 @@ def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_
     source = make_nnunet_source(tmp_path / "source", flip_x=flip_x)
     folder = convert_semantic(source, "tumour", "liver", 21, "Blobs", raw_root=tmp_path / "raw")
     dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    assert dataset["labels"] == {"background": 0, "region_1": 1, "region_2": 2, "region_3": 3}
+    # the organ is kept as context region 1 (dataset.json's lsms_context); the lesions follow it, largest first
+    assert dataset["labels"] == {"background": 0, "liver": 1, "region_2": 2, "region_3": 3, "region_4": 4}
+    assert dataset["lsms_context"] == ["liver"]
     region_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / "liver_001.nii.gz")))
     if flip_x:
         region_map = region_map[:, :, ::-1]
-    for region_id, blob in ((1, "A"), (2, "B"), (3, "C")):
+    for region_id, blob in ((2, "A"), (3, "B"), (4, "C")):
         (z, y, x), edge, _ = BLOBS[blob]
         assert (region_map[z:z + edge, y:y + edge, x:x + edge] == region_id).all()
-    assert region_map[20, 26, 30] == 0, "specks below min_lesion_voxels are background"
+    _, label = semantic_volume()
+    assert region_map[20, 26, 30] == 1, "specks below min_lesion_voxels are organ again"
+    assert np.array_equal(region_map == 0, label == 0)
 
     regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))["cases"]["liver_001"]["regions"]
     assert [r["size_voxels"] for r in regions] == [216, 125, 64]
@@ -107,20 +111,20 @@ def test_three_blobs_give_ranked_regions_and_correct_expressions(tmp_path, flip_
 
     expressions = load_expressions(folder / "expressions.json")
     by_text = texts_to_targets(expressions, "liver_001")
-    assert targets_of(by_text, *nouns("all {nouns}"), *nouns("every {noun}"), *nouns("all the {nouns}")) == (1, 2, 3)
-    assert targets_of(by_text, *nouns("the largest {noun}"), *nouns("the biggest {noun}")) == (1,)
-    assert targets_of(by_text, *nouns("the second largest {noun}"), *nouns("the second biggest {noun}")) == (2,)
-    assert targets_of(by_text, *nouns("the smallest {noun}"), *nouns("the tiniest {noun}")) == (3,)
-    assert targets_of(by_text, *nouns("the {noun} in the left lobe"), *nouns("the left-lobe {noun}")) == (2,)
+    assert targets_of(by_text, *nouns("all {nouns}"), *nouns("every {noun}"), *nouns("all the {nouns}")) == (2, 3, 4)
+    assert targets_of(by_text, *nouns("the largest {noun}"), *nouns("the biggest {noun}")) == (2,)
+    assert targets_of(by_text, *nouns("the second largest {noun}"), *nouns("the second biggest {noun}")) == (3,)
+    assert targets_of(by_text, *nouns("the smallest {noun}"), *nouns("the tiniest {noun}")) == (4,)
+    assert targets_of(by_text, *nouns("the {noun} in the left lobe"), *nouns("the left-lobe {noun}")) == (3,)
     assert targets_of(by_text, *nouns("all {nouns} in the right lobe"),
-                      *nouns("every {noun} in the right lobe")) == (1, 3)
-    assert targets_of(by_text, *nouns("all hypodense {nouns}"), *nouns("every hypodense {noun}")) == (1, 3)
-    assert targets_of(by_text, *nouns("the hyperdense {noun}"), *nouns("the only hyperdense {noun}")) == (2,)
+                      *nouns("every {noun} in the right lobe")) == (2, 4)
+    assert targets_of(by_text, *nouns("all hypodense {nouns}"), *nouns("every hypodense {noun}")) == (2, 4)
+    assert targets_of(by_text, *nouns("the hyperdense {noun}"), *nouns("the only hyperdense {noun}")) == (3,)
     assert targets_of(by_text, *nouns("the isodense {noun}")) == (), "no-target expression"
     assert targets_of(by_text, *nouns("the most superior {noun}"), *nouns("the uppermost {noun}"),
-                      *nouns("the highest {noun}")) == (2,)
+                      *nouns("the highest {noun}")) == (3,)
     assert targets_of(by_text, *nouns("the {noun} furthest to the patient's right"),
-                      *nouns("the most right-sided {noun}")) == (1,)
+                      *nouns("the most right-sided {noun}")) == (2,)
     assert any(targets == () for targets in by_text.values())
     assert {e.id for e in expressions if e.case == "liver_001"} == {f"liver_001-e{k}" for k in range(len(by_text))}
     for expression in expressions:
@@ -166,8 +170,8 @@ def test_plain_folder_2d_uses_8_connectivity_and_organ_halves(tmp_path):
     assert [r["size_voxels"] for r in regions] == [26, 16] and regions[0]["size_unit"] == "mm2"
     assert [r["side_of_organ"] for r in regions] == ["right", "left"] and regions[0]["lobe"] is None
     by_text = texts_to_targets(load_expressions(folder / "expressions.json"), "slice")
-    assert by_text["the lesion in the patient's left half of the organ"] == (2,)
-    assert by_text["the hyperdense lesion"] == () and by_text["all hypodense lesions"] == (1, 2)
+    assert by_text["the lesion in the patient's left half of the organ"] == (3,)  # after the organ, context id 1
+    assert by_text["the hyperdense lesion"] == () and by_text["all hypodense lesions"] == (2, 3)
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": "CT"}
 
 

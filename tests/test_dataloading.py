@@ -4,8 +4,9 @@ import torch
 
 from nnunetv2.utilities.label_handling.label_handling import LabelManager
 
-from lsms_nnunet.preprocessing.prompts import Prompt
-from lsms_nnunet.training.dataloading import LSMSDataLoader, ReferredSegmentation, TextEmbeddingBank
+from lsms_nnunet.preprocessing.prompts import FINDING_TEXT, Prompt
+from lsms_nnunet.training.dataloading import (LSMSDataLoader, PromptSamplingDataset, ReferredSegmentation,
+                                              TextEmbeddingBank)
 
 
 class _FakeDataset:
@@ -16,7 +17,7 @@ class _FakeDataset:
         self.seg = seg
 
     def load_case(self, identifier):
-        locations = {r: np.argwhere(self.seg == r) for r in (1, 2)}
+        locations = {int(r): np.argwhere(self.seg == r) for r in np.unique(self.seg) if r > 0}
         data = np.random.rand(1, *self.seg.shape[1:]).astype(np.float32)
         return data, self.seg, None, {"class_locations": locations}
 
@@ -114,6 +115,23 @@ def test_finding_fraction_sets_how_often_the_finding_prompt_is_drawn():
         keys = [key for _ in range(40) for key in loader.generate_train_batch()["text_keys"]]
         counts[fraction] = keys.count("all lesions") / len(keys)
     assert abs(counts[0.0] - 1 / 3) < 0.08 and abs(counts[0.75] - 0.75) < 0.08
+
+
+def test_context_regions_are_neither_lesions_nor_finding_targets():
+    """An organ labelled as context is background to the finding head's all-lesion channel and to the finding
+    prompt's oversampling."""
+    region_map = _region_map()
+    region_map[0, 0, 30:40, 30:40] = 9  # the organ, context id 9
+    view = ReferredSegmentation(region_map, [2], all_lesions=True, context_ids=(9,))
+    lesions = view[(slice(None), slice(None), slice(0, 64), slice(0, 64))][1, 0]
+    assert int((lesions == 1).sum()) == 32 and (lesions[30:40, 30:40] == 0).all()
+    dataset = PromptSamplingDataset(_FakeDataset(region_map), {"case": [Prompt((FINDING_TEXT,), (), "f", True)]},
+                                    0.0, context_ids=(9,))
+    _, segmentation, _, properties = dataset.load_case("case")
+    assert list(segmentation.targets) == [1, 2]
+    organ = {(y, x) for y in range(30, 40) for x in range(30, 40)}
+    assert len(properties["class_locations"][1]) == 32
+    assert not any(tuple(location[2:]) in organ for location in properties["class_locations"][1])
 
 
 def test_all_lesions_channel_holds_every_region_beside_the_referred_one():

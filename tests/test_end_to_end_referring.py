@@ -3,9 +3,13 @@
 make synthetic -> LSMSv2_plan_and_preprocess (nnU-Net planning + the real embedded text encoder) -> stock
 nnUNetv2_train -tr LSMSTrainer_test -> stock nnUNetv2_predict with a companion expressions.json -> LSMSv2_evaluate.
 """
+import dataclasses
 import json
 import os
 import shutil
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,11 +19,11 @@ import torch
 
 from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
-from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
+from lsms_nnunet.training.variants import LSMSTrainer_test
 
-from conftest import assert_scores_follow_from_voxel_counts
+from conftest import assert_outlived_by_none, assert_scores_follow_from_voxel_counts, child_processes
 
 pytestmark = pytest.mark.slow  # trains models end to end
 
@@ -73,7 +77,7 @@ def test_stock_train_writes_per_expression_validation(trained):
     beside = CaseLevelStage.load(trained["model"] / "fold_0" / STAGE_FILE, MINILM_SHA256)  # the model's encoder
     weights = load_checkpoint_safely(trained["model"] / "fold_0" / "checkpoint_final.pth")["network_weights"]
     stage = CaseLevelStage.from_payload(weights["_extra_state"][STAGE_STATE_KEY], MINILM_SHA256, "the checkpoint")
-    assert stage.settings == beside.settings == CaseLevelSettings()  # the settings it was fitted with, recorded
+    assert stage.settings == beside.settings == LSMSTrainer_test.case_level_settings  # what it was fitted with
     assert stage.fitted_on == beside.fitted_on == weights_identity(weights)  # and the weights it was fitted on
     verdict = next(iter(stage.verdicts.values()))  # judged on the training cases: all of them (tiny images)
     assert verdict.expressions == len(training_expressions)
@@ -168,6 +172,37 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     assert "no case selector" in said and "LSMSv2_fit_case_level" in said
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and PR_SET_PDEATHSIG")
+def test_a_killed_prediction_leaves_no_worker(trained_models, nnunet_dirs, tmp_path):
+    """SIGKILL of nnUNetv2_predict while it answers: its preprocessing worker and nnU-Net's manager process (a fork
+    of the predictor, as large) die with it."""
+    trained = trained_models["2d"]
+    images, test_images = tmp_path / "images", trained["raw"] / "imagesTs"
+    images.mkdir()
+    expressions = json.loads((test_images / "expressions.json").read_text(encoding="utf-8"))
+    copies = []
+    for copy in range(8):  # enough images that the worker is still busy when the first one is answered
+        for image in test_images.glob("*_0000.nii.gz"):
+            shutil.copy(image, images / f"copy{copy}_{image.name}")
+        copies += [{**e, "id": f"copy{copy}_{e['id']}", "case": f"copy{copy}_{e['case']}"}
+                   for e in expressions["expressions"]]
+    (images / "expressions.json").write_text(json.dumps({**expressions, "expressions": copies}), encoding="utf-8")
+    process = subprocess.Popen([shutil.which("nnUNetv2_predict"), *map(str, _predict_args(trained, images,
+                                                                                         tmp_path / "out"))],
+                               env={**os.environ, **nnunet_dirs, "PYTHONUNBUFFERED": "1"}, stdout=subprocess.PIPE,
+                               stderr=subprocess.STDOUT, text=True)
+    said = []
+    for line in process.stdout:
+        said.append(line)
+        if line.startswith("Predicting "):
+            break
+    workers = child_processes(process.pid)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert len(workers) >= 2, f"expected nnU-Net's manager and a preprocessing worker, found {workers}:\n{''.join(said)}"
+    assert_outlived_by_none(workers, "prediction workers")
+
+
 def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_models, run, run_failing, tmp_path):
     """LSMSv2_fit_case_level refits a trained fold's stage (no training, no validation) with the settings of a JSON
     file: the checkpoint and the file beside it carry the new stage and record its settings; stock prediction uses
@@ -177,14 +212,15 @@ def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_mode
     shutil.copytree(trained["model"], copy)
     validation_before = (copy / "fold_0" / "validation" / "summary.json").read_bytes()
     settings = tmp_path / "settings.json"
-    settings.write_text('{"ensemble_members": 2, "fit_steps": 60, "operations_first_steps": 10}')
+    settings.write_text('{"ensemble_members": 2, "fit_steps": 40}')
     environment = dict(nnUNet_results=str(tmp_path / "results"))
     result = run("LSMSv2_fit_case_level", "-d", trained["dataset"], "-c", "2d", "-f", 0, "-tr", "LSMSTrainer_test",
                  "-p", "nnUNetPlans_tiny", "-device", "cpu", "--settings", settings, **environment)
     assert "Expressions are answered by" in result.stdout and "Fitted in" in result.stdout
     weights = load_checkpoint_safely(copy / "fold_0" / "checkpoint_final.pth")["network_weights"]
     stage = CaseLevelStage.from_payload(weights["_extra_state"][STAGE_STATE_KEY], MINILM_SHA256, "the checkpoint")
-    assert stage.settings == CaseLevelSettings(ensemble_members=2, fit_steps=60, operations_first_steps=10)
+    # the file's values over the trainer's own (LSMSTrainer_test's short fit)
+    assert stage.settings == dataclasses.replace(LSMSTrainer_test.case_level_settings, ensemble_members=2, fit_steps=40)
     assert len(stage.selectors) == 2 and stage.fitted_on == weights_identity(weights)
     assert CaseLevelStage.load(copy / "fold_0" / STAGE_FILE, MINILM_SHA256).settings == stage.settings
     assert (copy / "fold_0" / "validation" / "summary.json").read_bytes() == validation_before  # not validated
@@ -389,6 +425,49 @@ def test_expression_batching_benchmark_runs(trained_models, run):
         assert batched_each == pytest.approx(batched / expressions, abs=0.006)
         assert separate_each == pytest.approx(separate / expressions, abs=0.006)
         assert speedup == pytest.approx(separate / batched, rel=0.1, abs=0.02)
+
+
+@pytest.mark.parametrize("answered_by", ["case-level stage", "network alone"])
+def test_expressions_answered_in_chunks_give_the_masks_of_one_pass(trained_models, tmp_path, monkeypatch,
+                                                                   answered_by):
+    """Prediction answers and exports an image's expressions chunk by chunk (memory follows a chunk): chunks of two
+    give exactly the masks of all expressions at once."""
+    import lsms_nnunet_ext_hook  # noqa: F401
+    from lsms_nnunet.inference import predictor as predictor_module
+    from lsms_nnunet.inference.predictor import LSMSPredictor
+
+    trained = trained_models["2d"]
+    predictor = LSMSPredictor(device=torch.device("cpu"), perform_everything_on_device=False, allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(trained["model"]), (0,), "checkpoint_final.pth")
+    if answered_by == "network alone":
+        predictor.case_level = None
+    assert answered_by == "network alone" or predictor.case_level is not None
+    image = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
+    preprocessor = predictor.configuration_manager.preprocessor_class(verbose=False)
+    data, _, properties = preprocessor.run_case([str(image)], None, predictor.plans_manager,
+                                                predictor.configuration_manager, predictor.dataset_json)
+    texts = ["the largest lesion", "all lesions", "the lesion in the left lobe", "the smallest cyst", "no such thing"]
+    ids = [f"q{i}" for i in range(len(texts))]
+    predictor.export_answers(torch.from_numpy(data), properties, ids, texts, tmp_path / "one_pass")
+    monkeypatch.setattr(predictor_module, "CHUNK_VOXELS", 1)
+    predictor.expression_batch_size = 2
+    assert len(predictor.expression_chunks(len(texts), data[0].size)) == 3
+    predictor.export_answers(torch.from_numpy(data), properties, ids, texts, tmp_path / "chunks")
+    for expression_id in ids:
+        one_pass, chunked = (sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / f"{expression_id}.nii.gz")))
+                             for folder in ("one_pass", "chunks"))
+        assert np.array_equal(one_pass, chunked), expression_id
+
+
+def test_expression_memory_benchmark_measures_each_count_in_its_own_process(trained_models, run):
+    trained = trained_models["2d"]
+    output = run("LSMSv2_benchmark_expression_memory", "-d", trained["dataset"], "-c", "2d", "-tr",
+                 "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-E", 1, 40).stdout
+    rows = [[cell.strip() for cell in line.split("|")[1:5]] for line in output.splitlines()
+            if line.startswith("| 1 |") or line.startswith("| 40 |")]
+    assert [(row[0], row[1]) for row in rows] == [("1", "1"), ("40", "40")]  # every expression got its mask
+    first, second = (float(row[2]) for row in rows)
+    assert first > 100 and float(rows[1][3].rstrip("x")) == pytest.approx(second / first, abs=0.006)
 
 
 def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, run, tmp_path):

@@ -22,6 +22,8 @@ import torch
 from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
+from conftest import assert_outlived_by_none, child_processes
+
 pytestmark = pytest.mark.slow  # trains models end to end
 
 DATASET = 531
@@ -160,38 +162,13 @@ def test_training_killed_at_random_moments_always_continues(dataset, nnunet_dirs
     assert resumed_from[-1] > 0, f"no run ever got to write a checkpoint: {resumed_from}"
 
 
-def _children(pid: int) -> list[int]:
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-        except (OSError, IndexError):
-            continue
-        if int(fields[1]) == pid:
-            children.append(int(stat.parent.name))
-    return children
-
-
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return False
-
-
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="needs /proc and PR_SET_PDEATHSIG")
 def test_killed_training_leaves_no_augmentation_worker(dataset, tmp_path):
     output = tmp_path / "train.txt"
     process = _start_training(dataset, 2, output, nnUNet_n_proc_DA="2")
     _wait_for(process, output, EPOCH_LINE)
-    workers = _children(process.pid)
+    workers = child_processes(process.pid)
     assert len(workers) >= 3, f"expected 2 training + 1 validation augmentation workers, found {workers}"
     process.send_signal(signal.SIGKILL)
     process.wait()
-    deadline = time.monotonic() + 10
-    while any(map(_alive, workers)) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    survivors = [pid for pid in workers if _alive(pid)]
-    for pid in survivors:  # clean up before failing
-        os.kill(pid, signal.SIGKILL)
-    assert not survivors, f"augmentation workers {survivors} outlived the killed training"
+    assert_outlived_by_none(workers, "augmentation workers")

@@ -59,22 +59,22 @@ def test_referring_dataset_passes_nnunet_integrity_with_sensible_expressions(tmp
     verify_dataset_integrity(str(folder), num_processes=1)
 
     dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
-    assert "disjoint blocks of ONE LiTS volume" in dataset["description"]
+    assert "disjoint blocks of ONE LiTS volume" in dataset["description"] and dataset["lsms_context"] == ["liver"]
     regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
     assert regions["organ_label"] == 1 and "ONE LiTS volume" in regions["source"]
     expressions = load_expressions(folder / "expressions.json")
     for case, description in regions["cases"].items():
         region_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTr" / f"{case}.nii.gz")))
-        num_regions = len(description["regions"])
-        assert num_regions >= 5 and region_map.max() == num_regions
+        num_regions = len(description["regions"])  # after the liver, context region 1
+        assert num_regions >= 5 and region_map.max() == num_regions + 1 and (region_map == 1).any()
         sizes = [region["size_voxels"] for region in description["regions"]]
-        assert sizes == sorted(sizes, reverse=True) == [int((region_map == i).sum()) for i in range(1, num_regions + 1)]
+        assert sizes == sorted(sizes, reverse=True) == [int((region_map == i).sum()) for i in range(2, num_regions + 2)]
         assert {region["lobe"] for region in description["regions"]} == {"left", "right"}
         by_text = {e.text: e.targets for e in expressions if e.case == case}
         everything = [targets for text, targets in by_text.items() if text.split()[0] in ("all", "every")
                       and text.split()[-1] in ("lesions", "tumours", "lesion", "tumour")
                       and "dense" not in text and "lobe" not in text]
-        assert everything == [tuple(range(1, num_regions + 1))]
+        assert everything == [tuple(range(2, num_regions + 2))]
         right_lobe = tuple(region["id"] for region in description["regions"] if region["lobe"] == "right")
         assert any(targets == right_lobe and "right lobe" in text for text, targets in by_text.items())
         assert any(targets == () for targets in by_text.values()), "each block has a no-target expression"

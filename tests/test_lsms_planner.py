@@ -298,3 +298,12 @@ def test_estimate_matches_measured_peak_within_tolerance():
     unet_ratio = measure_training_step_peak_bytes(unet, patch, batch) / unet_estimate
     # LSMS's estimate errs like nnU-Net's own: the calibration puts both counts on nnU-Net's scale.
     assert 0.75 <= lsms_ratio / unet_ratio <= 1.33
+
+
+def test_planning_processes_are_capped_at_the_cpu_count_unless_the_user_names_them():
+    from lsms_nnunet.preprocessing.encode_text import processes_for_this_machine
+
+    assert processes_for_this_machine([], cpus=2) == ["-npfp", "2", "-np", "2", "2", "2"]
+    assert processes_for_this_machine(["-c", "2d", "3d_fullres"], cpus=6) == ["-npfp", "6", "-np", "6", "4"]
+    assert processes_for_this_machine(["-c", "2d", "-np", "3"], cpus=64) == ["-npfp", "8"]
+    assert processes_for_this_machine(["-npfp", "1", "-c", "3d_fullres"], cpus=64) == ["-np", "4"]

@@ -1,5 +1,6 @@
 """`LSMSv2_predict`'s own flags are checked before nnU-Net starts, and reach the predictor as arguments (no model
 needed)."""
+import json
 import os
 import sys
 
@@ -95,6 +96,37 @@ def test_a_checkpoint_that_would_run_code_or_is_damaged_is_refused_before_loadin
     message = capsys.readouterr().err
     assert str(fold / "checkpoint_final.pth") in message and "Fix:" in message
     assert ("would run code" if content == "pickled object" else "not a readable checkpoint") in message
+
+
+PLANS = {"dataset_name": "Dataset001_X", "configurations": {"2d": {
+    "patch_size": [64, 64], "architecture": {"network_class_name": "PlainConvUNet", "arch_kwargs": {"n_stages": 5}}}}}
+
+
+@pytest.mark.parametrize("trained_with, said", [
+    ({**PLANS, "dataset_name": "Dataset002_Y"}, "was trained on Dataset002_Y, but sits in a model folder of "
+                                                "Dataset001_X"),
+    ({**PLANS, "configurations": {"2d": {**PLANS["configurations"]["2d"], "patch_size": [32, 32]}}},
+     "was trained with another network than"),
+])
+def test_a_checkpoint_of_another_dataset_or_network_is_refused_before_loading(monkeypatch, tmp_path, capsys,
+                                                                              trained_with, said):
+    import torch
+
+    model = tmp_path / "results" / "Dataset001_X" / "LSMSTrainer__nnUNetPlans__2d"
+    (model / "fold_0").mkdir(parents=True)
+    (model / "plans.json").write_text(json.dumps(PLANS), encoding="utf-8")
+    torch.save({"network_weights": {}, "init_args": {"plans": trained_with, "configuration": "2d"}},
+               model / "fold_0" / "checkpoint_final.pth")
+    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder",
+                        lambda *args, **kwargs: pytest.fail("nnU-Net's loader was reached"))
+    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
+                                      "-device", "cpu", "-f", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        entry.predict_entry()
+    message = capsys.readouterr().err
+    assert stopped.value.code == 1 and said in message
+    assert str(model / "fold_0" / "checkpoint_final.pth") in message and "Fix:" in message
 
 
 def test_a_refused_prediction_leaves_no_empty_output_folder(monkeypatch, tmp_path, capsys):

@@ -6,13 +6,13 @@ import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lsms_nnunet.preprocessing.prompts import (FINDING_TEXT, PLAIN, REFERRING, PromptSet, load_prompt_set,
-                                               read_prompt_set, readable_label_name, save_prompt_set)
+from lsms_nnunet.preprocessing.prompts import (FINDING_TEXT, PLAIN, REFERRING, PromptSet, lesion_voxels,
+                                               load_prompt_set, read_prompt_set, readable_label_name, save_prompt_set)
 from text_conditioning.expressions import ExpressionsError
 
 
 def _write_dataset(folder: Path, labels: dict, region_maps: dict, expressions: list | None = None,
-                   prompt_table: dict | None = None) -> Path:
+                   prompt_table: dict | None = None, **dataset_keys) -> Path:
     (folder / "labelsTr").mkdir(parents=True)
     (folder / "imagesTr").mkdir()
     for case, array in region_maps.items():
@@ -20,7 +20,8 @@ def _write_dataset(folder: Path, labels: dict, region_maps: dict, expressions: l
         sitk.WriteImage(sitk.GetImageFromArray(array.astype(np.float32)),
                         str(folder / "imagesTr" / f"{case}_0000.nii.gz"))
     (folder / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": labels,
-                                                     "numTraining": len(region_maps), "file_ending": ".nii.gz"}))
+                                                     "numTraining": len(region_maps), "file_ending": ".nii.gz",
+                                                     **dataset_keys}))
     if expressions is not None:
         (folder / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1,
                                                              "expressions": expressions}))
@@ -154,3 +155,43 @@ def test_deeply_nested_dataset_json_names_the_file(tmp_path):
     (folder / "dataset.json").write_text("{\"a\": " * 50_000 + "1" + "}" * 50_000)
     with pytest.raises(ExpressionsError, match=r"dataset.json nests JSON arrays/objects too deeply .* Fix: "):
         load_prompt_set(folder)
+
+
+CONTEXT_LABELS = {"background": 0, "region_1": 1, "region_2": 2, "liver": 3}
+
+
+def _liver_map() -> np.ndarray:
+    region_map = _two_region_map()
+    region_map[0:8, 0:4][region_map[0:8, 0:4] == 0] = 3  # the liver around region 1
+    return region_map
+
+
+def test_context_regions_are_declared_in_dataset_json_and_travel_with_the_prompt_set(tmp_path):
+    expressions = [{"id": "a-e0", "case": "a", "text": "the lesion in the liver", "targets": [1]}]
+    folder = _write_dataset(tmp_path / "ds", CONTEXT_LABELS, {"a": _liver_map()}, expressions,
+                            lsms_context=["liver"])
+    prompt_set = load_prompt_set(folder)
+    assert prompt_set.context == (("liver", 3),) and prompt_set.context_ids == (3,)
+    save_prompt_set(prompt_set, {"name": "enc"}, tmp_path / "text")
+    assert read_prompt_set(tmp_path / "text")[0] == prompt_set
+    lesions = lesion_voxels(_liver_map(), prompt_set.context_ids)
+    assert np.array_equal(lesions, np.isin(_liver_map(), [1, 2]))
+    from lsms_nnunet.training.variants import merged_lesion_labels
+    merged = merged_lesion_labels({"labels": CONTEXT_LABELS, "lsms_context": ["liver"]})
+    assert merged["labels"] == {"background": 0, "lesion": [1, 2]}  # vanilla's lesion label leaves the liver out
+
+
+@pytest.mark.parametrize("context, targets, maps, message", [
+    (["kidney"], [1], {"a": _liver_map()}, r"lsms_context names \['kidney'\], which are not distinct foreground "
+                                           r"labels"),
+    ("liver", [1], {"a": _liver_map()}, r"lsms_context is 'liver'\. Fix: list label names"),
+    (["liver"], [3], {"a": _liver_map()}, r"entry 0 \(id 'a-e0'\) targets the id\(s\) of context \['liver'\]"),
+    (["liver"], [1], {"a": _liver_map(), "b": _two_region_map()},
+     r"the label maps of 1 case\(s\) hold none of it, e\.g\. \['b'\]"),
+])
+def test_bad_context_is_refused_before_training(tmp_path, context, targets, maps, message):
+    expressions = [{"id": f"{case}-e0", "case": case, "text": "the lesion", "targets": targets} for case in maps]
+    folder = _write_dataset(tmp_path / "ds", CONTEXT_LABELS, maps, expressions, lsms_context=context)
+    with pytest.raises(ExpressionsError, match=message) as error:
+        load_prompt_set(folder)
+    assert "Fix:" in str(error.value)

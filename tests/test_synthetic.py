@@ -8,11 +8,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from scipy import ndimage
 import SimpleITK as sitk
 from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
 
 from lsms_nnunet.datasets import synthetic
-from lsms_nnunet.datasets.synthetic import (ATTRIBUTE_KINDS, HELDOUT_SYNONYMS, KINDS, MAX_LESIONS,
+from lsms_nnunet.datasets.synthetic import (ATTRIBUTE_KINDS, HELDOUT_SYNONYMS, KINDS, LIVER_LABEL, MAX_LESIONS,
                                             MIN_SIZE_RATIO, PLAIN_LABELS, SPACINGS, generate_case,
                                             make_synthetic_dataset, make_synthetic_entry)
 from text_conditioning.expressions import load_expressions, validate_against_cases
@@ -78,7 +79,9 @@ def test_files_and_geometry(datasets, key, shape, dim, names):
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["channel_names"] == {"0": "CT"}
     assert dataset_json["file_ending"] == ".nii.gz"
-    assert dataset_json["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)}}
+    assert dataset_json["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)},
+                                      "liver": LIVER_LABEL}
+    assert dataset_json["lsms_context"] == ["liver"]
     assert "synthetic" in dataset_json["description"] and "patient's right" in dataset_json["description"]
     train_cases = [f"synliver_{index:03d}" for index in range(dataset_json["numTraining"])]
     assert sorted(path.name for path in (folder / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in train_cases]
@@ -107,8 +110,10 @@ def test_region_ids_consecutive_and_targets_exist(datasets):
             assert re.fullmatch(rf"{expression.case}-e\d+", expression.id)
             assert set(expression.targets) <= set(np.unique(maps[expression.case]).tolist()) - {0}
     for case, region_map in region_maps(datasets["3d"]).items():
-        assert np.unique(region_map).tolist() == list(range(0, int(region_map.max()) + 1))
-        assert 2 <= region_map.max() <= MAX_LESIONS
+        lesions = np.unique(region_map[region_map != LIVER_LABEL]).tolist()
+        assert lesions == list(range(0, max(lesions) + 1)) and 2 <= max(lesions) <= MAX_LESIONS
+        liver = (region_map == LIVER_LABEL) | (region_map > 0)
+        assert (region_map == LIVER_LABEL).any() and ndimage.label(liver)[1] == 1  # lesions lie inside the liver
 
 
 def test_regions_sidecar_describes_the_maps(datasets):
@@ -120,7 +125,8 @@ def test_regions_sidecar_describes_the_maps(datasets):
     for case, entry in regions["cases"].items():
         image = read_array(next(folder.glob(f"images*/{case}_0000.nii.gz")))[0]
         lesions = entry["regions"]
-        assert sorted(int(region) for region in lesions) == list(range(1, int(maps[case].max()) + 1))
+        assert sorted(int(region) for region in lesions) == list(range(1, int(maps[case][maps[case] != LIVER_LABEL]
+                                                                              .max()) + 1))
         sizes = []
         for region, lesion in lesions.items():
             mask = maps[case] == int(region)
@@ -311,7 +317,7 @@ def test_plain_mode_labels_are_lesion_kinds(datasets):
     for path in sorted(plain.glob("labels*/*.nii.gz")):
         relative = path.relative_to(plain)
         region_map = read_array(referring / relative)[0]
-        kind_of_region = np.zeros(MAX_LESIONS + 1, dtype=np.uint8)
+        kind_of_region = np.zeros(LIVER_LABEL + 1, dtype=np.uint8)  # the liver is background in the plain task
         for region, lesion in regions[path.name[:-len(".nii.gz")]]["regions"].items():
             kind_of_region[int(region)] = PLAIN_LABELS[lesion["kind"]]
         assert np.array_equal(read_array(path)[0], kind_of_region[region_map])
@@ -401,3 +407,22 @@ def test_heldout_phrasing_flag_rewords_test_cases_and_writes_training_heldout_fi
     assert all(e.phrasing == "heldout" and e.id.endswith("-h") for e in reworded_test)
     assert not {e.text for e in seen} & {e.text for e in reworded_test}
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"]["heldout_phrasing"]
+
+
+def test_varied_anatomy_moves_the_liver_so_the_image_position_does_not_tell_the_lobe():
+    """--varied_anatomy: the body and its liver move and resize between cases while the lobe words stay relative to
+    the liver, so a lesion's place in the image tells its lobe far less well than in the default generator."""
+    def best_threshold_accuracy(varied: bool) -> float:
+        """How well one threshold on a lesion's image x tells right lobe from left, over 40 cases."""
+        lesions = [lesion for index in range(40)
+                   for lesion in generate_case(index, seed=5, dim=2, varied_anatomy=varied).lesions]
+        x = np.array([lesion.centre[-1] for lesion in lesions])
+        right = np.array([lesion.lobe == "right" for lesion in lesions])
+        return max(max(np.mean((x < t) == right), np.mean((x >= t) == right)) for t in np.unique(x))
+
+    assert best_threshold_accuracy(False) > 0.97 and best_threshold_accuracy(True) < 0.9
+    default, explicit = generate_case(3, seed=5, dim=2), generate_case(3, seed=5, dim=2, varied_anatomy=False)
+    varied = generate_case(3, seed=5, dim=2, varied_anatomy=True)
+    assert np.array_equal(default.image, explicit.image) and not np.array_equal(default.image, varied.image)
+    liver_centre = [np.argwhere(case.region_map == LIVER_LABEL).mean(axis=0) for case in (default, varied)]
+    assert np.abs(liver_centre[0] - liver_centre[1]).max() > 2

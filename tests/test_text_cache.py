@@ -293,3 +293,17 @@ def test_truncation_over_several_shards_is_warned_once(tmp_path, tiny_encoder):
     with pytest.warns(UserWarning, match=r"5 of 6 text\(s\) are longer than") as caught:
         cache.update(texts, tiny_encoder, progress=False, shard_size=2)
     assert len([w for w in caught if "longer than" in str(w.message)]) == 1
+
+
+def test_a_model_asked_more_texts_than_it_remembers_gets_every_one(tmp_path, tiny_folders, tiny_encoder, monkeypatch):
+    """encode_texts keeps the latest REMEMBERED_TEXTS in memory; a call asking more still returns each text's own
+    embedding (it used to look the evicted ones up again and fail)."""
+    from text_conditioning import model_texts
+
+    monkeypatch.setattr(model_texts, "REMEMBERED_TEXTS", 2)
+    monkeypatch.setattr(model_texts, "_REMEMBERED", model_texts.OrderedDict())
+    texts = [*TEXTS, TEXTS[0]]
+    encoded = model_texts.encode_texts(texts, tiny_encoder.identity, tmp_path / "cache", str(tiny_folders[0]))
+    direct = tiny_encoder.encode(texts, progress=False)
+    stored = direct.tokens.astype(np.float16).astype(np.float32)  # the cache keeps tokens as float16
+    assert np.array_equal(encoded.tokens, stored) and len(model_texts._REMEMBERED) == 2

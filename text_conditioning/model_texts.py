@@ -43,6 +43,7 @@ def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: 
     unique = list(dict.fromkeys(texts))
     requested_source = encoder_source or os.environ.get(TEXT_ENCODER_ENV)
     missing = [text for text in unique if (identity.sha256, identity.max_tokens, text) not in _REMEMBERED]
+    read = {}
     if missing or requested_source:
         cache = TextEmbeddingCache(cache_folder or user_text_cache_folder(identity), identity)
         if requested_source or cache.missing(missing):
@@ -51,8 +52,11 @@ def encode_texts(texts: Sequence[str], identity: EncoderIdentity, cache_folder: 
             if cache.missing(missing):
                 cache.update(missing, _loaded_text_encoder(source, identity.max_tokens))
         if missing:
-            _remember(identity, missing, cache.load(missing))
-    rows = [_REMEMBERED[(identity.sha256, identity.max_tokens, text)] for text in texts]
+            encoded = cache.load(missing)
+            read = {text: (encoded.tokens[i], encoded.mask[i], encoded.pooled[i]) for i, text in enumerate(missing)}
+            _remember(identity, missing, encoded)  # keeps the latest REMEMBERED_TEXTS only
+    rows = [read[text] if text in read else _REMEMBERED[(identity.sha256, identity.max_tokens, text)]
+            for text in texts]
     return EncodedTexts(tokens=np.stack([row[0] for row in rows]), mask=np.stack([row[1] for row in rows]),
                         pooled=np.stack([row[2] for row in rows]))
 

@@ -18,6 +18,7 @@ from text_conditioning.io import atomic_path
 
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder, reader_for
 from lsms_nnunet.evaluation.metrics import dice_score
+from lsms_nnunet.preprocessing.prompts import lesion_voxels
 
 #: The text that asks an LSMS model for every lesion. It is chosen by the benchmark (ad hoc), not learned from a
 #: dataset convention; the synthetic dataset happens to use it among its phrasings.
@@ -40,19 +41,22 @@ def evaluate_text_blind_answers(label_map_folder: Path, gt_folder: Path, express
 
 
 def write_all_lesion_reference_masks(gt_folder: Path, cases: Sequence[str], file_ending: str,
-                                     output_folder: Path) -> None:
-    """The perfect all-lesion mask of each case (union of its regions): the best answer a text-blind model can give."""
+                                     output_folder: Path, context_ids: Sequence[int] = ()) -> None:
+    """The perfect all-lesion mask of each case (union of its lesion regions, context left out): the best answer a
+    text-blind model can give."""
     output_folder.mkdir(parents=True, exist_ok=True)
     reader_writer = reader_for(file_ending, gt_folder / f"{cases[0]}{file_ending}")()
     for case in cases:
         region_map, properties = reader_writer.read_seg(str(gt_folder / f"{case}{file_ending}"))
         target = output_folder / f"{case}{file_ending}"
         with atomic_path(target, f".tmp{file_ending}") as temporary:
-            reader_writer.write_seg((region_map[0] > 0).astype(np.uint8), str(temporary), properties)
+            reader_writer.write_seg(lesion_voxels(region_map[0], context_ids).astype(np.uint8), str(temporary),
+                                    properties)
 
 
-def plain_lesion_dice(prediction_folder: Path, gt_folder: Path, cases: Sequence[str], file_ending: str) -> dict:
-    """Dice of each case's predicted lesion mask (foreground > 0) against the union of all its regions."""
+def plain_lesion_dice(prediction_folder: Path, gt_folder: Path, cases: Sequence[str], file_ending: str,
+                      context_ids: Sequence[int] = ()) -> dict:
+    """Dice of each case's predicted lesion mask (foreground > 0) against the union of all its lesion regions."""
     if not cases:
         raise ValueError("No case to score plain lesion segmentation on.")
     reader = reader_for(file_ending, gt_folder / f"{cases[0]}{file_ending}")()
@@ -66,5 +70,5 @@ def plain_lesion_dice(prediction_folder: Path, gt_folder: Path, cases: Sequence[
         if prediction.shape != reference.shape:
             raise ValueError(f"{prediction_file} has shape {prediction.shape}, its reference {reference_file} "
                              f"{reference.shape}. Fix: export predictions in the reference geometry.")
-        dice_per_case[case] = dice_score(prediction > 0, reference > 0)
+        dice_per_case[case] = dice_score(prediction > 0, lesion_voxels(reference, context_ids))
     return {"dice_per_case": dice_per_case, "mean_dice": float(np.mean(list(dice_per_case.values())))}

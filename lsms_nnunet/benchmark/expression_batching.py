@@ -20,7 +20,8 @@ TEMPLATE_TEXTS = ("the largest lesion", "the smallest lesion", "all cysts", "the
                   "the hemangioma", "every lesion in the left lobe", "the metastasis", "the hypodense lesion")
 
 
-def _texts(count: int) -> list[str]:
+def expression_texts(count: int) -> list[str]:
+    """`count` distinct expressions (each encoded on its own; none repeats another)."""
     return [f"{TEMPLATE_TEXTS[i % len(TEMPLATE_TEXTS)]}, query {i}" for i in range(count)]
 
 
@@ -33,10 +34,10 @@ def time_expression_batching(predictor: LSMSPredictor, image_file: str, counts: 
                                                     predictor.configuration_manager, predictor.dataset_json)
         return torch.from_numpy(data), properties
 
-    predictor.predict_prompt_logits(preprocess()[0], _texts(max(counts)))  # warm-up; encodes every text once
+    predictor.predict_prompt_logits(preprocess()[0], expression_texts(max(counts)))  # warm-up; encodes every text once
     rows = []
     for count in counts:
-        texts = _texts(count)
+        texts = expression_texts(count)
         start = time.perf_counter()
         predictor.predict_prompt_logits(preprocess()[0], texts)
         batched = time.perf_counter() - start

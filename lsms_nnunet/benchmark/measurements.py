@@ -27,7 +27,7 @@ from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.network.case_position import network_input_channels
-from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset, canonical_flip_axes, flip_spatial
+from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import Expression, expressions_by_case
@@ -78,18 +78,11 @@ class _FoldModel:
     def answer(self, questions: dict[str, list[tuple[str, str]]], folder: Path, description: str) -> None:
         """Masks `<id><file_ending>` in folder answering each case's (id, text) questions as the final validation
         answers them: one pass per case, no mirroring, logits flipped back from the canonical orientation."""
-        from lsms_nnunet.inference.predictor import export_expression_masks
-
-        predictor = self.predictor
         folder.mkdir(parents=True, exist_ok=True)
-        reader_writer = predictor.plans_manager.image_reader_writer_class()
         for case, asked in tqdm(questions.items(), desc=f"{self.variant.name}: {description}", unit="case"):
             data, properties = self.load_case(case)
-            logits = predictor.predict_prompt_logits(data, [text for _, text in asked])  # the user's text cache
-            logits = flip_spatial(logits, canonical_flip_axes(properties, predictor.plans_manager.transpose_forward))
-            export_expression_masks(logits.numpy(), properties, predictor.configuration_manager,
-                                    predictor.plans_manager, reader_writer, [id_ for id_, _ in asked], folder,
-                                    self.setup.file_ending)
+            self.predictor.export_answers(data, properties, [id_ for id_, _ in asked], [text for _, text in asked],
+                                          folder)  # the user's text cache
 
     def answer_and_score(self, expressions: Sequence[Expression], folder: Path, description: str) -> dict:
         """Referring metrics of `answer` on expressions."""
@@ -134,10 +127,12 @@ def measure_plain(model: _FoldModel) -> dict:
     cases = setup.validation_cases(fold)
     if not variant.uses_text:
         folder = setup.fold_folder(variant, fold) / "validation"
-        return {"prompt": None, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
+        return {"prompt": None, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending,
+                                                    setup.context_ids)}
     folder = setup.work_folder(variant, fold, "all_lesions")
     model.answer({case: [(case, ALL_LESIONS_PROMPT)] for case in cases}, folder, f"'{ALL_LESIONS_PROMPT}'")
-    return {"prompt": ALL_LESIONS_PROMPT, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending)}
+    return {"prompt": ALL_LESIONS_PROMPT, **plain_lesion_dice(folder, setup.gt_folder, cases, setup.file_ending,
+                                                              setup.context_ids)}
 
 
 def measure_network(model: _FoldModel) -> dict:
@@ -307,7 +302,7 @@ def measure_text_blind_ceiling(setup: BenchmarkSetup, fold: int) -> dict:
         return json.loads(record_file.read_text(encoding="utf-8"))
     folder = setup.output_folder / "predictions" / "text_blind_ceiling" / f"fold_{fold}"
     write_all_lesion_reference_masks(setup.gt_folder, setup.validation_cases(fold), setup.file_ending,
-                                     folder / "lesion_masks")
+                                     folder / "lesion_masks", setup.context_ids)
     summary = evaluate_text_blind_answers(folder / "lesion_masks", setup.gt_folder, setup.validation_expressions(fold),
                                           setup.file_ending, folder / "referring")
     record = {"fold": fold, "per_expression": summary["metric_per_expression"]}

@@ -14,7 +14,7 @@ import torch
 
 from lsms_nnunet.benchmark.variants import VARIANTS, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
-from lsms_nnunet.preprocessing.prompts import REFERRING, read_prompt_set
+from lsms_nnunet.preprocessing.prompts import REFERRING, context_labels, read_prompt_set
 from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, Expression, ExpressionsError, load_expressions
@@ -67,6 +67,12 @@ class BenchmarkSetup:
     @property
     def gt_folder(self) -> Path:
         return self.preprocessed_folder / "gt_segmentations"
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        """The label ids of the dataset's context regions (anatomy): never lesions in any score."""
+        dataset_json = json.loads((self.preprocessed_folder / "dataset.json").read_text(encoding="utf-8"))
+        return tuple(context_labels(dataset_json, self.preprocessed_folder / "dataset.json").values())
 
     @property
     def splits_file(self) -> Path:

@@ -47,6 +47,7 @@ from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, 
                                            save_expressions, validate_against_cases)
 from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
+from lsms_nnunet.preprocessing.prompts import CONTEXT_KEY
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"
 REGIONS_FORMAT = "lsms-regions"
@@ -57,6 +58,9 @@ RIGHT_LOBE_VOLUME_FRACTION = 0.6
 INTENSITY_THRESHOLD = 0.5
 MAX_SIZE_RANK_EXPRESSED = 3
 CONNECTIVITY = {2: 8, 3: 26}
+#: With --organ_label the organ is kept in the region maps as context (anatomy, never a target) under this id, and
+#: the lesion regions follow it (2, 3, ...).
+ORGAN_CONTEXT_ID = 1
 INTENSITY_CLASSES = ("hypo", "iso", "hyper")
 PLAIN_NOUN = re.compile(r"^[a-z]+( [a-z]+)?$")
 MR_CHANNEL = re.compile(r"^(MRI?|T1|T2|FLAIR|DWI|ADC|PD|SWI)", re.IGNORECASE)
@@ -468,6 +472,15 @@ def _convert_case(job: _CaseJob) -> _CaseResult:
             copy_file_atomically(path, output)
         else:
             write_image_atomically(image, output)
+    if job.organ_value is not None:  # the organ (specks of lesion too small to be regions included) is context
+        # region ORGAN_CONTEXT_ID; the lesion regions follow it
+        organ_voxels = (label == job.organ_value) | (label == job.lesion_value)
+        region_map = np.where(region_map > 0, region_map + ORGAN_CONTEXT_ID,
+                              np.where(organ_voxels, ORGAN_CONTEXT_ID, 0))
+        expressions = [(text, tuple(t + ORGAN_CONTEXT_ID for t in targets), family, category)
+                       for text, targets, family, category in expressions]
+        for region in regions:
+            region.id += ORGAN_CONTEXT_ID
     write_image_atomically(region_map_image(region_map, label_image, ".nii.gz"),
                            job.output_folder / "labelsTr" / f"{source.case}.nii.gz")
     description = {"organ": asdict(organ) if organ else None, "regions": [asdict(region) for region in regions]}
@@ -512,19 +525,26 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
     expressions = [Expression(id=f"{result.case}-e{index}", case=result.case, text=text, targets=targets,
                               category=category)
                    for result in results for index, (text, targets, _, category) in enumerate(result.expressions)]
-    validate_against_cases(expressions, {result.case: range(1, result.num_regions + 1) for result in results},
+    first = 1 if organ_value is None else ORGAN_CONTEXT_ID + 1  # the organ, when kept, is context id 1
+    validate_against_cases(expressions, {result.case: range(first, first + result.num_regions) for result in results},
                            folder / "expressions.json")
     save_expressions(folder / "expressions.json", expressions)
     lesion_name = source.label_names.get(lesion_value, str(lesion_value))
+    organ_name = context_name(source.label_names.get(organ_value, "")) if organ_value is not None else None
+    context = {organ_name: ORGAN_CONTEXT_ID} if organ_name else {}
     write_json_atomically(folder / "dataset.json", {
         "channel_names": source.channel_names,
-        "labels": {"background": 0, **{f"region_{region}": region for region in range(1, max_regions + 1)}},
+        "labels": {"background": 0, **context,
+                   **{f"region_{region}": region for region in range(first, first + max_regions)}},
         "numTraining": len(results),
         "file_ending": ".nii.gz",
         "description": (f"Referring dataset made by {CONVERTER_NAME}: each connected component of label "
                         f"{lesion_name!r} ({lesion_value}) with at least {min_lesion_voxels} voxels is one region "
-                        "(ids by size, largest first); expressions are generated from region attributes "
-                        f"(regions.json). Source: {source_description}"),
+                        "(ids by size, largest first)"
+                        + (f", after the organ {organ_name!r} (context id {ORGAN_CONTEXT_ID})" if context else "")
+                        + f"; expressions are generated from region attributes (regions.json). Source: "
+                        f"{source_description}"),
+        **({CONTEXT_KEY: [organ_name]} if context else {}),
     })
     write_json_atomically(folder / "regions.json", {
         "format": REGIONS_FORMAT, "version": REGIONS_VERSION, "source": source_description,
@@ -538,6 +558,12 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
                                                 for index, (_, _, family, _) in enumerate(result.expressions)]}
                   for result in results},
     })
+
+
+def context_name(label_name: str) -> str:
+    """The dataset.json name of a kept organ: its source label name as a lowercase identifier ("organ" if none)."""
+    name = re.sub(r"[^a-z0-9]+", "_", label_name.lower()).strip("_")
+    return name if name and name[0].isalpha() and not name.startswith("region_") else "organ"
 
 
 def _label_argument(value: str) -> int | str:

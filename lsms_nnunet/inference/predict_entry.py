@@ -104,7 +104,7 @@ def predict_entry() -> None:
     for fold in folds:  # nnU-Net's loader unpickles without restriction: screen each file first
         checkpoint = os.path.join(model_folder, f"fold_{fold}", args.chk)
         if os.path.isfile(checkpoint):
-            screen_checkpoint(checkpoint)
+            screen_checkpoint(checkpoint, args.c)
     predictor.initialize_from_trained_model_folder(model_folder, folds, checkpoint_name=args.chk)
     created = not os.path.isdir(args.o)
     os.makedirs(args.o, exist_ok=True)

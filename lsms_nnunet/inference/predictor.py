@@ -6,12 +6,13 @@ window, Gaussian weighting, mirroring, fold averaging, `-num_parts`, `--continue
   that `LSMSv2_predict -e/--text` pass) and are validated before anything is written, as is the output: never the
   input folder or inside it, no expression id named like an input image;
 - each image is preprocessed once and seen in canonical orientation (preprocessing/orientation.py; flipped back
-  before export); all of its expressions are bound to the network as prompts, so every sliding-window
-  patch runs once for all of them, batched;
+  before export); its expressions are bound to the network as prompts, a batch at a time, so every sliding-window
+  patch runs once per batch;
 - where the folds' case-level stage answers (selection/stage.py), the network is asked for its finding answer only
   and the stage chooses each expression's lesions among its candidates;
-- the `E + 1` channel output is resampled back to the original geometry and written as one binary mask per expression
-  (`<expression id><file ending>`), plus `expressions_index.json`.
+- the expressions of an image are answered and exported in chunks (`CHUNK_VOXELS`), each resampled back to the
+  original geometry and written as one binary mask per expression (`<expression id><file ending>`), plus
+  `expressions_index.json`: memory follows a chunk, not the number of expressions.
 A plain-task model without a companion file binds its label prompts and the stock nnU-Net export writes an ordinary
 label map (and `--save_probabilities` npz) per case.
 
@@ -24,7 +25,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -45,8 +46,13 @@ from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spat
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
 from lsms_nnunet.selection.evidence import TextFeatures
 from lsms_nnunet.selection.stage import CaseLevelStage
+from lsms_nnunet.worker_lifetime import preprocessing_workers_die_with_parent
 
 EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
+#: Expressions of one image are answered and exported in chunks of about this many voxels of logits (each chunk at
+#: least one batch of prompts): peak memory follows the chunk, not the number of expressions.
+CHUNK_VOXELS = 2 ** 24
+TEXTS_PER_ENCODING = 1024  # texts encoded and read back at once before prediction starts (~50 kB each)
 INDEX_FILE = "expressions_index.json"
 
 
@@ -76,7 +82,7 @@ _TARGET_LABELS = LabelManager({"background": 0, "target": 1}, None)
 def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties: dict, configuration_manager,
                             plans_manager, reader_writer, expression_ids: Sequence[str], output_folder: str | Path,
                             file_ending: str, save_probabilities: bool = False) -> list[str]:
-    """Write one binary mask per expression from `[1 + E, ...]` prompt logits, in the original geometry.
+    """Write one binary mask per expression from `[E, ...]` expression logits, in the original geometry.
 
     Expressions may overlap, so each is exported on its own by nnU-Net's
     `convert_predicted_logits_to_segmentation_with_correct_shape` (resampling, uncropping, transposing back) as a
@@ -85,7 +91,7 @@ def export_expression_masks(prompt_logits: np.ndarray | torch.Tensor, properties
     """
     logits = torch.as_tensor(prompt_logits).float()
     written = []
-    for expression_id, expression_logits in zip(expression_ids, logits[1:]):
+    for expression_id, expression_logits in zip(expression_ids, logits, strict=True):
         answer = torch.stack((torch.zeros_like(expression_logits), expression_logits))
         exported = convert_predicted_logits_to_segmentation_with_correct_shape(
             answer, plans_manager, configuration_manager, _TARGET_LABELS, properties,
@@ -156,20 +162,52 @@ class LSMSPredictor(nnUNetPredictor):
 
     def predict_prompt_logits(self, data: torch.Tensor, texts: Sequence[str],
                               cache_folder: Path | None = None) -> torch.Tensor:
-        """`[1 + E, ...]` logits for E texts on one preprocessed image; E is processed in batches of prompts.
+        """`[1 + E, ...]` logits for E texts on one preprocessed image, all at once (`prompt_logit_chunks` streams
+        them; prediction and validation export chunk by chunk, `export_answers`)."""
+        chunks = [logits for _, logits in self.prompt_logit_chunks(data, texts, cache_folder)]
+        return torch.cat((torch.zeros_like(chunks[0][:1]), *chunks))
 
-        Where the case-level stage answers, the network is asked for the finding answer only, and the stage chooses
-        each expression's lesions among its candidates (selection/stage.py)."""
+    def prompt_logit_chunks(self, data: torch.Tensor, texts: Sequence[str], cache_folder: Path | None = None
+                            ) -> Iterator[tuple[slice, torch.Tensor]]:
+        """(which texts, their `[c, ...]` logits) for the texts of one preprocessed image, chunk by chunk
+        (`expression_chunks`): memory holds one chunk's logits and embeddings, whatever the number of texts.
+
+        Where the case-level stage answers, the network is asked for the finding answer only, once per image, and the
+        stage chooses each expression's lesions among its candidates (selection/stage.py)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         asked = _maybe_constant(self.model_card, texts)
-        encoded = encode_texts(asked, identity, cache_folder, self.request.text_encoder_source)
-        if self.case_level is None or not self.case_level.answers:
-            return self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
-                                                      torch.from_numpy(encoded.mask))
-        finding = self.predict_finding_logits(data, cache_folder)
-        answers = self.case_level.apply(finding, data, asked, TextFeatures(asked, encoded),
-                                        self.configuration_manager.spacing)
-        return torch.cat((torch.zeros_like(answers[:1]), answers))
+        image = None
+        if self.case_level is not None and self.case_level.answers:
+            image = self.case_level.read_image(self.predict_finding_logits(data, cache_folder), data,
+                                               self.configuration_manager.spacing)
+        for chunk in self.expression_chunks(len(asked), data[0].numel()):
+            chunk_texts = asked[chunk]
+            encoded = encode_texts(chunk_texts, identity, cache_folder, self.request.text_encoder_source)
+            if image is None:
+                yield chunk, self._sliding_window_prompt_logits(data, torch.from_numpy(encoded.tokens),
+                                                                torch.from_numpy(encoded.mask))
+            else:
+                yield chunk, self.case_level.answer(image, chunk_texts, TextFeatures(chunk_texts, encoded))
+
+    def expression_chunks(self, count: int, voxels: int) -> list[slice]:
+        """Chunks of an image's `count` expressions: as many as `CHUNK_VOXELS` float logits hold, at least one batch
+        of prompts."""
+        size = max(self.expression_batch_size, CHUNK_VOXELS // max(1, voxels))
+        return [slice(start, start + size) for start in range(0, count, size)]
+
+    def export_answers(self, canonical_data: torch.Tensor, properties: dict, ids: Sequence[str],
+                       texts: Sequence[str], output_folder: str | Path, save_probabilities: bool = False,
+                       cache_folder: Path | None = None) -> list[str]:
+        """One mask per expression of one preprocessed image (in canonical orientation), chunk by chunk: each
+        chunk's logits are flipped back to the image's own orientation and written before the next is computed."""
+        flips = canonical_flip_axes(properties, self.plans_manager.transpose_forward)
+        reader_writer = self.plans_manager.image_reader_writer_class()
+        written = []
+        for chunk, logits in self.prompt_logit_chunks(canonical_data, texts, cache_folder):
+            written += export_expression_masks(flip_spatial(logits, flips), properties, self.configuration_manager,
+                                               self.plans_manager, reader_writer, ids[chunk], output_folder,
+                                               self.dataset_json["file_ending"], save_probabilities)
+        return written
 
     def predict_finding_logits(self, data: torch.Tensor, cache_folder: Path | None = None) -> torch.Tensor:
         """All-lesion logits [*spatial] of one preprocessed image, the case selector's candidates: the finding
@@ -179,18 +217,19 @@ class LSMSPredictor(nnUNetPredictor):
                                self.request.text_encoder_source)
         tokens, mask = torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
         if not self.network.config.finding_head:
-            return self._sliding_window_prompt_logits(data, tokens, mask)[1]
+            return self._sliding_window_prompt_logits(data, tokens, mask)[0]
         self.network.bind_finding(tokens, mask)
         return self._sliding_window_bound(data, 1)[0]
 
     def _sliding_window_prompt_logits(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                                       ) -> torch.Tensor:
+        """[E, *spatial] logits of the network answering E prompts itself, `expression_batch_size` at a time."""
         chunks = []
         for start in range(0, len(tokens), self.expression_batch_size):
             chunk = slice(start, start + self.expression_batch_size)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
             chunks.append(self._sliding_window_bound(data, len(tokens[chunk])))
-        return torch.cat([torch.zeros_like(chunks[0][:1]), *chunks])
+        return torch.cat(chunks)
 
     def _sliding_window_bound(self, data: torch.Tensor, prompts: int) -> torch.Tensor:
         """[prompts, *spatial] target-vs-background logits of the prompts bound on the network, over all folds."""
@@ -232,6 +271,11 @@ class LSMSPredictor(nnUNetPredictor):
             return self.predict_from_data_iterator(self._preprocessed_in_this_process(inputs, outputs, previous),
                                                    save_probabilities)
 
+    def _internal_get_data_iterator_from_lists_of_filenames(self, *args, **kwargs):
+        """nnU-Net's preprocessing workers, which here die with the prediction (a killed run leaks none)."""
+        return preprocessing_workers_die_with_parent(
+            super()._internal_get_data_iterator_from_lists_of_filenames(*args, **kwargs))
+
     def _preprocessed_in_this_process(self, inputs: list, outputs: list, previous: list):
         """nnU-Net's sequential preprocessing, yielding the items `predict_from_data_iterator` takes."""
         preprocessor = self.configuration_manager.preprocessor_class(verbose=self.verbose)
@@ -271,9 +315,11 @@ class LSMSPredictor(nnUNetPredictor):
             bind_label_prompts(self.network)
         else:
             self._refuse_unsafe_output(source, output)
-            encode_texts(_maybe_constant(self.model_card, [e.text for e in self._expressions]),
-                         EncoderIdentity.from_dict(self.model_card["text_encoder"]),
-                         encoder_source=self.request.text_encoder_source)
+            texts = list(dict.fromkeys(_maybe_constant(self.model_card, [e.text for e in self._expressions])))
+            for start in range(0, len(texts), TEXTS_PER_ENCODING):  # encoded (and cached) before anything is written
+                encode_texts(texts[start:start + TEXTS_PER_ENCODING],
+                             EncoderIdentity.from_dict(self.model_card["text_encoder"]),
+                             encoder_source=self.request.text_encoder_source)
         check_input_images(source, self.dataset_json, self.plans_manager.image_reader_writer_class(),
                            self.model_card.get("training_directions", []), self.request.allow_nonfinite)
 
@@ -347,7 +393,6 @@ class LSMSPredictor(nnUNetPredictor):
         if getattr(self, "_expressions", None) is None:
             return super().predict_from_data_iterator(data_iterator, save_probabilities,
                                                       num_processes_segmentation_export)
-        reader_writer = self.plans_manager.image_reader_writer_class()
         ending = self.dataset_json["file_ending"]
         written = []
         for item in data_iterator:
@@ -359,11 +404,8 @@ class LSMSPredictor(nnUNetPredictor):
             expressions = [e for e in self._expressions if e.case == case]
             print(f"\nPredicting {case}: {len(expressions)} expressions")
             flips = canonical_flip_axes(item["data_properties"], self.plans_manager.transpose_forward)
-            logits = flip_spatial(self.predict_prompt_logits(flip_spatial(data, flips), [e.text for e in expressions]),
-                                  flips)
-            export_expression_masks(logits, item["data_properties"], self.configuration_manager, self.plans_manager,
-                                    reader_writer, [e.id for e in expressions], output_folder, ending,
-                                    save_probabilities)
+            self.export_answers(flip_spatial(data, flips), item["data_properties"], [e.id for e in expressions],
+                                [e.text for e in expressions], output_folder, save_probabilities)
             entries = [{"id": e.id, "case": e.case, "text": e.text, "file": e.id + ending} for e in expressions]
             write_index(Path(output_folder), entries)
             written.extend(entries)

@@ -79,6 +79,28 @@ def check_training_images(raw_folder: Path) -> None:
                                 "value) before planning: NaNs would corrupt the intensity normalisation of all cases.")
 
 
+NNUNET_DEFAULT_PROCESSES = {"-npfp": 8, "2d": 8, "3d_fullres": 4, "3d_lowres": 8, "other": 4}  # nnU-Net 2.8's
+
+
+def processes_for_this_machine(nnunet_args: list[str], cpus: int | None = None) -> list[str]:
+    """`-npfp`/`-np` for nnU-Net's planning where the user gave none: nnU-Net's defaults, capped at the CPU count.
+
+    nnU-Net starts 8 spawned workers for fingerprinting and for 2d preprocessing whatever the machine; on a 2-core
+    machine each imports PyTorch in turn, which costs more than the work itself on small datasets.
+    """
+    cpus = cpus or os.cpu_count() or 1
+    added = []
+    if "-npfp" not in nnunet_args:
+        added += ["-npfp", str(min(NNUNET_DEFAULT_PROCESSES["-npfp"], cpus))]
+    if "-np" not in nnunet_args:
+        configurations = argparse.ArgumentParser(add_help=False)
+        configurations.add_argument("-c", nargs="+", default=["2d", "3d_fullres", "3d_lowres"])
+        named = configurations.parse_known_args(nnunet_args)[0].c
+        added += ["-np", *(str(min(NNUNET_DEFAULT_PROCESSES.get(name, NNUNET_DEFAULT_PROCESSES["other"]), cpus))
+                           for name in named)]
+    return added
+
+
 def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text_encoder", "--text-encoder", default=None,
                         help=f"Hugging Face model name or local folder (default: the embedded {DEFAULT_TEXT_ENCODER}, "
@@ -113,7 +135,7 @@ def plan_and_preprocess_entry() -> None:
     for dataset in args.d:
         load_prompt_set(dataset_folders(dataset)[1])
         check_training_images(dataset_folders(dataset)[1])
-    sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args]
+    sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args, *processes_for_this_machine(nnunet_args)]
     if os.environ.get("nnUNet_n_proc_DA") == "0":
         # nnU-Net's planner estimates VRAM with torch.set_num_threads(nnUNet_n_proc_DA), which 0 crashes; 0 only
         # matters to training (augmentation in the main process), so planning gets 1

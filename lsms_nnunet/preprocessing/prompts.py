@@ -3,6 +3,8 @@
 Both task kinds are reduced to the same thing — per case, a list of `Prompt`s (texts + target region ids) — so the
 loader, trainer and predictor have one code path. The prompt set is validated against the raw dataset once, at
 encoding time, and stored next to the embedding cache in `nnUNet_preprocessed/DatasetXXX/lsms_text/prompts.json`.
+A referring dataset may also label context regions (anatomy such as the liver) in its maps: they are never targets,
+and `lesion_voxels` leaves them out wherever "all lesions" is meant.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from text_conditioning.io import write_json_atomically
 PROMPTS_FILE = "prompts.json"
 PROMPT_TABLE_FILE = "prompts.json"  # optional table at the raw dataset root of a plain task
 EXPRESSIONS_FILE = "expressions.json"
+CONTEXT_KEY = "lsms_context"  # dataset.json: names of the labels that are anatomy (context), not lesions
 REFERRING, PLAIN = "referring", "plain"
 #: The finding prompt: every referring case is also asked for all of its lesions (targets: every region id), so the
 #: network learns to find all lesions and its answer gives the case-level selector its candidates.
@@ -40,12 +43,26 @@ class Prompt:
     all_regions: bool = False  # the finding prompt: targets are every region id of the case
 
 
+def lesion_voxels(region_map: np.ndarray, context_ids: Sequence[int] = ()) -> np.ndarray:
+    """Where a region map holds lesions: its positive ids other than the context (anatomy) ids."""
+    lesions = region_map > 0
+    if len(context_ids):
+        lesions &= ~np.isin(region_map, np.asarray(context_ids, dtype=region_map.dtype))
+    return lesions
+
+
 @dataclass(frozen=True)
 class PromptSet:
-    """The prompts of a dataset. Referring: expressions per case. Plain: the same label prompts for every case."""
+    """The prompts of a dataset. Referring: expressions per case, and the context regions (anatomy name, label id)
+    its label maps hold besides the lesions. Plain: the same label prompts for every case."""
     mode: str
     expressions: tuple[Expression, ...] = ()
     label_prompts: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (label name, label value, phrasings)
+    context: tuple[tuple[str, int], ...] = ()
+
+    @property
+    def context_ids(self) -> tuple[int, ...]:
+        return tuple(label for _, label in self.context)
 
     def prompts_for_case(self, case: str) -> list[Prompt]:
         """What training asks of a case: its expressions and the finding prompt, or the label prompts."""
@@ -75,14 +92,15 @@ class PromptSet:
 
     def to_dict(self) -> dict:
         if self.mode == REFERRING:
-            return {"mode": REFERRING, "expressions": [expression_to_dict(e) for e in self.expressions]}
+            return {"mode": REFERRING, "expressions": [expression_to_dict(e) for e in self.expressions],
+                    **({"context": dict(self.context)} if self.context else {})}
         return {"mode": PLAIN, "labels": [{"name": n, "value": v, "prompts": list(t)} for n, v, t in self.label_prompts]}
 
     @classmethod
     def from_dict(cls, content: Mapping) -> "PromptSet":
         if content["mode"] == REFERRING:
             expressions = tuple(expression_from_dict(e) for e in content["expressions"])
-            return cls(REFERRING, expressions=expressions)
+            return cls(REFERRING, expressions=expressions, context=tuple(content.get("context", {}).items()))
         labels = tuple((l["name"], int(l["value"]), tuple(l["prompts"])) for l in content["labels"])
         return cls(PLAIN, label_prompts=labels)
 
@@ -191,14 +209,55 @@ def load_prompt_set(raw_folder: Path) -> PromptSet:
     if not expressions_file.is_file():
         return PromptSet(PLAIN, label_prompts=plain_label_prompts(raw_folder, dataset_json))
     expressions = load_expressions(expressions_file, require_targets=True)
+    context = context_labels(dataset_json, raw_folder / "dataset.json")
+    refuse_context_targets(expressions, context, expressions_file)
     label_cases = sorted(p.name[: -len(dataset_json["file_ending"])] for p in (raw_folder / "labelsTr").iterdir()
                          if p.name.endswith(dataset_json["file_ending"]))
     referenced = sorted({e.case for e in expressions})
     known = set(label_cases)
     regions = case_region_ids(raw_folder, dataset_json, [c for c in referenced if c in known])
+    without_context = sorted(case for case, ids in regions.items() if context and not ids & set(context.values()))
     regions.update({c: set() for c in label_cases if c not in regions})
     validate_against_cases(expressions, regions, expressions_file)
-    return PromptSet(REFERRING, expressions=tuple(expressions))
+    if without_context:
+        raise ExpressionsError(
+            f"{raw_folder / 'dataset.json'} declares context {sorted(context)} ({CONTEXT_KEY}), but the label maps "
+            f"of {len(without_context)} case(s) hold none of it, e.g. {without_context[:5]} (in "
+            f"{raw_folder / 'labelsTr'}). Fix: label the anatomy in those maps, remove those cases, or drop "
+            f"{CONTEXT_KEY} for the whole dataset.")
+    return PromptSet(REFERRING, expressions=tuple(expressions), context=tuple(context.items()))
+
+
+def context_labels(dataset_json: Mapping, dataset_file: Path | str = "dataset.json") -> dict[str, int]:
+    """The context regions of a referring dataset: the labels of dataset.json that `CONTEXT_KEY` names, e.g.
+    `"labels": {..., "liver": 6}, "lsms_context": ["liver"]` -> {"liver": 6}. Empty when none are declared.
+
+    Context regions are anatomy labelled in the same maps as the lesions, under their own ids (a lesion inside an
+    organ keeps its lesion id): nnU-Net resamples and crops them with everything else; they are never targets."""
+    names = dataset_json.get(CONTEXT_KEY, [])
+    example = f'"{CONTEXT_KEY}": ["liver"] with "liver": <its id> in "labels"'
+    if not isinstance(names, list) or not all(isinstance(name, str) for name in names):
+        raise ExpressionsError(f"{dataset_file}: {CONTEXT_KEY} is {names!r}. Fix: list label names, e.g. {example}.")
+    labels = dataset_json["labels"]
+    unknown = [name for name in names
+               if not (isinstance(labels.get(name), int) and not isinstance(labels.get(name), bool)
+                       and labels.get(name) > 0)]
+    if unknown or len(set(names)) != len(names):
+        raise ExpressionsError(f"{dataset_file}: {CONTEXT_KEY} names {unknown or names}, which are not distinct "
+                               f"foreground labels of \"labels\" with one integer id each. Fix: {example}.")
+    return {name: labels[name] for name in names}
+
+
+def refuse_context_targets(expressions: Sequence[Expression], context: Mapping[str, int], path: Path) -> None:
+    """A context region is anatomy a text may speak of, never a lesion an expression refers to."""
+    name_of = {label: name for name, label in context.items()}
+    problems = [f"entry {index} (id {e.id!r}) targets the id(s) of context "
+                f"{sorted(name_of[t] for t in set(e.targets) & set(name_of))}"
+                for index, e in enumerate(expressions) if e.targets and set(e.targets) & set(name_of)]
+    if problems:
+        listed = "; ".join(problems[:10]) + (f"; and {len(problems) - 10} more" if len(problems) > 10 else "")
+        raise ExpressionsError(f"{path}: {listed}. Fix: give each lesion an id of its own in the label maps; an "
+                               f"organ declared in {CONTEXT_KEY} cannot be referred to.")
 
 
 def save_prompt_set(prompt_set: PromptSet, encoder_identity: Mapping, text_folder: Path) -> Path:

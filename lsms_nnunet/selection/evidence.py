@@ -16,6 +16,7 @@ from scipy import ndimage
 from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
+from lsms_nnunet.preprocessing.prompts import lesion_voxels
 from lsms_nnunet.selection.candidates import (candidates_of_answer, describe_candidates, find_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.selector import SelectionExample, choose, fit_selectors, torch_threads
@@ -82,11 +83,13 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
                   configured_spacing: Sequence[float], text_of: Callable[[str], str] = lambda text: text,
                   finding_logits: Callable[[np.ndarray], np.ndarray] | None = None,
                   network_alone_logits: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
-                  settings: CaseLevelSettings = CaseLevelSettings()) -> dict[str, CaseEvidence]:
+                  settings: CaseLevelSettings = CaseLevelSettings(),
+                  context_ids: Sequence[int] = ()) -> dict[str, CaseEvidence]:
     """Per case of `cases` with expressions: each expression is a fitting example over the case's ground-truth
     lesions and, with `finding_logits` (preprocessed data -> the network's all-lesion logits), again over the lesions
     of that answer; with `network_alone_logits` too (data, texts -> [E, *spatial] logits of the network answering
-    alone), the expressions of `verdict_expressions` are also scored both ways (`cross_validated_verdict`).
+    alone), the expressions of `verdict_expressions` are also scored both ways (`cross_validated_verdict`). The label
+    ids in `context_ids` are anatomy, not lesions.
 
     The network's candidates are those of inference, a candidate referred when most of it lies in referred regions:
     descriptors of predicted outlines differ from those of ground-truth outlines. The true outlines show each kind's
@@ -107,7 +110,7 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
         data, seg, _, _ = dataset.load_case(case)
         data, region_map = np.asarray(data[:]), np.asarray(seg[:])[0]
         spacing = preprocessed_spacing(configured_spacing, region_map.ndim)
-        candidate_sets = [find_candidates(region_map > 0, spacing, settings=settings)]
+        candidate_sets = [find_candidates(lesion_voxels(region_map, context_ids), spacing, settings=settings)]
         if finding_logits is not None:
             candidate_sets.append(candidates_of_answer(finding_logits(data), spacing, settings))
         examples = []

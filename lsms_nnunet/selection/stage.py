@@ -9,7 +9,8 @@ each expression's mask becomes the union of the candidates the fold's selectors 
   with the settings it was fitted with and the identity of the weights it was fitted on; training stores it beside
   the fold (`case_selector.pt`) and inside the validated checkpoint (what nnU-Net's model export packs);
 - `CaseLevelStage.of_folds(...)`: the stages of the folds a prediction uses, as one;
-- `stage.apply(finding_logits, data, texts, ...)`: the expressions' logits on one preprocessed image.
+- `stage.read_image(finding_logits, data, ...)` once per preprocessed image, then `stage.answer(image, texts, ...)`
+  for its expressions, in as many chunks as wanted (`apply`: both at once).
 """
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from text_conditioning.io import atomic_path
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY as STAGE_STATE_KEY
-from lsms_nnunet.selection.candidates import candidates_of_answer, describe_candidates
+from lsms_nnunet.selection.candidates import Candidates, candidates_of_answer, describe_candidates
 from lsms_nnunet.selection.evidence import (CaseEvidence, TextFeatures, Verdict, cross_validated_verdict,
                                             fitting_examples, preprocessed_spacing)
 from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, torch_threads
@@ -54,6 +55,15 @@ def weights_identity(network_weights: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tuple(value.shape)}:{value.dtype}".encode())
         digest.update(value.detach().cpu().reshape(-1).contiguous().view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
+
+
+@dataclass(frozen=True)
+class ImageCandidates:
+    """One image's finding answer, its candidates and their descriptors (`CaseLevelStage.read_image`)."""
+
+    finding_logits: torch.Tensor
+    candidates: Candidates
+    descriptors: np.ndarray
 
 
 @dataclass
@@ -180,23 +190,33 @@ class CaseLevelStage:
                    None, ", ".join(stage.source for stage in stages))
 
     # ------------------------------------------------------------------------------------------------ apply
-    def apply(self, finding_logits: torch.Tensor, data: torch.Tensor, texts: Sequence[str],
-              text_features: TextFeatures, configured_spacing: Sequence[float]) -> torch.Tensor:
-        """[E, *spatial] logits for the E `texts` on one preprocessed image: positive on the union of the finding
-        candidates the selectors (averaged) pick for each text, where they keep the finding logits, and
-        `settings.unselected_logit` elsewhere."""
+    def read_image(self, finding_logits: torch.Tensor, data: torch.Tensor,
+                   configured_spacing: Sequence[float]) -> ImageCandidates:
+        """The candidates of one preprocessed image and what describes them: found once per image, then any number
+        of texts is answered from them (`answer`)."""
         finding = finding_logits.float().cpu()
         spacing = preprocessed_spacing(configured_spacing, finding.ndim)
         candidates = candidates_of_answer(finding.numpy(), spacing, self.settings)
         descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing,
                                           self.settings.shell_voxels)
-        examples = [text_features.example(text, descriptors, candidates.volumes_mm3) for text in texts]
+        return ImageCandidates(finding_logits, candidates, descriptors)
+
+    def answer(self, image: ImageCandidates, texts: Sequence[str], text_features: TextFeatures) -> torch.Tensor:
+        """[E, *spatial] logits for the E `texts`: positive on the union of the candidates the selectors (averaged)
+        pick for each text, where they keep the finding logits, and `settings.unselected_logit` elsewhere."""
+        examples = [text_features.example(text, image.descriptors, image.candidates.volumes_mm3) for text in texts]
         with torch_threads(self.settings.threads):
             answers = choose(self.selectors, examples)
-        selected = torch.stack([torch.from_numpy(candidates.masks(np.flatnonzero(answer))) for answer in answers])
+        selected = torch.stack([torch.from_numpy(image.candidates.masks(np.flatnonzero(answer))) for answer in answers])
+        finding = image.finding_logits.float().cpu()
         chosen = torch.where(selected, finding.clamp_min(0.0).unsqueeze(0),
                              torch.tensor(self.settings.unselected_logit))
-        return chosen.to(finding_logits.dtype)
+        return chosen.to(image.finding_logits.dtype)
+
+    def apply(self, finding_logits: torch.Tensor, data: torch.Tensor, texts: Sequence[str],
+              text_features: TextFeatures, configured_spacing: Sequence[float]) -> torch.Tensor:
+        """`answer` for the texts of one preprocessed image at once."""
+        return self.answer(self.read_image(finding_logits, data, configured_spacing), texts, text_features)
 
 
 def read_stage_payload(path: Path) -> dict:

@@ -25,7 +25,7 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from lsms_nnunet.network.case_position import CASE_POSITION_CHANNELS, case_position
-from lsms_nnunet.preprocessing.prompts import Prompt
+from lsms_nnunet.preprocessing.prompts import Prompt, lesion_voxels
 
 
 class ReferredSegmentation:
@@ -36,12 +36,14 @@ class ReferredSegmentation:
     never fully loaded. Negative values (nnU-Net's outside-of-mask marker) are kept.
     """
 
-    def __init__(self, segmentation, targets: Sequence[int], all_lesions: bool = False):
+    def __init__(self, segmentation, targets: Sequence[int], all_lesions: bool = False,
+                 context_ids: Sequence[int] = ()):
         if segmentation.shape[0] != 1:
             raise ValueError(f"Expected a one-channel nnU-Net segmentation, got shape {segmentation.shape}.")
         self.segmentation = segmentation
         self.targets = np.asarray(sorted(targets), dtype=np.int16)
         self.all_lesions = all_lesions
+        self.context_ids = tuple(context_ids)
         self.shape = (2 if all_lesions else 1, *segmentation.shape[1:])
         self.ndim = len(segmentation.shape)
         self.dtype = np.dtype(np.int16)
@@ -50,7 +52,7 @@ class ReferredSegmentation:
         crop = np.asarray(self.segmentation[item])
         binary = np.isin(crop, self.targets).astype(np.int16)
         if self.all_lesions:
-            binary = np.concatenate((binary, (crop > 0).astype(np.int16)))
+            binary = np.concatenate((binary, lesion_voxels(crop, self.context_ids).astype(np.int16)))
         binary[np.broadcast_to(crop < 0, binary.shape)] = -1
         return binary
 
@@ -63,9 +65,11 @@ class PromptSamplingDataset:
     """
 
     def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float,
-                 prompts_per_image: int = 1, finding_fraction: float = 0.0, all_lesions_target: bool = False):
+                 prompts_per_image: int = 1, finding_fraction: float = 0.0, all_lesions_target: bool = False,
+                 context_ids: Sequence[int] = ()):
         self.dataset = dataset
         self.all_lesions_target = all_lesions_target
+        self.context_ids = tuple(context_ids)
         self.identifiers = dataset.identifiers
         self.prompts_by_case = prompts_by_case
         self.present_label_bias = present_label_bias
@@ -97,12 +101,14 @@ class PromptSamplingDataset:
         data, seg, seg_prev, properties = self.dataset.load_case(identifier)
         prompt = self._draw(identifier, properties["class_locations"])
         self.drawn.append((prompt, random.choice(prompt.texts)))
-        targets = [t for t in properties["class_locations"] if t > 0] if prompt.all_regions else prompt.targets
+        targets = [t for t in properties["class_locations"] if t > 0 and t not in self.context_ids] \
+            if prompt.all_regions else prompt.targets
         locations = [properties["class_locations"][t] for t in targets
                      if len(properties["class_locations"].get(t, ()))]
         referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
         properties = {**properties, "class_locations": {1: referred}}
-        return data, ReferredSegmentation(seg, targets, self.all_lesions_target), seg_prev, properties
+        return (data, ReferredSegmentation(seg, targets, self.all_lesions_target, self.context_ids), seg_prev,
+                properties)
 
 
 class CasePositionView:
@@ -187,11 +193,11 @@ class LSMSDataLoader(nnUNetDataLoader):
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
                  present_label_bias: float = 0.0, prompts_per_image: int = 1, finding_fraction: float = 0.0,
-                 all_lesions_target: bool = False, **kwargs):
+                 all_lesions_target: bool = False, context_ids: Sequence[int] = (), **kwargs):
         if prompts_per_image < 1:
             raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}.")
         super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image,
-                                               finding_fraction, all_lesions_target),
+                                               finding_fraction, all_lesions_target, context_ids),
                          batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
 

@@ -13,8 +13,10 @@ What changes, each in the narrowest hook:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
+import shutil
 from pathlib import Path
 import torch
 from torch import nn
@@ -64,6 +66,16 @@ def refuse_too_few_cases_for_folds(num_cases: int, fold: int | str, splits_file:
         f"folds, and there is no {splits_file}. Fix: add cases (at least {NNUNET_DEFAULT_FOLDS}), write your own "
         f"{splits_file.name} there (a list of {{\"train\": [...], \"val\": [...]}} per fold), or train on all cases "
         f"with fold `all` (nnUNetv2_train DATASET CONFIG all -tr LSMSTrainer).")
+
+
+def folders_not_made_yet(plans: dict, configuration: str, fold: int | str, trainer_name: str) -> list[Path]:
+    """The fold folder and the model folder nnU-Net's trainer is about to make, those that do not exist yet."""
+    from nnunetv2.paths import nnUNet_results
+
+    if not nnUNet_results:
+        return []
+    model = Path(nnUNet_results) / plans["dataset_name"] / f"{trainer_name}__{plans['plans_name']}__{configuration}"
+    return [folder for folder in (model / f"fold_{fold}", model) if not folder.exists()]
 
 
 def uses_batch_dice(mode: str, planned: bool) -> bool:
@@ -153,15 +165,31 @@ class LSMSTrainer(nnUNetTrainer):
         self.text_cache_folder = text_folder / self.text_encoder_identity.slug
         if self.prompt_set.mode == REFERRING:
             dataset_json = {**dataset_json, "labels": dict(BINARY_LABELS)}
-        super().__init__(plans, configuration, fold, dataset_json, device)
-        self.configuration_manager.configuration["batch_dice"] = uses_batch_dice(
-            self.prompt_set.mode, self.configuration_manager.batch_dice)
-        self.model_card = self._make_model_card()
+        self.folders_made_by_this_run = folders_not_made_yet(plans, configuration, fold, type(self).__name__)
+        super().__init__(plans, configuration, fold, dataset_json, device)  # makes the model and fold folders
+        with self._folders_taken_back_if_refused():
+            self.configuration_manager.configuration["batch_dice"] = uses_batch_dice(
+                self.prompt_set.mode, self.configuration_manager.batch_dice)
+            self.model_card = self._make_model_card()
         # nnU-Net copies these plans into the model folder (plans.json): the card travels with them, and
         # build_network_architecture reads it from the configuration, in training and in prediction alike.
         for configuration_dict in (self.plans_manager.plans["configurations"][configuration],
                                    self.configuration_manager.configuration):
             configuration_dict[MODEL_CARD_PLANS_KEY] = self.model_card
+
+    @contextlib.contextmanager
+    def _folders_taken_back_if_refused(self):
+        """A run refused before its first epoch removes the folders it made: no empty `fold_X/` is left."""
+        try:
+            yield
+        except BaseException:
+            for folder in self.folders_made_by_this_run:
+                shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def on_train_start(self):
+        with self._folders_taken_back_if_refused():
+            super().on_train_start()
 
     def _make_model_card(self) -> dict:
         identity = self.text_encoder_identity
@@ -270,6 +298,7 @@ class LSMSTrainer(nnUNetTrainer):
                       prompts_per_image=min(self.prompts_per_image, self.batch_size),
                       finding_fraction=self.finding_fraction if self.prompt_set.mode == REFERRING else 0.0,
                       all_lesions_target=self._unwrapped_network().config.finding_head,
+                      context_ids=self.prompt_set.context_ids,
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,
@@ -285,7 +314,7 @@ class LSMSTrainer(nnUNetTrainer):
                                                         wait_time=0.002)
             mt_gen_val = NonDetMultiThreadedAugmenter(dl_val, None, max(1, processes // 2), max(3, processes // 4),
                                                       None, pin, wait_time=0.002)
-        from lsms_nnunet.training.worker_lifetime import exit_with_trainer
+        from lsms_nnunet.worker_lifetime import exit_with_trainer
         exit_with_trainer(mt_gen_train, mt_gen_val)  # workers of a killed trainer exit too
         next(mt_gen_train), next(mt_gen_val)
         return mt_gen_train, mt_gen_val

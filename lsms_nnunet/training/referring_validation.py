@@ -15,8 +15,7 @@ from tqdm import tqdm
 
 from text_conditioning.cache import TextEmbeddingCache
 
-from lsms_nnunet.inference.predictor import LSMSPredictor, export_expression_masks
-from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
+from lsms_nnunet.inference.predictor import LSMSPredictor
 from lsms_nnunet.selection.evidence import TextFeatures, case_evidence
 from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
@@ -65,7 +64,7 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
         finding_logits=lambda data: finding_logits(predictor, data, trainer.text_cache_folder),
         network_alone_logits=lambda data, asked: network_alone_logits(predictor, data, asked,
                                                                       trainer.text_cache_folder),
-        settings=settings)
+        settings=settings, context_ids=trainer.prompt_set.context_ids)
     weights = trainer._unwrapped_network().state_dict()
     stage = CaseLevelStage.fit(evidence, settings, trainer.text_encoder_identity.sha256, weights_identity(weights),
                                log=log)
@@ -99,17 +98,14 @@ def validate_referring_fold(trainer, predictor: LSMSPredictor, validation_cases:
     output_folder.mkdir(parents=True, exist_ok=True)
     dataset = trainer.canonically_oriented(trainer.dataset_class(trainer.preprocessed_dataset_folder,
                                                                  list(validation_cases)))
-    reader_writer = trainer.plans_manager.image_reader_writer_class()
     ending = trainer.dataset_json["file_ending"]
     expressions = [e for e in trainer.prompt_set.expressions if e.case in set(validation_cases)]
     for case in tqdm(list(validation_cases), desc="Validating expressions"):
         case_expressions = [e for e in expressions if e.case == case]
         data, _, _, properties = dataset.load_case(case)
-        logits = predictor.predict_prompt_logits(torch.from_numpy(np.asarray(data[:])),
-                                                 [e.text for e in case_expressions], trainer.text_cache_folder)
-        logits = flip_spatial(logits, canonical_flip_axes(properties, trainer.plans_manager.transpose_forward))
-        export_expression_masks(logits, properties, trainer.configuration_manager, trainer.plans_manager,
-                                reader_writer, [e.id for e in case_expressions], output_folder, ending)
+        predictor.export_answers(torch.from_numpy(np.asarray(data[:])), properties, [e.id for e in case_expressions],
+                                 [e.text for e in case_expressions], output_folder,
+                                 cache_folder=trainer.text_cache_folder)
     gt_folder = Path(trainer.preprocessed_dataset_folder_base) / "gt_segmentations"
     return evaluate_referring_folder(gt_folder, output_folder, expressions, file_ending=ending,
                                      output_file=output_folder / "summary.json")

@@ -1,6 +1,7 @@
 """Trainer variants, selectable with `-tr NAME` like nnU-Net's own `nnUNetTrainer_5epochs` family.
 
-- `LSMSTrainer_test` / `nnUNetTrainer_test`: 1 epoch x 2 iterations, for tests and smoke runs.
+- `LSMSTrainer_test` / `nnUNetTrainer_test`: 1 epoch x 2 iterations (and a short case-level fit), for tests and
+  smoke runs.
 - `LSMSTrainer_quick`: a short demo run that still learns on the synthetic dataset (CPU: minutes).
 - `*_budget`: the benchmark's equal-budget runs; epochs and iterations come from LSMS_BUDGET_EPOCHS and
   LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget;
@@ -18,6 +19,8 @@ import torch
 from nnunetv2.training.nnUNetTrainer.nnUNetTrainer import nnUNetTrainer
 
 from lsms_nnunet.network.config import ABLATIONS
+from lsms_nnunet.preprocessing.prompts import context_labels
+from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.training.lsms_trainer import LSMSTrainer
 
 BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV = \
@@ -63,7 +66,8 @@ class _EnvironmentBudget:
 
 
 class LSMSTrainer_test(_TestBudget, LSMSTrainer):
-    pass
+    # a smoke-test budget for the case-level stage too: every part of it runs, briefly
+    case_level_settings = CaseLevelSettings(fit_steps=60, operations_first_steps=10, verdict_folds=2)
 
 
 class nnUNetTrainer_test(_TestBudget, nnUNetTrainer):
@@ -119,14 +123,16 @@ globals().update({trainer.__name__: trainer for trainer in ABLATION_TRAINERS.val
 
 
 def merged_lesion_labels(dataset_json: dict) -> dict:
-    """The plain view of a region map: every foreground id is one "lesion" (nnU-Net region-based labels).
+    """The plain view of a region map: every lesion id is one "lesion" (nnU-Net region-based labels); context
+    regions (anatomy, preprocessing/prompts.py) count as background.
 
     This is the best a text-blind nnU-Net can do on a referring dataset: segment all lesions, whatever is asked.
     nnU-Net only treats a label as a region when it lists more than one id, so a single-region dataset keeps a plain
     binary label.
     """
+    context = context_labels(dataset_json)  # anatomy, not lesions: background to the merged label
     foreground = sorted({int(v) for name, v in dataset_json["labels"].items()
-                         if name not in ("background", "ignore") and not isinstance(v, (list, tuple))})
+                         if name not in ("background", "ignore", *context) and not isinstance(v, (list, tuple))})
     if not foreground:
         raise ValueError("dataset.json declares no integer foreground label to merge into one lesion label. Fix: "
                          "declare the regions as {\"region_1\": 1, ...}.")

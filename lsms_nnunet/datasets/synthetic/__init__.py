@@ -3,6 +3,8 @@
 Each image holds 2-5 liver lesions of four kinds with distinct looks (cyst, hemangioma, HCC, metastasis) and of
 clearly different sizes. Each expression refers to a subset of them by kind, lobe, size rank, attribute or count, and
 about one in eight refers to nothing in the image; a model that ignores the text therefore cannot reach a high Dice.
+The label maps also hold the liver itself as a context region
+(`LIVER_LABEL`, declared in dataset.json's `lsms_context`): anatomy the expressions speak of, never a target.
 The dataset lets the whole pipeline (planning, text encoding, training, inference, evaluation) run offline in minutes.
 Every expression carries a report category (kind, kind_lobe, lobe, attribute, plural, size, no_target). With
 --heldout_phrasing, a second phrasebook of synonyms and templates never used in training words the test cases and a
@@ -16,13 +18,13 @@ the "left lobe". A lesion belongs to the lobe of its centre; lesions never cross
 The stages, in the order a case is made: anatomy.py (the image and its lesions), phrasing.py (the expressions and
 their words), cases.py (one case), writing.py (the nnU-Net raw dataset on disk and `LSMSv2_make_synthetic`).
 """
-from lsms_nnunet.datasets.synthetic.anatomy import (DEFAULT_SHAPES, KINDS, LOBES, MAX_LESIONS, MIN_SIZE_RATIO,
-                                                    PLAIN_LABELS, SPACINGS, SyntheticLesion)
+from lsms_nnunet.datasets.synthetic.anatomy import (DEFAULT_SHAPES, KINDS, LIVER_LABEL, LOBES, MAX_LESIONS,
+                                                    MIN_SIZE_RATIO, PLAIN_LABELS, SPACINGS, SyntheticLesion)
 from lsms_nnunet.datasets.synthetic.cases import SyntheticCase, generate_case
 from lsms_nnunet.datasets.synthetic.phrasing import (ATTRIBUTE_KINDS, HELDOUT_PHRASEBOOK, HELDOUT_SYNONYMS,
                                                      SEEN_PHRASEBOOK, SyntheticExpression)
 from lsms_nnunet.datasets.synthetic.writing import make_synthetic_dataset, make_synthetic_entry
 
-__all__ = ["ATTRIBUTE_KINDS", "DEFAULT_SHAPES", "HELDOUT_PHRASEBOOK", "HELDOUT_SYNONYMS", "KINDS", "LOBES",
+__all__ = ["ATTRIBUTE_KINDS", "DEFAULT_SHAPES", "HELDOUT_PHRASEBOOK", "HELDOUT_SYNONYMS", "KINDS", "LIVER_LABEL", "LOBES",
            "MAX_LESIONS", "MIN_SIZE_RATIO", "PLAIN_LABELS", "SEEN_PHRASEBOOK", "SPACINGS", "SyntheticCase",
            "SyntheticExpression", "SyntheticLesion", "generate_case", "make_synthetic_dataset", "make_synthetic_entry"]

@@ -17,11 +17,15 @@ KINDS = ("cyst", "hemangioma", "hcc", "metastasis")
 PLAIN_LABELS = {"background": 0, **{kind: index + 1 for index, kind in enumerate(KINDS)}}
 LOBES = ("right", "left")
 MIN_LESIONS, MAX_LESIONS = 2, 5
+LIVER_LABEL = MAX_LESIONS + 1  # referring region maps: the liver is a context region after the lesion ids
 DEFAULT_SHAPES = {2: (96, 96), 3: (32, 64, 64)}
 SPACINGS = {2: (1.0, 1.0), 3: (2.0, 1.0, 1.0)}  # array axis order; 3D is anisotropic on purpose
 MIN_SHAPE = 16
 MIN_SIZE_RATIO = 1.2  # consecutive size ranks differ at least by this factor, so "largest"/"smallest" are clear-cut
 PLACEMENT_ATTEMPTS_PER_COUNT = 6
+MIN_BODY_SCALE = 0.5  # --varied_anatomy: the smallest body, as a fraction of the default ...
+MAX_LIVER_SHIFT = 0.2  # ... and the liver's largest shift inside it, as a fraction of the body's half extent
+VARIATION_STREAM = 2  # the body placement draws from its own random stream: [seed, case index, VARIATION_STREAM]
 LOBE_CONVENTION = ("Radiological display: the image's left side (low x index; SimpleITK identity direction, LPS) is "
                    "the patient's right. The right lobe is the part of the liver on the image-left side of the dark "
                    "interlobar fissure, the left lobe the part on its image-right side; a lesion belongs to the lobe "
@@ -51,6 +55,49 @@ class _PlacedLesion:
     box: tuple[slice, ...]
     normalized_coordinates: list[np.ndarray]  # per axis, (coordinate - centre) / radius, broadcastable over the box
     inside: np.ndarray  # bool over the box
+
+
+@dataclass(frozen=True)
+class BodyPlacement:
+    """Where the body (and with it the liver) lies in the image: in-plane offset of its centre from the image centre
+    (mm, array axis order) and its size as a fraction of the default. The default fills the centred image as scans
+    of one protocol do; `varied` moves and resizes it per case, so that position in the image and position in the
+    liver disagree (which lobe holds a lesion cannot be read off its place in the image)."""
+
+    offset_mm: tuple[float, ...]
+    scale: float = 1.0
+    liver_offset_mm: tuple[float, ...] | None = None  # the liver's shift inside the body (None: none)
+
+    @classmethod
+    def centred(cls, dim: int) -> BodyPlacement:
+        return cls((0.0,) * dim)
+
+    @classmethod
+    def varied(cls, half_extent: np.ndarray, rng: np.random.Generator) -> BodyPlacement:
+        scale = rng.uniform(MIN_BODY_SCALE, 1.0)
+        offset, liver_offset = np.zeros(len(half_extent)), np.zeros(len(half_extent))
+        for axis, body_fraction in ((-2, 0.8), (-1, 0.93)):  # the body ellipse's semi-axes, as in draw_body
+            room = max(0.0, 1.0 - body_fraction * scale - 0.02) * half_extent[axis]
+            offset[axis] = rng.uniform(-room, room)
+            liver_offset[axis] = rng.uniform(-MAX_LIVER_SHIFT, MAX_LIVER_SHIFT) * scale * half_extent[axis]
+        return cls(tuple(float(value) for value in offset), float(scale),
+                   tuple(float(value) for value in liver_offset))
+
+    def body_axes(self, axes: list[np.ndarray]) -> list[np.ndarray]:
+        """The image's mm axes with their origin moved to the body's centre."""
+        return [axis - offset for axis, offset in zip(axes, self.offset_mm)]
+
+    def liver_axes(self, axes: list[np.ndarray]) -> list[np.ndarray]:
+        """The body's mm axes with their origin moved by the liver's own shift."""
+        body = self.body_axes(axes)
+        return body if self.liver_offset_mm is None else [axis - offset
+                                                          for axis, offset in zip(body, self.liver_offset_mm)]
+
+    def body_half_extent(self, half_extent: np.ndarray) -> np.ndarray:
+        """The in-plane extent the body is drawn within (the axial axis of a 3D image keeps its length)."""
+        scaled = np.asarray(half_extent, dtype=float).copy()
+        scaled[-2:] *= self.scale
+        return scaled
 
 
 def physical_axes(shape: Sequence[int], spacing: Sequence[float]) -> list[np.ndarray]:
