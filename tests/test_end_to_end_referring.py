@@ -203,6 +203,21 @@ def test_a_killed_prediction_leaves_no_worker(trained_models, nnunet_dirs, tmp_p
     assert_outlived_by_none(workers, "prediction workers")
 
 
+def test_a_checkpoint_of_another_dataset_is_refused_by_both_predict_commands(trained_models, run_failing, tmp_path):
+    """The 3D model's checkpoint put into a copy of the 2D model's folder: nnU-Net would load it for the other
+    dataset; the stock command and the twin refuse it, naming the file."""
+    trained, other = trained_models["2d"], trained_models["3d_fullres"]
+    copy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
+    shutil.copytree(trained["model"], copy)
+    shutil.copy(other["model"] / "fold_0" / "checkpoint_final.pth", copy / "fold_0" / "checkpoint_final.pth")
+    for command in ("nnUNetv2_predict", "LSMSv2_predict"):
+        said = run_failing(command, *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / command),
+                           nnUNet_results=str(tmp_path / "results"))
+        assert f"was trained on {other['raw'].name}, but sits in a model folder of {trained['raw'].name}" in said
+        assert str(copy / "fold_0" / "checkpoint_final.pth") in said
+    assert not (tmp_path / "LSMSv2_predict").exists()  # (the stock command makes its -o folder before loading)
+
+
 def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_models, run, run_failing, tmp_path):
     """LSMSv2_fit_case_level refits a trained fold's stage (no training, no validation) with the settings of a JSON
     file: the checkpoint and the file beside it carry the new stage and record its settings; stock prediction uses

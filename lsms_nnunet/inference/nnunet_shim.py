@@ -3,8 +3,9 @@
 The stock `nnUNetv2_predict` builds a plain `nnUNetPredictor`, which knows nothing of expressions, and nnU-Net has no
 hook through which a trainer chooses its predictor. The only LSMS code its `initialize_from_trained_model_folder`
 runs is `LSMSTrainer.build_network_architecture`, which calls `adopt_stock_predictor` below: that reads the calling
-frame's local variables (`self`, `model_training_output_dir`, `use_folds`, `parameters`: names in nnU-Net 2.8), turns
-the predictor into an `LSMSPredictor` and loads the case-level stage of the folds it uses (from their checkpoints). It
+frame's local variables (`self`, `model_training_output_dir`, `use_folds`, `parameters`, `checkpoint_name`,
+`configuration_name`: names in nnU-Net 2.8), refuses a fold checkpoint of another dataset or network, turns the
+predictor into an `LSMSPredictor` and loads the case-level stage of the folds it uses (from their checkpoints). It
 was checked against CHECKED_NNUNET_VERSIONS and refuses others with a message naming the fix; everything else (the
 model card) reaches the network through the plans.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import sys
 from importlib.metadata import version
+from pathlib import Path
 from typing import Mapping
 
 from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
@@ -43,6 +45,7 @@ def stock_loader_locals(depth: int = 2) -> Mapping | None:
 
 def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
     """Make the predictor restoring an LSMS checkpoint an `LSMSPredictor` with the case-level stage of its folds."""
+    from lsms_nnunet.inference.model_files import load_checkpoint_safely, refuse_foreign_checkpoint
     from lsms_nnunet.inference.predictor import LSMSPredictor
     from lsms_nnunet.network.prompting import network_config_of
     from lsms_nnunet.preprocessing.prompts import PLAIN
@@ -52,6 +55,9 @@ def adopt_stock_predictor(loader_locals: Mapping, model_card: Mapping) -> None:
     predictor = loader_locals["self"]
     if not isinstance(predictor, nnUNetPredictor):
         return
+    for fold in loader_locals["use_folds"]:  # nnU-Net has unpickled them already; refuse a fold of another model
+        path = Path(loader_locals["model_training_output_dir"]) / f"fold_{fold}" / loader_locals["checkpoint_name"]
+        refuse_foreign_checkpoint(path, load_checkpoint_safely(path, mmap=True), loader_locals["configuration_name"])
     if not isinstance(predictor, LSMSPredictor):
         predictor.__class__ = LSMSPredictor
         predictor.adopt()

@@ -52,6 +52,9 @@ EXPRESSION_BATCH_ENV = "LSMS_EXPRESSION_BATCH"
 #: Expressions of one image are answered and exported in chunks of about this many voxels of logits (each chunk at
 #: least one batch of prompts): peak memory follows the chunk, not the number of expressions.
 CHUNK_VOXELS = 2 ** 24
+#: Patch voxels x prompts of one sliding-window pass, at most: a 96 x 96 patch takes 8 prompts at once (the
+#: default), a 32 x 64 x 64 patch 2, a 128^3 patch 1.
+PASS_VOXELS = 2 ** 18
 TEXTS_PER_ENCODING = 1024  # texts encoded and read back at once before prediction starts (~50 kB each)
 INDEX_FILE = "expressions_index.json"
 
@@ -143,6 +146,7 @@ class LSMSPredictor(nnUNetPredictor):
     `request`: the prediction's `PredictionRequest`; `case_level`: the case-level stage of the folds in use (set when
     a model folder is loaded; None: each expression is answered by the network alone)."""
 
+    #: At most this many prompts share one sliding-window pass (fewer where the patch is large: `prompts_per_pass`).
     expression_batch_size = int(os.environ.get(EXPRESSION_BATCH_ENV, "8"))
 
     def __init__(self, *args, request: PredictionRequest = PredictionRequest(), **kwargs):
@@ -192,8 +196,14 @@ class LSMSPredictor(nnUNetPredictor):
     def expression_chunks(self, count: int, voxels: int) -> list[slice]:
         """Chunks of an image's `count` expressions: as many as `CHUNK_VOXELS` float logits hold, at least one batch
         of prompts."""
-        size = max(self.expression_batch_size, CHUNK_VOXELS // max(1, voxels))
+        size = max(self.prompts_per_pass(), CHUNK_VOXELS // max(1, voxels))
         return [slice(start, start + size) for start in range(0, count, size)]
+
+    def prompts_per_pass(self) -> int:
+        """Prompts bound together for one sliding-window pass: `expression_batch_size`, fewer where the patch is so
+        large that the activations of that many prompts would outweigh the rest of a prediction (`PASS_VOXELS`)."""
+        patch_voxels = int(np.prod(self.configuration_manager.patch_size))
+        return max(1, min(self.expression_batch_size, PASS_VOXELS // patch_voxels))
 
     def export_answers(self, canonical_data: torch.Tensor, properties: dict, ids: Sequence[str],
                        texts: Sequence[str], output_folder: str | Path, save_probabilities: bool = False,
@@ -223,10 +233,10 @@ class LSMSPredictor(nnUNetPredictor):
 
     def _sliding_window_prompt_logits(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                                       ) -> torch.Tensor:
-        """[E, *spatial] logits of the network answering E prompts itself, `expression_batch_size` at a time."""
-        chunks = []
-        for start in range(0, len(tokens), self.expression_batch_size):
-            chunk = slice(start, start + self.expression_batch_size)
+        """[E, *spatial] logits of the network answering E prompts itself, `prompts_per_pass()` at a time."""
+        chunks, batch = [], self.prompts_per_pass()
+        for start in range(0, len(tokens), batch):
+            chunk = slice(start, start + batch)
             self.network.bind_prompts(tokens[chunk], mask[chunk])
             chunks.append(self._sliding_window_bound(data, len(tokens[chunk])))
         return torch.cat(chunks)
