@@ -204,16 +204,18 @@ def test_a_killed_prediction_leaves_no_worker(trained_models, nnunet_dirs, tmp_p
 
 
 def test_a_checkpoint_of_another_dataset_is_refused_by_both_predict_commands(trained_models, run_failing, tmp_path):
-    """The 3D model's checkpoint put into a copy of the 2D model's folder: nnU-Net would load it for the other
-    dataset; the stock command and the twin refuse it, naming the file."""
-    trained, other = trained_models["2d"], trained_models["3d_fullres"]
+    """A checkpoint trained on another dataset (same network) in a copy of the 2D model's folder: nnU-Net would load
+    it and answer without a word; the stock command and the twin refuse it, naming the file."""
+    trained = trained_models["2d"]
     copy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
     shutil.copytree(trained["model"], copy)
-    shutil.copy(other["model"] / "fold_0" / "checkpoint_final.pth", copy / "fold_0" / "checkpoint_final.pth")
+    checkpoint = load_checkpoint_safely(copy / "fold_0" / "checkpoint_final.pth")
+    checkpoint["init_args"]["plans"]["dataset_name"] = "Dataset999_Elsewhere"
+    torch.save(checkpoint, copy / "fold_0" / "checkpoint_final.pth")
     for command in ("nnUNetv2_predict", "LSMSv2_predict"):
         said = run_failing(command, *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / command),
                            nnUNet_results=str(tmp_path / "results"))
-        assert f"was trained on {other['raw'].name}, but sits in a model folder of {trained['raw'].name}" in said
+        assert f"was trained on Dataset999_Elsewhere, but sits in a model folder of {trained['raw'].name}" in said
         assert str(copy / "fold_0" / "checkpoint_final.pth") in said
     assert not (tmp_path / "LSMSv2_predict").exists()  # (the stock command makes its -o folder before loading)
 
