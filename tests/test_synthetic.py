@@ -49,7 +49,8 @@ def datasets(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("nnUNet_raw")
     return {
         "2d": make_synthetic_dataset(501, dim=2, num_cases=4, num_test_cases=2, seed=3, shape=SHAPE_2D, raw_root=root),
-        "3d": make_synthetic_dataset(502, dim=3, num_cases=3, num_test_cases=1, seed=3, shape=SHAPE_3D, raw_root=root),
+        "3d": make_synthetic_dataset(502, dim=3, num_cases=3, num_test_cases=1, seed=3, shape=SHAPE_3D, raw_root=root,
+                                     organ_context=True),
         "plain": make_synthetic_dataset(503, dim=2, num_cases=4, num_test_cases=2, seed=3, shape=SHAPE_2D, plain=True,
                                         raw_root=root),
     }
@@ -79,9 +80,11 @@ def test_files_and_geometry(datasets, key, shape, dim, names):
     dataset_json = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset_json["channel_names"] == {"0": "CT"}
     assert dataset_json["file_ending"] == ".nii.gz"
-    assert dataset_json["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)},
-                                      "liver": LIVER_LABEL}
-    assert dataset_json["lsms_context"] == ["liver"]
+    regions = {"background": 0, **{f"region_{i}": i for i in range(1, MAX_LESIONS + 1)}}
+    if key == "3d":  # made with organ_context: the liver is a context region
+        assert dataset_json["labels"] == {**regions, "liver": LIVER_LABEL} and dataset_json["lsms_context"] == ["liver"]
+    else:
+        assert dataset_json["labels"] == regions and "lsms_context" not in dataset_json
     assert "synthetic" in dataset_json["description"] and "patient's right" in dataset_json["description"]
     train_cases = [f"synliver_{index:03d}" for index in range(dataset_json["numTraining"])]
     assert sorted(path.name for path in (folder / "imagesTr").iterdir()) == [f"{c}_0000.nii.gz" for c in train_cases]

@@ -3,8 +3,9 @@
 Each image holds 2-5 liver lesions of four kinds with distinct looks (cyst, hemangioma, HCC, metastasis) and of
 clearly different sizes. Each expression refers to a subset of them by kind, lobe, size rank, attribute or count, and
 about one in eight refers to nothing in the image; a model that ignores the text therefore cannot reach a high Dice.
-The label maps also hold the liver itself as a context region
-(`LIVER_LABEL`, declared in dataset.json's `lsms_context`): anatomy the expressions speak of, never a target.
+With --organ_context the label maps also hold the
+liver itself as a context region (`LIVER_LABEL`, declared in dataset.json's `lsms_context`): anatomy the expressions
+speak of, never a target.
 The dataset lets the whole pipeline (planning, text encoding, training, inference, evaluation) run offline in minutes.
 Every expression carries a report category (kind, kind_lobe, lobe, attribute, plural, size, no_target). With
 --heldout_phrasing, a second phrasebook of synonyms and templates never used in training words the test cases and a

@@ -24,6 +24,10 @@ class SyntheticCase:
     lesions: tuple[SyntheticLesion, ...]
     expressions: tuple[SyntheticExpression, ...]
 
+    def lesion_map(self) -> np.ndarray:
+        """The region map without the liver: lesion ids only."""
+        return np.where(self.region_map == LIVER_LABEL, 0, self.region_map).astype(self.region_map.dtype)
+
     def semantic_map(self) -> np.ndarray:
         """The plain-task label map: each lesion labelled with its kind (PLAIN_LABELS); the liver is background."""
         lookup = np.zeros(LIVER_LABEL + 1, dtype=np.uint8)
