@@ -83,5 +83,5 @@ def benchmark_expressions_entry() -> None:
     print("| E | batched s | separate s | batched s/expr | separate s/expr | speed-up |")
     print("|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['expressions']} | {r['batched_s']:.2f} | {r['separate_s']:.2f} | "
-              f"{r['batched_s_per_expression']:.3f} | {r['separate_s_per_expression']:.3f} | {r['speedup']:.2f}x |")
+        print(f"| {r['expressions']} | {r['batched_s']:.3f} | {r['separate_s']:.3f} | "
+              f"{r['batched_s_per_expression']:.4f} | {r['separate_s_per_expression']:.4f} | {r['speedup']:.2f}x |")
