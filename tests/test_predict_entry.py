@@ -3,6 +3,7 @@ needed)."""
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -66,6 +67,18 @@ def test_expressions_option_pointing_to_a_folder_says_so(monkeypatch, tmp_path):
         entry.predict_entry()
 
 
+def _refused_before_nnunets_loader(monkeypatch, results: Path):
+    """Run LSMSv2_predict on Dataset001_X fold 0 in `results`; it must stop before nnU-Net's loader is reached."""
+    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder",
+                        lambda *args, **kwargs: pytest.fail("nnU-Net's loader was reached"))
+    monkeypatch.setenv("nnUNet_results", str(results))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
+                                      "-device", "cpu", "-f", "0"])
+    with pytest.raises(SystemExit) as stopped:
+        entry.predict_entry()
+    return stopped
+
+
 class _RunsCode:
     """A pickled object that runs code when unpickled (what a malicious shared model file can carry)."""
 
@@ -85,13 +98,7 @@ def test_a_checkpoint_that_would_run_code_or_is_damaged_is_refused_before_loadin
                fold / "checkpoint_final.pth")
     if content == "truncated":
         (fold / "checkpoint_final.pth").write_bytes((fold / "checkpoint_final.pth").read_bytes()[:100])
-    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder",
-                        lambda *args, **kwargs: pytest.fail("nnU-Net's loader was reached"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
-                                      "-device", "cpu", "-f", "0"])
-    with pytest.raises(SystemExit) as stopped:
-        entry.predict_entry()
+    stopped = _refused_before_nnunets_loader(monkeypatch, tmp_path / "results")
     assert stopped.value.code == 1 and not (tmp_path / "code_ran").exists()
     message = capsys.readouterr().err
     assert str(fold / "checkpoint_final.pth") in message and "Fix:" in message
@@ -117,13 +124,7 @@ def test_a_checkpoint_of_another_dataset_or_network_is_refused_before_loading(mo
     (model / "plans.json").write_text(json.dumps(PLANS), encoding="utf-8")
     torch.save({"network_weights": {}, "init_args": {"plans": trained_with, "configuration": "2d"}},
                model / "fold_0" / "checkpoint_final.pth")
-    monkeypatch.setattr(LSMSPredictor, "initialize_from_trained_model_folder",
-                        lambda *args, **kwargs: pytest.fail("nnU-Net's loader was reached"))
-    monkeypatch.setenv("nnUNet_results", str(tmp_path / "results"))
-    monkeypatch.setattr(sys, "argv", ["LSMSv2_predict", "-i", "in", "-o", "out", "-d", "Dataset001_X", "-c", "2d",
-                                      "-device", "cpu", "-f", "0"])
-    with pytest.raises(SystemExit) as stopped:
-        entry.predict_entry()
+    stopped = _refused_before_nnunets_loader(monkeypatch, tmp_path / "results")
     message = capsys.readouterr().err
     assert stopped.value.code == 1 and said in message
     assert str(model / "fold_0" / "checkpoint_final.pth") in message and "Fix:" in message

@@ -51,33 +51,46 @@ def time_expression_batching(predictor: LSMSPredictor, image_file: str, counts: 
     return rows
 
 
-@console_entry
-def benchmark_expressions_entry() -> None:
-    import lsms_nnunet_ext_hook  # noqa: F401
-    from nnunetv2.paths import nnUNet_raw, nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def expression_benchmark_parser(description: str, default_counts: list[int]) -> argparse.ArgumentParser:
+    """The arguments both expression benchmarks take: a trained model, an image and numbers of expressions."""
+    parser = argparse.ArgumentParser(description=description)
     parser.add_argument("-d", required=True)
     parser.add_argument("-c", required=True)
     parser.add_argument("-tr", default="LSMSTrainer")
     parser.add_argument("-p", default="nnUNetPlans")
     parser.add_argument("-f", nargs="+", default=["0"])
     parser.add_argument("-i", help="Image (<case>_0000<ending>); default: the first of imagesTs, else imagesTr.")
-    parser.add_argument("-E", nargs="+", type=int, default=[1, 4, 16], help="Numbers of expressions (default 1 4 16).")
+    parser.add_argument("-E", nargs="+", type=int, default=default_counts,
+                        help=f"Numbers of expressions (default {' '.join(map(str, default_counts))}).")
     parser.add_argument("-device", default="cpu")
-    parser.add_argument("--expression_batch", type=int, default=16, help="Prompts per network batch (default 16).")
-    args = parser.parse_args()
+    return parser
+
+
+def benchmarked_model_and_image(args: argparse.Namespace) -> tuple[str, Path, str]:
+    """(dataset name, model folder, image) of an expression benchmark's arguments."""
+    from nnunetv2.paths import nnUNet_raw, nnUNet_results
+    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
 
     name = maybe_convert_to_dataset_name(args.d)
     model = Path(nnUNet_results) / name / f"{args.tr}__{args.p}__{args.c}"
+    image = args.i or str(next(p for folder in ("imagesTs", "imagesTr")
+                               for p in sorted((Path(nnUNet_raw) / name / folder).glob("*_0000.*"))))
+    return name, model, image
+
+
+@console_entry
+def benchmark_expressions_entry() -> None:
+    import lsms_nnunet_ext_hook  # noqa: F401
+
+    parser = expression_benchmark_parser(__doc__.splitlines()[0], [1, 4, 16])
+    parser.add_argument("--expression_batch", type=int, default=16, help="Prompts per network batch (default 16).")
+    args = parser.parse_args()
+
+    name, model, image = benchmarked_model_and_image(args)
     predictor = LSMSPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device(args.device),
                               allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), [f if f == "all" else int(f) for f in args.f])
     predictor.expression_batch_size = args.expression_batch
-    ending = predictor.dataset_json["file_ending"]
-    image = args.i or str(next(p for folder in ("imagesTs", "imagesTr")
-                               for p in sorted((Path(nnUNet_raw) / name / folder).glob(f"*_0000{ending}"))))
     rows = time_expression_batching(predictor, image, args.E)
     print(f"\n{name} {args.c} {args.tr}, folds {args.f}, device {args.device}, image {Path(image).name}")
     print("| E | batched s | separate s | batched s/expr | separate s/expr | speed-up |")

@@ -17,7 +17,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lsms_nnunet.benchmark.expression_batching import expression_texts
+from lsms_nnunet.benchmark.expression_batching import (benchmarked_model_and_image, expression_benchmark_parser,
+                                                     expression_texts)
 from lsms_nnunet.cli import console_entry
 
 TEXTS_PER_ENCODING = 1024
@@ -65,31 +66,16 @@ def _encode_first(model: Path, folds: list[str], device: str, count: int) -> Non
 
 @console_entry
 def benchmark_expression_memory_entry() -> None:
-    from nnunetv2.paths import nnUNet_raw, nnUNet_results
-    from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("-d", required=True)
-    parser.add_argument("-c", required=True)
-    parser.add_argument("-tr", default="LSMSTrainer")
-    parser.add_argument("-p", default="nnUNetPlans")
-    parser.add_argument("-f", nargs="+", default=["0"])
-    parser.add_argument("-i", help="Image (<case>_0000<ending>); default: the first of imagesTs, else imagesTr.")
-    parser.add_argument("-E", nargs="+", type=int, default=[1, 10000],
-                        help="Numbers of expressions (default 1 10000).")
-    parser.add_argument("-device", default="cpu")
+    parser = expression_benchmark_parser(__doc__.splitlines()[0], [1, 10000])
     parser.add_argument("--answer_in_this_process", type=int, help=argparse.SUPPRESS)  # one measurement (child)
     parser.add_argument("--workdir", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    name = maybe_convert_to_dataset_name(args.d)
-    model = Path(nnUNet_results) / name / f"{args.tr}__{args.p}__{args.c}"
+    name, model, image = benchmarked_model_and_image(args)
     if args.answer_in_this_process is not None:
-        print(json.dumps(_answer(model, args.f, args.device, Path(args.i), args.answer_in_this_process,
+        print(json.dumps(_answer(model, args.f, args.device, Path(image), args.answer_in_this_process,
                                  Path(args.workdir))))
         return
-    image = args.i or str(next(p for folder in ("imagesTs", "imagesTr")
-                               for p in sorted((Path(nnUNet_raw) / name / folder).glob("*_0000.*"))))
     _encode_first(model, args.f, args.device, max(args.E))
     rows = []
     for count in sorted(args.E):
