@@ -1,15 +1,17 @@
-"""Per-expression masks -> referring dataset: atoms, lossless round trip, geometry safety, incremental re-runs."""
+"""Per-expression masks -> referring dataset: atoms, lossless round trip, geometry safety, incremental re-runs, and
+the table's optional columns (all-lesion and anatomy maps, test split, no-target intent, held-out phrasing)."""
 import csv
 import json
 import os
 import re
 import sys
+import warnings
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
-from lsms_nnunet.datasets.convert_expression_masks import (MANIFEST_NAME, atomize, convert_expression_masks,
+from lsms_nnunet.datasets.convert_expression_masks import (COLUMNS, MANIFEST_NAME, atomize, convert_expression_masks,
                                                            convert_expression_masks_entry, verify_roundtrip)
 from lsms_nnunet.datasets.geometry import ConversionError
 from text_conditioning.expressions import load_expressions
@@ -72,7 +74,7 @@ def test_atomize_empty_masks_map_to_background():
     assert region_map.max() == 0 and targets == [(), ()]
 
 
-def test_3d_nifti_round_trip_with_overlaps_and_empty_mask(tmp_path):
+def test_3d_nifti_round_trip_with_overlaps_and_empty_mask(tmp_path, capsys):
     source = tmp_path / "source"
     source.mkdir()
     masks = venn_masks()
@@ -86,8 +88,8 @@ def test_3d_nifti_round_trip_with_overlaps_and_empty_mask(tmp_path):
         ["source/patient-2.nii.gz", "the only box", "source/patient-2_mask0.nii.gz"],
         ["source/patient-2.nii.gz", "the cyst", str(empty)],
     ])
-    with pytest.warns(UserWarning, match="is empty"):
-        folder = convert_expression_masks(table, 7, "Boxes", raw_root=tmp_path / "raw")
+    folder = convert_expression_masks(table, 7, "Boxes", raw_root=tmp_path / "raw")
+    assert re.search(r"warning: 1 row\(s\) have an empty mask file .*table.csv row 5", capsys.readouterr().err)
     assert folder == tmp_path / "raw" / "Dataset007_Boxes"
     dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
     assert dataset["labels"] == {"background": 0, **{f"region_{i}": i for i in range(1, 8)}}
@@ -341,3 +343,238 @@ def test_deeply_nested_json_table_names_the_file(tmp_path):
     table.write_text("[" * 100_000 + "]" * 100_000)
     with pytest.raises(ConversionError, match=r"Table .*table.json nests JSON arrays/objects too deeply .* Fix: "):
         read_table(table)
+
+
+
+def lesion_boxes(shape=(6, 8, 10)):
+    """Three separate lesions (boxes that do not touch, even diagonally)."""
+    lesions = np.zeros((3,) + shape, dtype=bool)
+    lesions[0, 1:3, 1:3, 1:3] = True
+    lesions[1, 1:3, 5:7, 1:3] = True
+    lesions[2, 3:5, 1:3, 6:9] = True
+    return lesions
+
+
+def write_lesion_case(folder, stem, seed=0):
+    """An image with three lesions: e0 names the first, e1 the first two, none names the third."""
+    lesions = lesion_boxes()
+    image, masks = make_3d_case(folder, stem, np.stack([lesions[0], lesions[0] | lesions[1]]), seed)
+    all_lesions = write_image(lesions.any(axis=0).astype(np.uint8), folder / f"{stem}_lesions.nii.gz")
+    return image, masks, all_lesions, lesions
+
+
+def read_map(path):
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def warning_lines(err):
+    return [line for line in err.splitlines() if "warning:" in line]
+
+
+def test_all_lesion_map_keeps_unnamed_lesions_and_its_absence_warns_once(tmp_path, capsys):
+    image_a, masks_a, lesions_a, boxes = write_lesion_case(tmp_path, "alpha")
+    image_b, masks_b, _, _ = write_lesion_case(tmp_path, "beta", seed=1)
+    instances = np.zeros(boxes.shape[1:], np.uint8)  # two touching lesions: one component, two instances
+    instances[1:3, 1:3, 1:3], instances[1:3, 3:5, 1:3] = 1, 2
+    instance_map = write_image(instances, tmp_path / "beta_instances.nii.gz")
+    rows = [[image_a.name, "the first lesion", masks_a[0].name, lesions_a.name],
+            [image_a.name, "the upper lesions", masks_a[1].name, ""],  # per-image cell: taken from the row above
+            [image_b.name, "the upper lesions", masks_b[1].name, instance_map.name]]
+    table = write_table(tmp_path / "t.csv", rows, columns=("image", "text", "mask", "all_lesions"))
+    with pytest.raises(ConversionError, match=r"reach outside its all-lesion map .*t.csv row 3 .*Fix: "):
+        convert_expression_masks(table, 20, "Lesions", raw_root=tmp_path / "raw")  # beta has no lesion at 1:3, 5:7
+    assert not (tmp_path / "raw" / "Dataset020_Lesions").exists()
+    touching = write_image((instances > 0).astype(np.uint8), tmp_path / "beta_touching.nii.gz")
+    rows[2] = [image_b.name, "the two touching lesions", touching.name, instance_map.name]
+    table = write_table(tmp_path / "t.csv", rows, columns=("image", "text", "mask", "all_lesions"))
+    capsys.readouterr()
+    folder = convert_expression_masks(table, 20, "Lesions", raw_root=tmp_path / "raw")
+    assert not warning_lines(capsys.readouterr().err)
+    alpha = read_map(folder / "labelsTr" / "alpha.nii.gz")
+    assert np.array_equal(alpha > 0, boxes.any(axis=0)), "every lesion is a region, named or not"
+    assert [len(np.unique(alpha[box])) for box in boxes] == [1, 1, 1] and len(np.unique(alpha)) == 4
+    expressions = load_expressions(folder / "expressions.json")
+    unnamed = int(np.unique(alpha[boxes[2]])[0])
+    assert all(unnamed not in e.targets for e in expressions[:2]) and len(expressions[1].targets) == 2
+    beta = read_map(folder / "labelsTr" / "beta.nii.gz")
+    assert len(np.unique(beta[instances > 0])) == 2 and len(expressions[2].targets) == 2, "instances stay apart"
+
+    plain = write_table(tmp_path / "plain.csv", [row[:3] for row in rows])
+    folder = convert_expression_masks(plain, 21, "Unnamed", raw_root=tmp_path / "raw")
+    lines = warning_lines(capsys.readouterr().err)
+    assert len(lines) == 1 and "2 of 2 image(s) have no all_lesions map" in lines[0]
+    assert "become background" in lines[0] and "Fix: add an all_lesions column" in lines[0]
+    assert not read_map(folder / "labelsTr" / "alpha.nii.gz")[boxes[2]].any(), "without the map: background"
+
+
+def write_anatomy(folder, stem, values=(1, 2)):
+    anatomy = np.zeros((6, 8, 10), np.uint8)
+    anatomy[:, :, :5] = values[0]
+    anatomy[:, :, 7:] = values[1]
+    return write_image(anatomy, folder / f"{stem}_anatomy.nii.gz"), anatomy
+
+
+def test_anatomy_map_becomes_context_regions_the_prompt_reader_accepts(tmp_path, monkeypatch, capsys):
+    from lsms_nnunet.preprocessing.prompts import load_prompt_set
+
+    image, masks, lesions, boxes = write_lesion_case(tmp_path, "alpha")
+    anatomy_file, anatomy = write_anatomy(tmp_path, "alpha")
+    columns = ("image", "text", "mask", "all_lesions", "anatomy")
+    table = write_table(tmp_path / "t.csv", [[image.name, "the first lesion", masks[0].name, lesions.name,
+                                              anatomy_file.name],
+                                             [image.name, "the upper lesions", masks[1].name, "", ""]], columns)
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path / "raw"))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_convert_expression_masks", "-i", str(table), "-d", "22", "-n",
+                                      "Anatomy", "--anatomy_labels", "liver=1", "spleen=2"])
+    convert_expression_masks_entry()
+    folder = tmp_path / "raw" / "Dataset022_Anatomy"
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    assert dataset["lsms_context"] == ["liver", "spleen"]
+    assert dataset["labels"] == {"background": 0, "liver": 1, "spleen": 2, "region_3": 3, "region_4": 4,
+                                 "region_5": 5}
+    region_map = read_map(folder / "labelsTr" / "alpha.nii.gz")
+    outside = ~boxes.any(axis=0)
+    assert np.array_equal(region_map[outside], anatomy[outside]), "organs outside the lesions are context ids"
+    assert np.array_equal(region_map > 2, boxes.any(axis=0)), "lesions keep their own ids inside the organ"
+    prompt_set = load_prompt_set(folder)
+    assert dict(prompt_set.context) == {"liver": 1, "spleen": 2}
+    assert [e.targets for e in prompt_set.expressions] == [(3,), (3, 4)]
+
+    def refused(rows, match, **options):
+        bad = write_table(tmp_path / "bad.csv", rows, columns)
+        with pytest.raises(ConversionError, match=match):
+            convert_expression_masks(bad, 23, "Bad", raw_root=tmp_path / "raw", **options)
+        assert not (tmp_path / "raw" / "Dataset023_Bad").exists()
+
+    refused([[image.name, "x", masks[0].name, lesions.name, anatomy_file.name]],
+            r"bad.csv row 1 \(line 2\): anatomy .*values \[1, 2\]. Fix: name them with --anatomy_labels")
+    refused([[image.name, "x", masks[0].name, lesions.name, anatomy_file.name]],
+            r"bad.csv row 1 \(line 2\): anatomy .*value\(s\) \[2\], which --anatomy_labels", anatomy_labels={"liver": 1})
+    refused([[image.name, "x", masks[0].name, lesions.name, anatomy_file.name]],
+            r"--anatomy_labels 'Liver' is not a usable label name .*'liver'", anatomy_labels={"Liver": 1})
+    other, _, _, _ = write_lesion_case(tmp_path, "beta")
+    refused([[image.name, "x", masks[0].name, lesions.name, anatomy_file.name], [other.name, "y", masks[0].name,
+                                                                               lesions.name, ""]],
+            r"1 image\(s\) have no anatomy map although others have one, e.g. .*bad.csv row 2")
+    shifted = write_image(anatomy, tmp_path / "shifted.nii.gz", origin=(0.0, 0.0, 0.0))
+    refused([[image.name, "x", masks[0].name, lesions.name, shifted.name]],
+            r"bad.csv row 1 \(line 2\): .*shifted.nii.gz does not lie on the grid of image .*origin: image", anatomy_labels={
+                "liver": 1, "spleen": 2})
+
+
+def test_split_column_and_test_table_fill_imagesTs_and_labelsTs(tmp_path, capsys):
+    cases = {stem: write_lesion_case(tmp_path, stem, seed) for seed, stem in enumerate(("alpha", "beta", "gamma"))}
+    columns = ("image", "text", "mask", "all_lesions", "split")
+
+    def rows(stem, split):
+        image, masks, lesions, _ = cases[stem]
+        return [[image.name, "the first lesion", masks[0].name, lesions.name, split],
+                [image.name, "the upper lesions", masks[1].name, lesions.name, ""]]
+
+    table = write_table(tmp_path / "t.csv", rows("alpha", "") + rows("beta", "test"), columns)
+    test_table = write_table(tmp_path / "test.csv", rows("gamma", ""), columns)
+    raw = tmp_path / "raw"
+    folder = convert_expression_masks(table, 24, "Split", raw_root=raw, test_table=test_table)
+    assert "converted 3 case(s)" in capsys.readouterr().out
+    assert sorted(p.name for p in (folder / "imagesTr").iterdir()) == ["alpha_0000.nii.gz"]
+    assert sorted(p.name for p in (folder / "imagesTs").iterdir()) == ["beta_0000.nii.gz", "expressions.json",
+                                                                         "gamma_0000.nii.gz"]
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 1
+    assert {e.case for e in load_expressions(folder / "expressions.json")} == {"alpha"}
+    test_expressions = load_expressions(folder / "imagesTs" / "expressions.json")
+    assert [e.case for e in test_expressions] == ["beta", "beta", "gamma", "gamma"]
+    for expression in test_expressions:
+        _, masks, _, boxes = cases[expression.case]
+        expected = read_map(masks[int(expression.id[-1])]) > 0
+        region_map = read_map(folder / "labelsTs" / f"{expression.case}.nii.gz")
+        assert np.array_equal(np.isin(region_map, expression.targets), expected), "test masks rebuild exactly"
+        assert np.array_equal(region_map > 0, boxes.any(axis=0))
+    verify_roundtrip(folder, table, test_table)
+    assert convert_expression_masks(table, 24, "Split", raw_root=raw, test_table=test_table) == folder
+    assert "converted 0 case(s), kept 3" in capsys.readouterr().out, "re-runs keep the manifest's cases"
+
+    def refused(rows, match, test_rows=None):
+        bad = write_table(tmp_path / "bad.csv", rows, columns)
+        bad_test = write_table(tmp_path / "bad_test.csv", test_rows, columns) if test_rows else None
+        with pytest.raises(ConversionError, match=match):
+            convert_expression_masks(bad, 25, "Bad", raw_root=raw, test_table=bad_test)
+        assert not (raw / "Dataset025_Bad").exists()
+
+    refused(rows("alpha", "validation"), r"bad.csv row 1 \(line 2\) has split 'validation'. Fix: write train or test")
+    refused(rows("alpha", ""), r"bad_test.csv row 1 .* is in the --test table but has split 'train'",
+            test_rows=rows("beta", "train"))
+    refused(rows("alpha", "train") + rows("alpha", "test")[:1], r"bad.csv row 3 .*gives split 'test', but .*bad.csv "
+                                                               r"row 1 .*gives 'train' for the same image")
+    refused(rows("alpha", "test"), "Every image of .*bad.csv is a test image")
+
+
+def test_no_target_intent_is_silent_and_unmarked_empty_masks_get_one_summary_line(tmp_path, capsys):
+    image, masks, lesions, _ = write_lesion_case(tmp_path, "alpha")
+    empty = write_image(np.zeros((6, 8, 10), np.uint8), tmp_path / "empty.nii.gz")
+    columns = ("image", "text", "mask", "category", "all_lesions")
+    intended = [[image.name, "the first lesion", masks[0].name, "", lesions.name],
+                [image.name, "the calcified lesion", "", "", lesions.name],
+                [image.name, "the cyst", empty.name, "no_target", lesions.name]]
+    table = write_table(tmp_path / "t.csv", intended, columns)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        folder = convert_expression_masks(table, 26, "Intent", raw_root=tmp_path / "raw")
+    assert not warning_lines(capsys.readouterr().err)
+    expressions = load_expressions(folder / "expressions.json")
+    assert [(e.targets, e.category) for e in expressions[1:]] == [((), "no_target"), ((), "no_target")]
+
+    unmarked = [[image.name, f"the lesion {index}", empty.name, "", lesions.name] for index in range(4)]
+    table = write_table(tmp_path / "t.csv", intended + unmarked, columns)
+    convert_expression_masks(table, 26, "Intent", raw_root=tmp_path / "raw")
+    lines = warning_lines(capsys.readouterr().err)
+    assert len(lines) == 1, lines
+    assert re.search(r"4 row\(s\) have an empty mask file but no no-target marker.*t.csv row 4 .*row 5 .*row 6 "
+                     r".*and 1 more\. Fix: .*leave their mask cell empty or set category no_target", lines[0])
+
+    wrong = write_table(tmp_path / "wrong.csv", [[image.name, "the cyst", masks[0].name, "no_target",
+                                                  lesions.name]], columns)
+    with pytest.raises(ConversionError, match=r"wrong.csv row 1 .*has category no_target .* but mask .* has 8 voxel"):
+        convert_expression_masks(wrong, 27, "Wrong", raw_root=tmp_path / "raw")
+
+
+def test_heldout_phrasing_goes_to_the_file_the_benchmark_reads(tmp_path):
+    from lsms_nnunet.benchmark.preparation import read_heldout_expressions
+
+    alpha, masks_a, lesions_a, _ = write_lesion_case(tmp_path, "alpha")
+    beta, masks_b, lesions_b, _ = write_lesion_case(tmp_path, "beta", seed=1)
+    columns = ("image", "text", "mask", "all_lesions", "split", "phrasing")
+    rows = [[alpha.name, "the first lesion", masks_a[0].name, lesions_a.name, "", ""],
+            [alpha.name, "the upper lesions", masks_a[1].name, lesions_a.name, "", "seen"],
+            [alpha.name, "the lesion that comes first", masks_a[0].name, lesions_a.name, "", "heldout"],
+            [beta.name, "the first lesion", masks_b[0].name, lesions_b.name, "test", ""],
+            [beta.name, "the lesion that comes first", masks_b[0].name, lesions_b.name, "test", "heldout"]]
+    table = write_table(tmp_path / "t.csv", rows, columns)
+    folder = convert_expression_masks(table, 28, "Heldout", raw_root=tmp_path / "raw")
+    seen = load_expressions(folder / "expressions.json")
+    assert [e.text for e in seen] == ["the first lesion", "the upper lesions"] and all(e.phrasing is None
+                                                                                       for e in seen)
+    heldout = read_heldout_expressions(folder, {e.case for e in seen})
+    assert [(e.id, e.case, e.targets, e.phrasing) for e in heldout] == [("alpha-e2", "alpha", seen[0].targets,
+                                                                         "heldout")]
+    test = load_expressions(folder / "imagesTs" / "expressions.json")
+    assert [e.phrasing for e in test] == [None, "heldout"] and test[0].targets == test[1].targets
+
+    def refused(bad_rows, match):
+        bad = write_table(tmp_path / "bad.csv", bad_rows, columns)
+        with pytest.raises(ConversionError, match=match):
+            convert_expression_masks(bad, 29, "Bad", raw_root=tmp_path / "raw")
+        assert not (tmp_path / "raw" / "Dataset029_Bad").exists()
+
+    refused(rows[:3] + [[alpha.name, "nothing here", "", lesions_a.name, "", "heldout"]],
+            r"1 held-out row\(s\) of training images refer to what no seen row .*bad.csv row 4 .*Fix: ")
+    refused([rows[2]], r"every row of training image .* is held-out wording, .*Fix: mark at least one")
+    refused([rows[0][:5] + ["unseen"]], r"bad.csv row 1 \(line 2\) has phrasing 'unseen'. Fix: write seen or heldout")
+
+
+def test_help_lists_every_column(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_convert_expression_masks", "--help"])
+    with pytest.raises(SystemExit):
+        convert_expression_masks_entry()
+    text = capsys.readouterr().out
+    assert all(re.search(rf"^  {column} ", text, re.MULTILINE) for column in COLUMNS), text
+    assert "--test" in text and "--anatomy_labels" in text

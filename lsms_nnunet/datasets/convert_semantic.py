@@ -41,13 +41,12 @@ import SimpleITK as sitk
 
 from lsms_nnunet.datasets.geometry import (ConversionError, case_stem, check_region_count, check_same_geometry,
                                            copy_file_atomically, dataset_folder, image_ending, map_with_progress,
-                                           physical_points, read_image, refuse_existing_dataset,
+                                           physical_points, read_image, referring_labels, refuse_existing_dataset,
                                            region_map_image, resolve_raw_root, staged_dataset, write_image_atomically)
 from text_conditioning.expressions import (NO_TARGET_CATEGORY, SAFE_ID_PATTERN, Expression,
                                            save_expressions, validate_against_cases)
 from text_conditioning.io import write_json_atomically
 from lsms_nnunet.cli import console_entry
-from lsms_nnunet.preprocessing.prompts import CONTEXT_KEY
 
 CONVERTER_NAME = "LSMSv2_convert_semantic"
 REGIONS_FORMAT = "lsms-regions"
@@ -534,8 +533,7 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
     context = {organ_name: ORGAN_CONTEXT_ID} if organ_name else {}
     write_json_atomically(folder / "dataset.json", {
         "channel_names": source.channel_names,
-        "labels": {"background": 0, **context,
-                   **{f"region_{region}": region for region in range(first, first + max_regions)}},
+        **referring_labels(first + max_regions - 1, context),
         "numTraining": len(results),
         "file_ending": ".nii.gz",
         "description": (f"Referring dataset made by {CONVERTER_NAME}: each connected component of label "
@@ -544,7 +542,6 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
                         + (f", after the organ {organ_name!r} (context id {ORGAN_CONTEXT_ID})" if context else "")
                         + f"; expressions are generated from region attributes (regions.json). Source: "
                         f"{source_description}"),
-        **({CONTEXT_KEY: [organ_name]} if context else {}),
     })
     write_json_atomically(folder / "regions.json", {
         "format": REGIONS_FORMAT, "version": REGIONS_VERSION, "source": source_description,

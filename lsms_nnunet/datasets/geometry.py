@@ -12,7 +12,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +23,7 @@ import SimpleITK as sitk
 
 from tqdm import tqdm
 
+from lsms_nnunet.preprocessing.prompts import CONTEXT_KEY
 from text_conditioning.io import atomic_path
 
 Job = TypeVar("Job")
@@ -191,6 +192,16 @@ def check_region_count(num_regions: int, where: str, fix: str) -> None:
     if num_regions > MAX_REGIONS:
         raise ConversionError(f"{where}: {num_regions} regions, but nnU-Net stores region maps as int16 (at most "
                               f"{MAX_REGIONS}). Fix: {fix}")
+
+
+def referring_labels(highest_id: int, context: Mapping[str, int]) -> dict:
+    """dataset.json's "labels" (and, with context, its `lsms_context`) of a referring dataset: background, each
+    context region (anatomy) under its name and id, and `region_<id>` for every other id up to the highest, so the
+    values stay consecutive and prompts.context_labels reads the anatomy back."""
+    names_of_ids = {value: name for name, value in context.items()}
+    labels = {"background": 0, **{names_of_ids.get(value, f"region_{value}"): value
+                                  for value in range(1, highest_id + 1)}}
+    return {"labels": labels, **({CONTEXT_KEY: list(context)} if context else {})}
 
 
 def region_map_image(region_map: np.ndarray, reference: sitk.Image, ending: str) -> sitk.Image:
