@@ -703,7 +703,7 @@ def _write_dataset_files(folder: Path, cases: Sequence[CaseSpec], records: dict[
         "description": (f"Referring dataset made by {CONVERTER_NAME} from {table}: region ids are atoms (sets of "
                         "overlapping expression masks" + (", split by lesion" if any(spec.all_lesions for spec in cases)
                                                           else "") + ")"
-                        + (f" after the context regions {list(context)} (ids 1-{len(context)})" if context else "")
+                        + (f", after the context regions {dict(context)}" if context else "")
                         + "; expressions.json lists each expression's atoms."),
     })
     write_json_atomically(folder / MANIFEST_NAME, {
