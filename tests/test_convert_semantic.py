@@ -175,6 +175,34 @@ def test_plain_folder_2d_uses_8_connectivity_and_organ_halves(tmp_path):
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["channel_names"] == {"0": "CT"}
 
 
+def test_labelled_test_cases_are_converted_to_a_test_split_and_the_source_split_is_kept(tmp_path):
+    source = make_nnunet_source(tmp_path / "source")
+    image, label = semantic_volume()
+    (source / "imagesTs").mkdir()
+    (source / "labelsTs").mkdir()
+    write_volume(image, source / "imagesTs" / "liver_009_0000.nii.gz")
+    write_volume(label, source / "labelsTs" / "liver_009.nii.gz")
+    splits = [{"train": ["liver_001"], "val": ["liver_002"]}, {"train": ["liver_002"], "val": ["liver_001"]}]
+    (source / "splits_final.json").write_text(json.dumps(splits))
+    folder = convert_semantic(source, "tumour", "liver", 29, "WithTest", raw_root=tmp_path / "raw")
+
+    assert json.loads((folder / "splits_final.json").read_text(encoding="utf-8")) == splits
+    assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["numTraining"] == 2
+    assert sorted(path.name for path in (folder / "imagesTs").iterdir()) == ["expressions.json", "liver_009_0000.nii.gz"]
+    test_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTs" / "liver_009.nii.gz")))
+    assert sorted(np.unique(test_map)) == [0, 1, 2, 3, 4], "the liver (context 1) and the three lesions"
+    test_expressions = load_expressions(folder / "imagesTs" / "expressions.json")
+    assert {e.case for e in test_expressions} == {"liver_009"} and test_expressions[0].id == "liver_009-e0"
+    assert all(set(e.targets) <= {2, 3, 4} for e in test_expressions) and any(not e.targets for e in test_expressions)
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
+    assert set(regions["cases"]) == {"liver_001", "liver_002"} and set(regions["test_cases"]) == {"liver_009"}
+
+    (source / "imagesTs" / "liver_009_0000.nii.gz").unlink()
+    with pytest.raises(ConversionError, match=r"labelsTs/liver_009.nii.gz: the test case has no image\(s\) "
+                                              r"\['liver_009_0000.nii.gz'\] .* Fix: add them"):
+        convert_semantic(source, "tumour", "liver", 30, "NoImage", raw_root=tmp_path / "raw")
+
+
 def test_extract_regions_orders_by_size_and_drops_small():
     label = np.zeros((10, 10, 10), np.uint8)
     label[0:2, 0:2, 0:2] = 2  # 8

@@ -20,6 +20,10 @@ Rules (all recorded in regions.json):
   hypo, above +INTENSITY_THRESHOLD hyper, else iso, worded by the channel's modality: CT hypodense/hyperdense, MR
   (MR, MRI, T1, T2, FLAIR, DWI, ADC, PD, SWI...) hypointense/hyperintense, anything else darker/brighter.
 
+A source's labelled test cases (imagesTs/ + labelsTs/ of an nnU-Net raw folder) are converted the same way into
+imagesTs/, labelsTs/ and imagesTs/expressions.json; a source's own splits_final.json is kept (case names do not
+change), so grouped folds survive the conversion.
+
 Every expression carries a report category, named as in the synthetic generator: plural (all lesions, the only
 lesion), size (size ranks, also the largest of a lobe or intensity group), lobe (lesions in a liver lobe), attribute
 (intensity, also within a lobe), position (extremes, organ halves) and no_target (refers to nothing).
@@ -91,6 +95,7 @@ class SemanticSource:
     cases: tuple[SourceCase, ...]
     channel_names: dict[str, str]
     label_names: dict[int, str]
+    test_cases: tuple[SourceCase, ...] = ()
 
 
 def _read_nnunet_source(folder: Path) -> SemanticSource:
@@ -103,11 +108,35 @@ def _read_nnunet_source(folder: Path) -> SemanticSource:
     files = get_filenames_of_train_images_and_targets(str(folder), dataset_json)
     cases = tuple(SourceCase(case, tuple(Path(path) for path in entry["images"]), Path(entry["label"]))
                   for case, entry in sorted(files.items()))
-    unsafe = [case.case for case in cases if not SAFE_ID_PATTERN.match(case.case)]
+    channel_names = dict(dataset_json.get("channel_names", {"0": "CT"}))
+    test_cases = _read_test_cases(folder, dataset_json["file_ending"], channel_names)
+    unsafe = [case.case for case in cases + test_cases if not SAFE_ID_PATTERN.match(case.case)]
     if unsafe:
         raise ConversionError(f"{folder}: case identifier(s) {unsafe[:5]} are not file-name safe. Fix: rename them "
                               "to letters, digits, '.', '_' and '-'.")
-    return SemanticSource(folder, cases, dict(dataset_json.get("channel_names", {"0": "CT"})), label_names)
+    in_both = sorted({case.case for case in cases} & {case.case for case in test_cases})
+    if in_both:
+        raise ConversionError(f"{folder}: case(s) {in_both[:5]} are in labelsTr/ and labelsTs/. Fix: give test cases "
+                              "names of their own.")
+    return SemanticSource(folder, cases, channel_names, label_names, test_cases)
+
+
+def _read_test_cases(folder: Path, file_ending: str, channel_names: dict[str, str]) -> tuple[SourceCase, ...]:
+    """The labelled test cases: one per labelsTs/ file, with its images in imagesTs/ (none without labelsTs/, as in
+    MSD, whose test images have no labels to convert)."""
+    if not (folder / "labelsTs").is_dir():
+        return ()
+    cases = []
+    for label in sorted((folder / "labelsTs").glob(f"*{file_ending}")):
+        case = label.name[:-len(file_ending)]
+        images = tuple(folder / "imagesTs" / f"{case}_{int(channel):04d}{file_ending}"
+                       for channel in sorted(channel_names, key=int))
+        missing = [image.name for image in images if not image.is_file()]
+        if missing:
+            raise ConversionError(f"{label}: the test case has no image(s) {missing} in {folder / 'imagesTs'}. Fix: "
+                                  "add them, or remove the label from labelsTs/.")
+        cases.append(SourceCase(case, images, label))
+    return tuple(cases)
 
 
 def _files_by_stem(folder: Path) -> dict[str, Path]:
@@ -433,6 +462,7 @@ class _CaseJob:
     min_lesion_voxels: int
     vocabulary: Vocabulary
     seed: int
+    split: str = "Tr"  # "Tr" (imagesTr/labelsTr) or "Ts" (imagesTs/labelsTs)
 
 
 @dataclass
@@ -466,7 +496,7 @@ def _convert_case(job: _CaseJob) -> _CaseResult:
             seen.add(text)
             expressions.append((text, candidate.targets, candidate.family, candidate.report_category))
     for channel, (path, image) in enumerate(zip(source.images, images)):
-        output = job.output_folder / "imagesTr" / f"{source.case}_{channel:04d}.nii.gz"
+        output = job.output_folder / f"images{job.split}" / f"{source.case}_{channel:04d}.nii.gz"
         if image_ending(path) == ".nii.gz":
             copy_file_atomically(path, output)
         else:
@@ -481,7 +511,7 @@ def _convert_case(job: _CaseJob) -> _CaseResult:
         for region in regions:
             region.id += ORGAN_CONTEXT_ID
     write_image_atomically(region_map_image(region_map, label_image, ".nii.gz"),
-                           job.output_folder / "labelsTr" / f"{source.case}.nii.gz")
+                           job.output_folder / f"labels{job.split}" / f"{source.case}.nii.gz")
     description = {"organ": asdict(organ) if organ else None, "regions": [asdict(region) for region in regions]}
     return _CaseResult(source.case, len(regions), expressions, description)
 
@@ -490,7 +520,8 @@ def convert_semantic(source: str | os.PathLike, lesion_label: int | str, organ_l
                      dataset_id: int, name: str, min_lesion_voxels: int = 10, num_processes: int = 1, seed: int = 0,
                      raw_root: str | os.PathLike | None = None, overwrite: bool = False,
                      source_description: str | None = None, channel_name: str | None = None) -> Path:
-    """Build DatasetXXX_name (images, region maps, dataset.json, expressions.json, regions.json); returns its folder.
+    """Build DatasetXXX_name (images, region maps, dataset.json, expressions.json, regions.json; the source's labelled
+    test cases and its splits_final.json too); returns its folder.
 
     The dataset is assembled in a hidden folder beside its destination and moved into place only when complete.
     ``source_description`` replaces the source path in dataset.json and regions.json (for temporary sources).
@@ -506,28 +537,45 @@ def convert_semantic(source: str | os.PathLike, lesion_label: int | str, organ_l
     destination = dataset_folder(root, dataset_id, name)
     replaced = refuse_existing_dataset(root, dataset_id, overwrite)
     with staged_dataset(root, destination, replaced) as staging:
-        jobs = [_CaseJob(case, staging, lesion_value, organ_value, min_lesion_voxels, vocabulary, seed)
-                for case in semantic.cases]
+        jobs = [_CaseJob(case, staging, lesion_value, organ_value, min_lesion_voxels, vocabulary, seed, split)
+                for split, cases in (("Tr", semantic.cases), ("Ts", semantic.test_cases)) for case in cases]
         results = {result.case: result for result in map_with_progress(_convert_case, jobs, num_processes,
                                                                         "Converting cases")}
-        _write_dataset_files(staging, semantic, [results[case.case] for case in semantic.cases], lesion_value,
-                             organ_value, min_lesion_voxels, seed, source_description or str(semantic.folder))
+        _write_dataset_files(staging, semantic, [results[case.case] for case in semantic.cases],
+                             [results[case.case] for case in semantic.test_cases], lesion_value, organ_value,
+                             min_lesion_voxels, seed, source_description or str(semantic.folder))
+        if (semantic.folder / "splits_final.json").is_file():
+            copy_file_atomically(semantic.folder / "splits_final.json", staging / "splits_final.json")
     return destination
 
 
-def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_CaseResult], lesion_value: int,
-                         organ_value: int | None, min_lesion_voxels: int, seed: int, source_description: str) -> None:
-    max_regions = max(result.num_regions for result in results)
-    if max_regions == 0:
-        raise ConversionError(f"No case in {source.folder} has a component of label {lesion_value} with at least "
-                              f"{min_lesion_voxels} voxels. Fix: check --lesion_label or lower --min_lesion_voxels.")
+def _save_case_expressions(path: Path, results: list[_CaseResult], first_region_id: int) -> None:
     expressions = [Expression(id=f"{result.case}-e{index}", case=result.case, text=text, targets=targets,
                               category=category)
                    for result in results for index, (text, targets, _, category) in enumerate(result.expressions)]
+    validate_against_cases(expressions, {result.case: range(first_region_id, first_region_id + result.num_regions)
+                                         for result in results}, path)
+    save_expressions(path, expressions)
+
+
+def _case_entries(results: list[_CaseResult]) -> dict:
+    return {result.case: {**result.description,
+                          "expressions": [{"id": f"{result.case}-e{index}", "family": family}
+                                          for index, (_, _, family, _) in enumerate(result.expressions)]}
+            for result in results}
+
+
+def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_CaseResult],
+                         test_results: list[_CaseResult], lesion_value: int, organ_value: int | None,
+                         min_lesion_voxels: int, seed: int, source_description: str) -> None:
+    max_regions = max(result.num_regions for result in results + test_results)
+    if max_regions == 0:
+        raise ConversionError(f"No case in {source.folder} has a component of label {lesion_value} with at least "
+                              f"{min_lesion_voxels} voxels. Fix: check --lesion_label or lower --min_lesion_voxels.")
     first = 1 if organ_value is None else ORGAN_CONTEXT_ID + 1  # the organ, when kept, is context id 1
-    validate_against_cases(expressions, {result.case: range(first, first + result.num_regions) for result in results},
-                           folder / "expressions.json")
-    save_expressions(folder / "expressions.json", expressions)
+    _save_case_expressions(folder / "expressions.json", results, first)
+    if test_results:
+        _save_case_expressions(folder / "imagesTs" / "expressions.json", test_results, first)
     lesion_name = source.label_names.get(lesion_value, str(lesion_value))
     organ_name = context_name(source.label_names.get(organ_value, "")) if organ_value is not None else None
     context = {organ_name: ORGAN_CONTEXT_ID} if organ_name else {}
@@ -550,10 +598,8 @@ def _write_dataset_files(folder: Path, source: SemanticSource, results: list[_Ca
         "rules": {"connectivity": CONNECTIVITY, "size_margin_ratio": SIZE_MARGIN_RATIO,
                   "extreme_margin_mm": EXTREME_MARGIN_MM, "right_lobe_volume_fraction": RIGHT_LOBE_VOLUME_FRACTION,
                   "intensity_threshold_in_organ_std": INTENSITY_THRESHOLD, "coordinates": "ITK physical LPS mm"},
-        "cases": {result.case: {**result.description,
-                                "expressions": [{"id": f"{result.case}-e{index}", "family": family}
-                                                for index, (_, _, family, _) in enumerate(result.expressions)]}
-                  for result in results},
+        "cases": _case_entries(results),
+        **({"test_cases": _case_entries(test_results)} if test_results else {}),
     })
 
 
