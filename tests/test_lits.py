@@ -1,6 +1,8 @@
 """The LiTS dataset: disjoint blocks of one real CT, plain and referring, nnU-Net-valid and honestly described."""
 import json
+import re
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -109,3 +111,122 @@ def test_cli_entry(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", sys.argv + ["--overwrite", "--mode", "referring"])
     lits.make_lits_entry()
     assert [path.name for path in tmp_path.iterdir()] == ["Dataset034_LiTS117Referring"]
+
+
+@pytest.fixture(scope="module")
+def slab_dataset(tmp_path_factory):
+    """The default 2D referring dataset (slabs of 4 axial slices, gaps of 10, 2 test slabs)."""
+    return lits.make_lits_slab_dataset(35, "referring", raw_root=tmp_path_factory.mktemp("raw"))
+
+
+def slice_of(case: str) -> int:
+    return int(case.removeprefix("lits117_z"))
+
+
+def test_slab_dataset_keeps_slabs_apart_in_every_fold_and_holds_out_test_slabs(slab_dataset):
+    folder = slab_dataset
+    assert folder.name == "Dataset035_LiTS117SlabsReferring"
+    from nnunetv2.experiment_planning.verify_dataset_integrity import verify_dataset_integrity
+    verify_dataset_integrity(str(folder), num_processes=1)
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    assert dataset["lsms_context"] == ["liver"] and dataset["labels"]["liver"] == 1
+    for words in ("ONE LiTS volume", "slabs of 4 consecutive slices", "at least 10 slices that belong to no case",
+                  "Test slabs (imagesTs/labelsTs, 8 slices): slices 28-31, 84-87", "not other patients"):
+        assert words in dataset["description"]
+
+    training = sorted(path.name.removesuffix(".nii.gz") for path in (folder / "labelsTr").iterdir())
+    test = sorted(path.name.removesuffix(".nii.gz") for path in (folder / "labelsTs").iterdir())
+    assert len(training) == dataset["numTraining"] == 28 and len(test) == 8
+    splits = json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))
+    assert len(splits) == lits.NUM_FOLDS
+    assert sorted(case for fold in splits for case in fold["val"]) == training, "each case validated exactly once"
+    for fold in splits:
+        assert sorted(fold["train"] + fold["val"]) == training
+        held_out = [slice_of(case) for case in fold["val"] + test]
+        nearest = min(abs(slice_of(case) - z) for case in fold["train"] for z in held_out)
+        assert nearest > lits.DEFAULT_GAP, "no training slice within the gap of a validation or test slice"
+
+    full_image, full_labels = lits.lits_volume()
+    image = sitk.ReadImage(str(folder / "imagesTs" / "lits117_z029_0000.nii.gz"))
+    assert image.GetSize() == (128, 128, 1) and image.GetSpacing() == lits.LITS_SPACING_MM
+    assert image.GetDirection() == lits.LITS_DIRECTION
+    assert image.GetOrigin() == pytest.approx(full_image.TransformIndexToPhysicalPoint((0, 0, 29)))
+    assert np.array_equal(sitk.GetArrayFromImage(image)[0], sitk.GetArrayViewFromImage(full_image)[29])
+
+    regions = json.loads((folder / "regions.json").read_text(encoding="utf-8"))
+    assert sorted(regions["test_cases"]) == test and sorted(regions["cases"]) == training
+    lobe_planes = {case["organ"]["right_lobe_plane_x_mm"] for case in regions["cases"].values()}
+    assert len(lobe_planes) > 10, "each slice's lobes come from that slice's own liver"
+    test_expressions = load_expressions(folder / "imagesTs" / "expressions.json")
+    assert {e.case for e in test_expressions} == set(test)
+    for case in test:
+        region_map = sitk.GetArrayFromImage(sitk.ReadImage(str(folder / "labelsTs" / f"{case}.nii.gz")))
+        lesions = set(np.unique(region_map)) - {0, 1}
+        assert (region_map == 1).any(), "the liver is context region 1"
+        assert all(set(e.targets) <= lesions for e in test_expressions if e.case == case)
+    expressions = load_expressions(folder / "expressions.json")
+    assert {e.case for e in expressions} == set(training)
+    for shown in (expressions, test_expressions):
+        assert {"plural", "size", "lobe", "attribute", "no_target"} <= {e.category for e in shown}
+        assert all((e.category == "no_target") == (not e.targets) for e in shown)
+
+
+def test_plan_and_preprocess_adopts_the_dataset_split_and_refuses_another(slab_dataset, tmp_path, monkeypatch,
+                                                                           capsys):
+    from lsms_nnunet.preprocessing import encode_text
+    import nnunetv2.experiment_planning.plan_and_preprocess_entrypoints as nnunet_entrypoints
+
+    preprocessed = tmp_path / slab_dataset.name
+    monkeypatch.setattr(encode_text, "dataset_folders",
+                        lambda dataset: (slab_dataset.name, slab_dataset, preprocessed / encode_text.TEXT_FOLDER))
+    planned = []
+    monkeypatch.setattr(nnunet_entrypoints, "plan_and_preprocess_entry",
+                        lambda: planned.append((preprocessed / "splits_final.json").is_file()))
+    monkeypatch.setattr(encode_text, "encode_dataset_text", lambda *args: None)
+    monkeypatch.setattr("sys.argv", ["LSMSv2_plan_and_preprocess", "-d", "35", "-c", "2d"])
+    encode_text.plan_and_preprocess_entry()
+    assert planned == [True], "the split is in place before nnU-Net plans"
+    assert ((preprocessed / "splits_final.json").read_bytes() == (slab_dataset / "splits_final.json").read_bytes())
+    encode_text.plan_and_preprocess_entry()  # the same split again: nothing to do
+    assert planned == [True, True]
+
+    other = json.loads((preprocessed / "splits_final.json").read_text(encoding="utf-8"))[::-1]
+    (preprocessed / "splits_final.json").write_text(json.dumps(other), encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        encode_text.plan_and_preprocess_entry()
+    assert exit_info.value.code == 1 and planned == [True, True], "refused before planning"
+    assert re.search(r"splits_final.json holds other folds than the dataset's own .* Fix: delete .*or remove",
+                     capsys.readouterr().err)
+    assert json.loads((preprocessed / "splits_final.json").read_text(encoding="utf-8")) == other, "left as it was"
+
+    training = {case.name.removesuffix(".nii.gz") for case in (slab_dataset / "labelsTr").iterdir()}
+    with pytest.raises(encode_text.SplitsFileError, match=r"fold 0 names \['lits117_z028'\], which are not training"):
+        encode_text.check_dataset_splits([{"train": ["lits117_z028"], "val": []}], Path("splits_final.json"), training)
+    with pytest.raises(encode_text.SplitsFileError, match="not a list of folds"):
+        encode_text.check_dataset_splits({"train": []}, Path("splits_final.json"), training)
+
+
+def test_plain_slabs_and_bad_slab_requests(tmp_path, monkeypatch, capsys):
+    folder = lits.make_lits_slab_dataset(36, "plain", raw_root=tmp_path, slab=2, gap=12, test_slabs=0)
+    assert folder.name == "Dataset036_LiTS117Slabs" and not (folder / "imagesTs").exists()
+    dataset = json.loads((folder / "dataset.json").read_text(encoding="utf-8"))
+    assert dataset["labels"] == {"background": 0, "liver": 1, "tumour": 2}
+    starts = lits.slab_starts(sitk.GetArrayFromImage(lits.lits_volume()[1]), 2, 12)
+    assert dataset["numTraining"] == 2 * len(starts) and all(b - a == 14 for a, b in zip(starts, starts[1:]))
+    assert len(json.loads((folder / "splits_final.json").read_text(encoding="utf-8"))) == lits.NUM_FOLDS
+
+    with pytest.raises(ConversionError, match=r"Only 9 slabs of 4 slices .* 5 test slabs leave 4 for 5 folds.*Fix: a "
+                                              r"smaller --slab or --gap, or fewer --test_slabs"):
+        lits.make_lits_slab_dataset(37, "referring", raw_root=tmp_path, test_slabs=5)
+    with pytest.raises(ConversionError, match="a slab of at least 1 slice"):
+        lits.make_lits_slab_dataset(37, "plain", raw_root=tmp_path, slab=0)
+    assert [path.name for path in tmp_path.iterdir()] == [folder.name], "failed runs leave nothing behind"
+    monkeypatch.setenv("nnUNet_raw", str(tmp_path))
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_make_lits", "-d", "37", "--dim", "2", "--crop", "32", "32", "32"])
+    with pytest.raises(SystemExit) as exit_info:
+        lits.make_lits_entry()
+    assert exit_info.value.code == 2 and "--cases and --crop apply to --dim 3 only" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_make_lits", "-d", "37", "--gap", "12"])
+    with pytest.raises(SystemExit):
+        lits.make_lits_entry()
+    assert "apply to --dim 2 only" in capsys.readouterr().err

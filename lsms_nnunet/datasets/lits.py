@@ -12,6 +12,11 @@ the most liver are kept. Tumours that reach across a block face are cut, and the
 fall in training and validation: the description counts them. No flips: they would swap the patient's left and right,
 which the referring expressions ("the lesion in the right lobe") depend on. One patient: scores say how well a model
 answers about unseen parts of this liver, not how it generalises to other patients.
+
+With --dim 2 the cases are axial slices (the paper's setting: 2D CT slices), one-slice NIfTI images on the volume's
+grid. Neighbouring slices show nearly the same anatomy, so they are grouped into slabs of consecutive slices with a
+gap of slices that belong to no case between slabs; the dataset ships its own splits_final.json that keeps every slab
+within one fold, and whole slabs are held out as test cases (imagesTs/, labelsTs/).
 """
 from __future__ import annotations
 
@@ -20,6 +25,7 @@ import importlib.util
 import itertools
 import os
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +47,11 @@ LIVER, TUMOUR = 1, 2
 #: a block is kept only if at least this fraction of its voxels is liver (the rest is mostly air, bowel or bone)
 MIN_LIVER_FRACTION = 0.05
 DATASET_NAMES = {"plain": "LiTS117Blocks", "referring": "LiTS117Referring"}
+SLAB_DATASET_NAMES = {"plain": "LiTS117Slabs", "referring": "LiTS117SlabsReferring"}
+#: 2D defaults: slices per slab, slices between slabs that belong to no case (>= 10, so no training slice lies within
+#: 10 slices of a validation or test slice), slabs held out as test cases
+DEFAULT_SLAB, DEFAULT_GAP, DEFAULT_TEST_SLABS = 4, 10, 2
+NUM_FOLDS = 5  # nnU-Net's cross-validation
 
 
 def lits_volume() -> tuple[sitk.Image, sitk.Image]:
@@ -127,6 +138,134 @@ def _write_plain_blocks(folder: Path, crop: tuple[int, int, int], num_cases: int
     return description
 
 
+def slab_starts(labels: np.ndarray, slab: int, gap: int) -> list[int]:
+    """First axial slices of the slabs, from the top: each next run of `slab` slices that all hold at least
+    MIN_LIVER_FRACTION liver, starting at least `gap` slices after the previous slab ends."""
+    enough_liver = np.mean(labels > 0, axis=(1, 2)) >= MIN_LIVER_FRACTION
+    starts, first = [], 0
+    while first + slab <= len(enough_liver):
+        if enough_liver[first:first + slab].all():
+            starts.append(first)
+            first += slab + gap
+        else:
+            first += 1
+    return starts
+
+
+def held_out_slab_indices(num_slabs: int, num_test_slabs: int) -> list[int]:
+    """Which slabs (indices, top first) are test slabs: spread evenly over the volume, so the test slices see both the
+    tumour-rich top of this liver and its sparse bottom."""
+    return [int((index + 0.5) * num_slabs / num_test_slabs) for index in range(num_test_slabs)]
+
+
+def slice_case(z: int) -> str:
+    return f"lits117_z{z:03d}"
+
+
+def slab_folds(training_slabs: list[list[str]]) -> list[dict[str, list[str]]]:
+    """nnU-Net's splits_final.json content: training slabs assigned round-robin to NUM_FOLDS folds, so the slices of
+    one slab are always on the same side of a split."""
+    cases = [case for slab in training_slabs for case in slab]
+    folds = []
+    for fold in range(NUM_FOLDS):
+        validation = [case for index, slab in enumerate(training_slabs) if index % NUM_FOLDS == fold for case in slab]
+        folds.append({"train": [case for case in cases if case not in validation], "val": validation})
+    return folds
+
+
+def _check_slab_request(mode: str, slab: int, gap: int, test_slabs: int) -> None:
+    if mode not in SLAB_DATASET_NAMES:
+        raise ConversionError(f"Unknown mode {mode!r}. Fix: use 'plain' (liver/tumour labels) or 'referring'.")
+    if slab < 1 or gap < 0 or test_slabs < 0:
+        raise ConversionError(f"Slab {slab}, gap {gap}, test slabs {test_slabs}: invalid. Fix: a slab of at least 1 "
+                              f"slice, a gap of at least 0 (default {DEFAULT_GAP}: below 10, neighbouring anatomy "
+                              "reaches across the split) and at least 0 test slabs.")
+
+
+def describe_slabs(slabs: list[list[int]], test_indices: list[int], slab: int, gap: int) -> str:
+    ranges = [f"{slices[0]}-{slices[-1]}" for slices in slabs]
+    test = [ranges[index] for index in test_indices]
+    num_test_slices = sum(len(slabs[index]) for index in test_indices)
+    return (f"Axial slices of ONE LiTS volume (volume 117, as the 128^3 crop in liver-ct-segmentation-package "
+            f"1.6.0) as 2D cases: {len(slabs)} slabs of {slab} consecutive slices (array axis 0, superior -> "
+            f"inferior; slices {', '.join(ranges)}), each slice of a slab at least {MIN_LIVER_FRACTION:.0%} liver, "
+            f"with at least {gap} slices that belong to no case between slabs. Test slabs (imagesTs/labelsTs, "
+            f"{num_test_slices} slices): slices {', '.join(test) or 'none'}; the other "
+            f"{sum(map(len, slabs)) - num_test_slices} slices are training cases, and splits_final.json assigns "
+            f"their slabs round-robin to {NUM_FOLDS} folds, so the slices of one slab are never split between "
+            "training and validation. Tumours reach across slices: a tumour can be seen in training and validation "
+            "or test slabs, at other levels. One patient: scores measure unseen levels of this liver, not other "
+            "patients. No flips. The MRC files store no voxel size or orientation: spacing is SET to 1 mm isotropic "
+            "and the direction to diag(-1, 1, -1) (axis 2 towards the patient's right, axis 1 posterior, axis 0 "
+            "inferior, read off the anatomy); each slice is a one-slice NIfTI image on that grid. LiTS data terms "
+            "apply.")
+
+
+def _write_plain_slabs(folder: Path, slab: int, gap: int, num_test_slabs: int) -> str:
+    """Write the slices of the slabs (imagesTr/labelsTr, test slabs to imagesTs/labelsTs), dataset.json and
+    splits_final.json into folder; returns the description."""
+    image, labels = lits_volume()
+    starts = slab_starts(sitk.GetArrayViewFromImage(labels), slab, gap)
+    if len(starts) - num_test_slabs < NUM_FOLDS:
+        raise ConversionError(f"Only {len(starts)} slabs of {slab} slices with liver fit in the LiTS volume with gaps "
+                              f"of {gap} slices; {num_test_slabs} test slabs leave {len(starts) - num_test_slabs} for "
+                              f"{NUM_FOLDS} folds of at least one validation slab each. Fix: a smaller --slab or "
+                              "--gap, or fewer --test_slabs.")
+    slabs = [list(range(start, start + slab)) for start in starts]
+    test_indices = held_out_slab_indices(len(slabs), num_test_slabs) if num_test_slabs else []
+    for index, slices in enumerate(slabs):
+        split = "Ts" if index in test_indices else "Tr"
+        for z in slices:
+            write_image_atomically(image[:, :, z:z + 1], folder / f"images{split}" / f"{slice_case(z)}_0000.nii.gz")
+            write_image_atomically(labels[:, :, z:z + 1], folder / f"labels{split}" / f"{slice_case(z)}.nii.gz")
+    training_slabs = [[slice_case(z) for z in slices] for index, slices in enumerate(slabs)
+                      if index not in test_indices]
+    write_json_atomically(folder / "splits_final.json", slab_folds(training_slabs))
+    description = describe_slabs(slabs, test_indices, slab, gap)
+    write_json_atomically(folder / "dataset.json", {
+        "channel_names": {"0": "CT"}, "labels": {"background": 0, "liver": LIVER, "tumour": TUMOUR},
+        "numTraining": sum(map(len, training_slabs)), "file_ending": ".nii.gz", "description": description,
+        "reference": "LiTS (Bilic et al., Medical Image Analysis 2023); crop from liver-ct-segmentation-package",
+    })
+    return description
+
+
+def _write_dataset(dataset_id: int, mode: str, name: str, raw_root: str | os.PathLike | None, overwrite: bool,
+                   write_plain: Callable[[Path], str]) -> Path:
+    """The plain dataset that write_plain writes into a folder (it returns the description), published as it is
+    (plain) or through convert_semantic (referring: lesion label tumour, organ liver kept as context)."""
+    root = resolve_raw_root(raw_root)
+    destination = dataset_folder(root, dataset_id, name)
+    replaced = refuse_existing_dataset(root, dataset_id, overwrite)
+    if mode == "plain":
+        with staged_dataset(root, destination, replaced) as staging:
+            write_plain(staging)
+        return destination
+    plain = staging_folder(root, destination)  # the source the referring dataset is made from
+    try:
+        description = write_plain(plain)
+        return convert_semantic(plain, "tumour", "liver", dataset_id, name, raw_root=root, overwrite=overwrite,
+                                source_description=description)
+    finally:
+        shutil.rmtree(plain, ignore_errors=True)
+
+
+def make_lits_slab_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.PathLike | None = None,
+                           slab: int = DEFAULT_SLAB, gap: int = DEFAULT_GAP, test_slabs: int = DEFAULT_TEST_SLABS,
+                           overwrite: bool = False) -> Path:
+    """Write the 2D LiTS dataset (axial slices in slabs, grouped folds in splits_final.json, test slabs in imagesTs)
+    into nnUNet_raw; returns its folder.
+
+    plain: labels background/liver/tumour. referring: through convert_semantic, with expressions relative to the
+    liver in each slice (lobe from that slice's liver, size rank, count, intensity against the liver, no-target) and
+    the liver kept as a context region.
+    """
+    slab, gap, test_slabs = int(slab), int(gap), int(test_slabs)
+    _check_slab_request(mode, slab, gap, test_slabs)
+    return _write_dataset(dataset_id, mode, SLAB_DATASET_NAMES[mode], raw_root, overwrite,
+                          lambda folder: _write_plain_slabs(folder, slab, gap, test_slabs))
+
+
 def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.PathLike | None = None,
                       crop: tuple[int, int, int] = (32, 64, 64), num_cases: int | None = None,
                       overwrite: bool = False) -> Path:
@@ -138,36 +277,47 @@ def make_lits_dataset(dataset_id: int, mode: str = "plain", raw_root: str | os.P
     """
     crop = tuple(int(size) for size in crop)
     _check_request(mode, crop, num_cases)
-    root = resolve_raw_root(raw_root)
-    destination = dataset_folder(root, dataset_id, DATASET_NAMES[mode])
-    replaced = refuse_existing_dataset(root, dataset_id, overwrite)
-    if mode == "plain":
-        with staged_dataset(root, destination, replaced) as staging:
-            _write_plain_blocks(staging, crop, num_cases)
-        return destination
-    blocks = staging_folder(root, destination)  # the plain blocks, the source the referring dataset is made from
-    try:
-        description = _write_plain_blocks(blocks, crop, num_cases)
-        return convert_semantic(blocks, "tumour", "liver", dataset_id, DATASET_NAMES[mode], raw_root=root,
-                                overwrite=overwrite, source_description=description)
-    finally:
-        shutil.rmtree(blocks, ignore_errors=True)
+    return _write_dataset(dataset_id, mode, DATASET_NAMES[mode], raw_root, overwrite,
+                          lambda folder: _write_plain_blocks(folder, crop, num_cases))
 
 
 @console_entry
 def make_lits_entry() -> None:
-    """LSMSv2_make_lits -d ID [--mode plain|referring] [--cases N] [--crop Z Y X] [--overwrite]."""
-    parser = argparse.ArgumentParser(description="Write the LiTS dataset (disjoint blocks of ONE real CT: unseen parts "
-                                                 "of one liver, not other patients) into nnUNet_raw.")
+    """LSMSv2_make_lits -d ID [--mode plain|referring] [--dim 3 [--cases N] [--crop Z Y X] | --dim 2 [--slab N]
+    [--gap G] [--test_slabs K]] [--overwrite]."""
+    parser = argparse.ArgumentParser(description="Write the LiTS dataset (disjoint blocks or slabs of axial slices of "
+                                                 "ONE real CT: unseen parts of one liver, not other patients) into "
+                                                 "nnUNet_raw.")
     parser.add_argument("-d", "--dataset_id", type=int, required=True, help="nnU-Net dataset id (1-999)")
     parser.add_argument("--mode", choices=sorted(DATASET_NAMES), default="plain",
                         help="plain: liver/tumour labels; referring: tumour regions + expressions (default plain)")
+    parser.add_argument("--dim", type=int, choices=(2, 3), default=3,
+                        help="3: disjoint 3D blocks (default); 2: axial slices in slabs with gaps between them, the "
+                             "dataset's own grouped splits_final.json and test slabs in imagesTs")
     parser.add_argument("--cases", type=int, default=None,
-                        help="number of blocks, those with the most liver (default: every block with liver)")
-    parser.add_argument("--crop", type=int, nargs=3, default=(32, 64, 64), metavar=("Z", "Y", "X"),
-                        help="block size in voxels (default 32 64 64)")
+                        help="--dim 3: number of blocks, those with the most liver (default: every block with liver)")
+    parser.add_argument("--crop", type=int, nargs=3, default=None, metavar=("Z", "Y", "X"),
+                        help="--dim 3: block size in voxels (default 32 64 64)")
+    parser.add_argument("--slab", type=int, default=None,
+                        help=f"--dim 2: consecutive slices per slab (default {DEFAULT_SLAB})")
+    parser.add_argument("--gap", type=int, default=None,
+                        help=f"--dim 2: slices between slabs that belong to no case (default {DEFAULT_GAP}; below 10, "
+                             "neighbouring anatomy reaches across the split)")
+    parser.add_argument("--test_slabs", type=int, default=None,
+                        help=f"--dim 2: slabs held out in imagesTs/labelsTs (default {DEFAULT_TEST_SLABS})")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with this id")
     args = parser.parse_args()
-    folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop), num_cases=args.cases,
-                               overwrite=args.overwrite)
+    if args.dim == 3:
+        if any(value is not None for value in (args.slab, args.gap, args.test_slabs)):
+            parser.error("--slab, --gap and --test_slabs apply to --dim 2 only")
+        folder = make_lits_dataset(args.dataset_id, args.mode, crop=tuple(args.crop or (32, 64, 64)),
+                                   num_cases=args.cases, overwrite=args.overwrite)
+    else:
+        if args.cases is not None or args.crop is not None:
+            parser.error("--cases and --crop apply to --dim 3 only (2D cases are slices: use --slab, --gap and "
+                         "--test_slabs)")
+        folder = make_lits_slab_dataset(
+            args.dataset_id, args.mode, slab=DEFAULT_SLAB if args.slab is None else args.slab,
+            gap=DEFAULT_GAP if args.gap is None else args.gap,
+            test_slabs=DEFAULT_TEST_SLABS if args.test_slabs is None else args.test_slabs, overwrite=args.overwrite)
     print(f"Wrote {folder}")

@@ -3,7 +3,8 @@
 Expressions (or label prompts) are validated against the raw dataset, encoded once with the frozen text encoder and
 cached at dataset level (`nnUNet_preprocessed/DatasetXXX/lsms_text/<encoder>/`, never inside a configuration folder,
 where nnU-Net expects one file type only). Re-running encodes only new texts, also after an interrupted run (the cache
-stores shards as it encodes).
+stores shards as it encodes). `LSMSv2_plan_and_preprocess` also brings a raw dataset's own splits_final.json (folds its
+maker grouped) to nnUNet_preprocessed, where every trainer reads its folds.
 """
 from __future__ import annotations
 
@@ -17,12 +18,18 @@ from tqdm import tqdm
 from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
 
+from lsms_nnunet.datasets.geometry import ConversionError, copy_file_atomically
 from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
 from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
 from lsms_nnunet.cli import console_entry
 
 TEXT_FOLDER = "lsms_text"
 DEFAULT_MAX_TOKENS = 32
+SPLITS_FILE = "splits_final.json"
+
+
+class SplitsFileError(ConversionError):
+    """A raw dataset's own splits_final.json that cannot become the folds nnU-Net trains on."""
 
 
 def dataset_folders(dataset_name_or_id: str | int) -> tuple[str, Path, Path]:
@@ -79,6 +86,53 @@ def check_training_images(raw_folder: Path) -> None:
                                 "value) before planning: NaNs would corrupt the intensity normalisation of all cases.")
 
 
+def _is_fold(fold: object) -> bool:
+    return isinstance(fold, dict) and all(isinstance(fold.get(part), list) and
+                                          all(isinstance(case, str) for case in fold[part]) for part in ("train", "val"))
+
+
+def check_dataset_splits(splits: object, path: Path, training_cases: set[str]) -> None:
+    """Refuse a split file that is not nnU-Net's format (a list of {"train": [...], "val": [...]}), names cases the
+    dataset does not train on, or validates a fold on one of its training cases."""
+    fix = ("Fix: write nnU-Net's format, a list of folds {\"train\": [case, ...], \"val\": [case, ...]} naming cases "
+           "of imagesTr, or remove the file to let nnU-Net make its random 5-fold split.")
+    if not isinstance(splits, list) or not splits or not all(map(_is_fold, splits)):
+        raise SplitsFileError(f"{path} is not a list of folds with 'train' and 'val' lists of case names. {fix}")
+    for index, fold in enumerate(splits):
+        unknown = sorted(set(fold["train"] + fold["val"]) - training_cases)
+        if unknown:
+            raise SplitsFileError(f"{path}: fold {index} names {unknown[:5]}, which are not training cases of "
+                                  f"{path.parent} (imagesTr/labelsTr). {fix}")
+        in_both = sorted(set(fold["train"]) & set(fold["val"]))
+        if in_both:
+            raise SplitsFileError(f"{path}: fold {index} trains and validates on {in_both[:5]}. Fix: put each case of "
+                                  "a fold in 'train' or in 'val', not both.")
+
+
+def adopt_dataset_splits(raw_folder: Path, preprocessed_folder: Path) -> None:
+    """Copy the raw dataset's own splits_final.json, if it ships one, into its nnUNet_preprocessed folder, where
+    nnU-Net's and LSMS's trainers and the benchmark read their folds: all of them then train on the folds the dataset's
+    maker grouped (e.g. slabs of neighbouring slices never split between training and validation). A different split
+    already there is refused, never overwritten: trainings may have used it."""
+    source = raw_folder / SPLITS_FILE
+    if not source.is_file():
+        return
+    from nnunetv2.utilities.utils import get_filenames_of_train_images_and_targets
+
+    splits = read_json(source)
+    dataset_json = read_json(raw_folder / "dataset.json")
+    check_dataset_splits(splits, source, set(get_filenames_of_train_images_and_targets(str(raw_folder), dataset_json)))
+    destination = preprocessed_folder / SPLITS_FILE
+    if destination.is_file():
+        if read_json(destination) != splits:
+            raise SplitsFileError(f"{destination} holds other folds than the dataset's own {source}. Fix: delete "
+                                  f"{destination} to train on the dataset's folds (models trained on the old folds "
+                                  f"then no longer match them), or remove {source} to keep the folds in place.")
+        return
+    copy_file_atomically(source, destination)
+    print(f"{raw_folder.name}: the dataset's own {SPLITS_FILE} ({len(splits)} folds) copied to {destination}")
+
+
 NNUNET_DEFAULT_PROCESSES = {"-npfp": 8, "2d": 8, "3d_fullres": 4, "3d_lowres": 8, "other": 4}  # nnU-Net 2.8's
 
 
@@ -123,8 +177,8 @@ def encode_text_entry() -> None:
 def plan_and_preprocess_entry() -> None:
     """`nnUNetv2_plan_and_preprocess` (same flags) followed by the text-encoding step.
 
-    Prompts, labels and image content are checked first so a broken dataset fails before fingerprinting, not after
-    preprocessing.
+    Prompts, labels, image content and the dataset's own splits_final.json (copied to nnUNet_preprocessed) are
+    checked first so a broken dataset fails before fingerprinting, not after preprocessing.
     """
     from nnunetv2.experiment_planning.plan_and_preprocess_entrypoints import plan_and_preprocess_entry as nnunet_entry
 
@@ -133,8 +187,10 @@ def plan_and_preprocess_entry() -> None:
     _add_text_arguments(parser)
     args, nnunet_args = parser.parse_known_args()
     for dataset in args.d:
-        load_prompt_set(dataset_folders(dataset)[1])
-        check_training_images(dataset_folders(dataset)[1])
+        _, raw_folder, text_folder = dataset_folders(dataset)
+        load_prompt_set(raw_folder)
+        check_training_images(raw_folder)
+        adopt_dataset_splits(raw_folder, text_folder.parent)  # the text folder lies in the preprocessed dataset folder
     sys.argv = [sys.argv[0], "-d", *args.d, *nnunet_args, *processes_for_this_machine(nnunet_args)]
     if os.environ.get("nnUNet_n_proc_DA") == "0":
         # nnU-Net's planner estimates VRAM with torch.set_num_threads(nnUNet_n_proc_DA), which 0 crashes; 0 only
