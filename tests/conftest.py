@@ -54,6 +54,26 @@ def run(nnunet_dirs):
     return _run
 
 
+REFERRING_2D, TINY_PLANS = 511, "nnUNetPlans_tiny"
+
+
+@pytest.fixture(scope="session")
+def referring_2d(run, nnunet_dirs) -> dict:
+    """A tiny synthetic 2D referring dataset (5 training and 2 test cases, 64 x 64, held-out wordings), planned,
+    preprocessed, text-encoded and with tiny plans (TINY_PLANS): made once for every module that trains on it. Each
+    module trains its own trainers or plans there, so no module sees another's models."""
+    from lsms_nnunet.planning.variants import make_plans_variant
+
+    run("LSMSv2_make_synthetic", "-d", REFERRING_2D, "--dim", 2, "--cases", 5, "--test_cases", 2, "--shape", 64, 64,
+        "--seed", 3, "--heldout_phrasing")
+    run("LSMSv2_plan_and_preprocess", "-d", REFERRING_2D, "-c", "2d", "-np", 1, "--verify_dataset_integrity",
+        nnUNet_n_proc_DA="0")  # as exported for seeded benchmarks: nnU-Net's own planner would crash on it
+    make_plans_variant(REFERRING_2D, TINY_PLANS, max_features=16, batch_size=2)
+    raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{REFERRING_2D}_*"))
+    return dict(dataset=REFERRING_2D, raw=raw, preprocessed=Path(nnunet_dirs["nnUNet_preprocessed"]) / raw.name,
+                results=Path(nnunet_dirs["nnUNet_results"]) / raw.name)
+
+
 @pytest.fixture(scope="session")
 def run_failing(nnunet_dirs):
     """Run a command that must fail; returns its combined output for checking the message."""

@@ -1,8 +1,11 @@
-"""LSMSv2_benchmark end to end on a tiny synthetic 2D referring dataset (1 epoch x 2 iterations, tiny plans):
-vanilla nnU-Net on merged labels, LSMS and LSMS with constant text; then a re-run that must not retrain."""
+"""LSMSv2_benchmark end to end on the tiny synthetic 2D referring dataset of conftest (1 epoch x 2 iterations, tiny
+plans, a short case-level fit): vanilla nnU-Net on merged labels, LSMS and LSMS with constant text; then a re-run that
+must not retrain."""
+import dataclasses
 import json
 import random
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -11,43 +14,43 @@ import SimpleITK as sitk
 import torch
 
 from lsms_nnunet.benchmark.costs import seconds_per_iteration
-from lsms_nnunet.planning.variants import make_plans_variant
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.stage import STAGE_STATE_KEY, CaseLevelStage
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
-from conftest import assert_scores_follow_from_voxel_counts
+from conftest import REFERRING_2D, TINY_PLANS, assert_scores_follow_from_voxel_counts
 
 pytestmark = pytest.mark.slow  # trains models end to end
 
-DATASET = 518
-PLANS = "nnUNetPlans_tiny"
+DATASET, PLANS = REFERRING_2D, TINY_PLANS
 VARIANTS = ("nnunet_merged", "lsms", "lsms_constant_text")
 TRAINERS = {"nnunet_merged": "nnUNetTrainer_budget_merged", "lsms": "LSMSTrainer_budget",
             "lsms_constant_text": "LSMSTrainer_budget_constant_text"}
 BENCHMARK_ARGS = ("LSMSv2_benchmark", "-d", DATASET, "-c", "2d", "-p", PLANS, "--epochs", 1, "--iterations", 2,
                   "--variants", *VARIANTS, "-device", "cpu")
+CASE_LEVEL_CHANGES = {"fit_steps": 60, "operations_first_steps": 10, "verdict_folds": 2}  # LSMSTrainer_test's fit
 
 
 def _checkpoint_times(results_folder: Path) -> dict:
-    return {str(path): path.stat().st_mtime_ns for path in results_folder.glob("*/fold_0/*.pth")}
+    """The benchmark's checkpoints (other modules train other models on the same dataset)."""
+    return {str(path): path.stat().st_mtime_ns for trainer in TRAINERS.values()
+            for path in (results_folder / f"{trainer}__{PLANS}__2d" / "fold_0").glob("*.pth")}
 
 
 @pytest.fixture(scope="module")
-def benchmarked(run, nnunet_dirs):
-    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test_cases", 1, "--shape", 64, 64,
-        "--seed", 3, "--heldout_phrasing")
-    run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
-    make_plans_variant(DATASET, PLANS, max_features=16, batch_size=2)
-    first = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
-    raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{DATASET}_*"))
-    results_folder = Path(nnunet_dirs["nnUNet_results"]) / raw.name
+def benchmarked(run, referring_2d, tmp_path_factory):
+    case_level_file = tmp_path_factory.mktemp("benchmark_settings") / "case_level.json"
+    case_level_file.write_text(json.dumps(CASE_LEVEL_CHANGES), encoding="utf-8")
+    arguments = (*BENCHMARK_ARGS, "--case_level_settings", case_level_file)
+    first = run(*arguments, nnUNet_n_proc_DA="0")
+    results_folder = referring_2d["results"]
     out = results_folder / f"lsms_benchmark_{PLANS}_2d"
     checkpoints_after_first = _checkpoint_times(results_folder)
     results_after_first = json.loads((out / "results.json").read_text(encoding="utf-8"))
-    second = run(*BENCHMARK_ARGS, nnUNet_n_proc_DA="0")
-    return dict(raw=raw, results_folder=results_folder, out=out, first=first, second=second,
-                checkpoints_after_first=checkpoints_after_first,
-                results_after_first=results_after_first,
-                preprocessed=Path(nnunet_dirs["nnUNet_preprocessed"]) / raw.name)
+    second = run(*arguments, nnUNet_n_proc_DA="0")
+    return dict(raw=referring_2d["raw"], results_folder=results_folder, out=out, first=first, second=second,
+                checkpoints_after_first=checkpoints_after_first, results_after_first=results_after_first,
+                preprocessed=referring_2d["preprocessed"])
 
 
 def _validation_expressions(benchmarked) -> list[dict]:
@@ -59,6 +62,7 @@ def _validation_expressions(benchmarked) -> list[dict]:
 def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
     results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
     assert results["budget"] == {"epochs": 1, "iterations_per_epoch": 2}
+    assert results["case_level_settings"] == CaseLevelSettings(**CASE_LEVEL_CHANGES).to_dict()
     assert results["folds"] == [0]
     assert [v["name"] for v in results["variants"]] == list(VARIANTS)
     expected_expressions = len(_validation_expressions(benchmarked))
@@ -85,6 +89,10 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
         assert cost["probe_seconds_per_iteration"] == pytest.approx(record["probe"]["seconds_per_step"])
         assert cost["patch_size"] == [64, 64]
         assert len(variant["learning_curves"]["0"]["pseudo_dice"]) == 1
+        if variant["name"] != "nnunet_merged":  # an LSMS model: its stage fitted with the benchmark's settings
+            card = checkpoint["network_weights"]["_extra_state"]
+            stage = CaseLevelStage.from_payload(card[STAGE_STATE_KEY], card["text_encoder"]["sha256"], "checkpoint")
+            assert stage.settings == CaseLevelSettings(**CASE_LEVEL_CHANGES)
     ceiling = results["text_blind_ceiling"]
     ceiling_record = json.loads((benchmarked["out"] / "records" / "text_blind_ceiling__fold_0.json")
                                 .read_text(encoding="utf-8"))
@@ -236,7 +244,7 @@ def test_rerun_neither_retrains_nor_remeasures(benchmarked):
     assert not list(benchmarked["out"].rglob("*.tmp"))
 
 
-def test_changed_budget_is_refused_before_any_training(benchmarked):
+def test_changed_budget_or_case_level_settings_are_refused_before_any_training(benchmarked):
     from lsms_nnunet.benchmark.preparation import BenchmarkSetupError, prepare_benchmark
     from lsms_nnunet.benchmark.training_runner import train_variant
     from lsms_nnunet.benchmark.variants import VARIANTS_BY_NAME
@@ -244,6 +252,9 @@ def test_changed_budget_is_refused_before_any_training(benchmarked):
     setup = prepare_benchmark(DATASET, "2d", [0], 3, 2, PLANS, ["lsms"], benchmarked["out"], "cpu")
     with pytest.raises(BenchmarkSetupError, match="--epochs 1 --iterations 2"):
         train_variant(setup, VARIANTS_BY_NAME["lsms"], 0)
+    same_budget = prepare_benchmark(DATASET, "2d", [0], 1, 2, PLANS, ["lsms"], benchmarked["out"], "cpu")
+    with pytest.raises(BenchmarkSetupError, match="fit_steps=60.*Fix: rerun with the --case_level_settings"):
+        train_variant(same_budget, VARIANTS_BY_NAME["lsms"], 0)  # the defaults, not the run's short fit
     assert _checkpoint_times(benchmarked["results_folder"]) == benchmarked["checkpoints_after_first"]
 
 
@@ -325,7 +336,7 @@ def _seed_results(lsms_dice: float, vanilla_lesion_dice: float, size_dice: float
                 "plain_lesion": {"mean_dice": lesion}, "cost": {"seconds_per_iteration_vs_vanilla": 2.0},
                 "referring_per_category": {c: {"mean_dice": d} for c, d in categories.items()}}
     return {"dataset": "Dataset1_x", "configuration": "2d", "plans": "nnUNetPlans", "folds": [0],
-            "budget": {"epochs": 1, "iterations_per_epoch": 2}, "device": "cpu",
+            "budget": {"epochs": 1, "iterations_per_epoch": 2}, "case_level_settings": None, "device": "cpu",
             "text_blind_ceiling": {"mean_dice": 0.5},
             "variants": [variant("nnunet_merged", 0.5, vanilla_lesion_dice, {"size": 0.25}),
                          variant("lsms", lsms_dice, 0.7, {"size": size_dice, "kind": 0.9})]}
@@ -350,7 +361,7 @@ def test_results_over_seeds_report_mean_spread_and_the_ratio_to_vanillas_lesion_
 def test_seeded_setup_trains_in_its_own_folder_with_the_seed_in_the_environment(tmp_path):
     from lsms_nnunet.benchmark.preparation import BenchmarkSetup
     from lsms_nnunet.benchmark.variants import VANILLA
-    from lsms_nnunet.training.variants import BUDGET_SEED_ENV
+    from lsms_nnunet.training.variants import BUDGET_CASE_LEVEL_ENV, BUDGET_SEED_ENV
 
     setup = BenchmarkSetup("Dataset1_x", "2d", "nnUNetPlans", (0,), 1, 2, "cpu", (VANILLA,), tmp_path / "out",
                            tmp_path / "pre", (), tmp_path / "text", ".nii.gz", (), results_root=tmp_path / "results")
@@ -362,6 +373,22 @@ def test_seeded_setup_trains_in_its_own_folder_with_the_seed_in_the_environment(
     assert seeded.training_environment()[BUDGET_SEED_ENV] == "2"
     assert seeded.training_environment()["nnUNet_results"] == str(tmp_path / "out" / "seed_2" / "nnUNet_results")
     assert BUDGET_SEED_ENV not in setup.training_environment()
+    assert BUDGET_CASE_LEVEL_ENV not in setup.training_environment()  # each LSMS trainer's own settings
+    short = dataclasses.replace(setup, case_level_settings=CaseLevelSettings(fit_steps=60))
+    assert json.loads(short.for_seed(2).training_environment()[BUDGET_CASE_LEVEL_ENV]) == \
+        CaseLevelSettings(fit_steps=60).to_dict()
+
+
+def test_unusable_case_level_settings_are_refused_before_any_work(monkeypatch, tmp_path, capsys):
+    from lsms_nnunet.benchmark.benchmark import benchmark_entry
+
+    settings = tmp_path / "case_level.json"
+    settings.write_text('{"fit_stpes": 60}', encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["LSMSv2_benchmark", "-d", "1", "-c", "2d", "--case_level_settings",
+                                      str(settings)])
+    with pytest.raises(SystemExit):
+        benchmark_entry()
+    assert "unknown case-level setting(s) ['fit_stpes']" in capsys.readouterr().err
 
 
 def test_a_budget_seed_makes_the_initial_weights_repeat():

@@ -13,6 +13,9 @@
    (parameters, GFLOPs, seconds per training iteration and per inference, peak memory).
    The text-blind ceiling (a perfect all-lesion mask answering every expression) is scored too, as a reference.
 4. Writes results.json, results.md (one table) and plots.
+   With `--case_level_settings FILE` (a JSON object of CaseLevelSettings fields to change, as for
+   `LSMSv2_fit_case_level --settings`), every LSMS variant fits its case-level stage with those settings (the
+   `*_budget` trainers read LSMS_BUDGET_CASE_LEVEL_SETTINGS), e.g. a short fit for a smoke run of a small budget.
 5. With `--seeds`, all of this once per seed (seeded trainings in `seed_<k>/`), then results_over_seeds.json/.md:
    mean and spread over seeds (seeds.py).
 
@@ -39,6 +42,7 @@ from lsms_nnunet.benchmark.step_profile import merge_profiles
 from lsms_nnunet.benchmark.training_runner import train_variant
 from lsms_nnunet.benchmark.variants import VANILLA, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.evaluation.metrics import aggregate_metrics, per_category_metrics, per_phrasing_metrics
+from lsms_nnunet.selection.settings import CaseLevelSettings, CaseLevelSettingsError
 from text_conditioning.io import write_json_atomically, write_text_atomically
 from lsms_nnunet.cli import console_entry
 
@@ -143,6 +147,7 @@ def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling
         "format": RESULTS_FORMAT, "version": RESULTS_VERSION, "dataset": setup.dataset_name,
         "configuration": setup.configuration, "plans": setup.plans, "folds": list(setup.folds),
         "budget": {"epochs": setup.epochs, "iterations_per_epoch": setup.iterations}, "device": setup.device,
+        "case_level_settings": setup.case_level_settings.to_dict() if setup.case_level_settings else None,
         "splits_file": str(setup.splits_file), "wall_seconds_of_this_run": wall_seconds,
         "text_blind_ceiling": aggregate_metrics(ceiling),
         "text_blind_ceiling_per_category": per_category_metrics(ceiling),
@@ -195,7 +200,7 @@ def run_benchmark_over_seeds(setup: BenchmarkSetup, seeds: Sequence[int]) -> dic
 @console_entry
 def benchmark_entry() -> None:
     """`LSMSv2_benchmark -d ID -c CONFIG [--folds 0 ...] [--epochs E] [--iterations I] [-p PLANS] [--variants ...]
-    [--seeds S ...] [--out DIR] [-device cpu|cuda]`."""
+    [--case_level_settings FILE] [--seeds S ...] [--out DIR] [-device cpu|cuda]`."""
     parser = argparse.ArgumentParser(
         description="Benchmark LSMS against vanilla nnU-Net (all regions merged into one lesion label) on a "
                     "referring dataset: same splits, same budget; accuracy and cost in one table.")
@@ -210,6 +215,10 @@ def benchmark_entry() -> None:
     parser.add_argument("-p", default="nnUNetPlans", help="plans identifier (default nnUNetPlans)")
     parser.add_argument("--variants", nargs="+", default=None, choices=list(VARIANTS_BY_NAME),
                         help="variants to run (default: all)")
+    parser.add_argument("--case_level_settings", metavar="FILE", default=None,
+                        help="JSON file of CaseLevelSettings fields to change, as for LSMSv2_fit_case_level "
+                             "--settings: every LSMS variant fits its case-level stage with them (recorded in "
+                             "results.json; default: the trainers' own settings)")
     parser.add_argument("--seeds", nargs="+", type=int, default=None,
                         help="repeat everything once per seed (seeded trainings, each in seed_<k>/ of the output "
                              "folder) and report mean and spread over seeds (default: one unseeded run)")
@@ -218,8 +227,12 @@ def benchmark_entry() -> None:
     parser.add_argument("-device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu",
                         help="device for training and measurements (default: cuda when available)")
     args = parser.parse_args()
+    try:
+        case_level = CaseLevelSettings.from_json_file(args.case_level_settings) if args.case_level_settings else None
+    except CaseLevelSettingsError as error:
+        parser.error(f"--case_level_settings {error}")
     setup = prepare_benchmark(args.d, args.c, args.folds, args.epochs, args.iterations, args.p, args.variants,
-                              args.out, args.device)
+                              args.out, args.device, case_level)
     if args.seeds is None:
         run_benchmark(setup)
     elif len(set(args.seeds)) != len(args.seeds) or min(args.seeds) < 0:

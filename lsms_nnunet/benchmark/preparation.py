@@ -15,7 +15,9 @@ import torch
 from lsms_nnunet.benchmark.variants import VARIANTS, VARIANTS_BY_NAME, Variant
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.prompts import REFERRING, context_labels, read_prompt_set
-from lsms_nnunet.training.variants import BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV
+from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.training.variants import (BUDGET_CASE_LEVEL_ENV, BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV,
+                                           BUDGET_SEED_ENV)
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import HELDOUT_EXPRESSIONS_FILE, Expression, ExpressionsError, load_expressions
 from text_conditioning.io import write_json_atomically
@@ -53,6 +55,7 @@ class BenchmarkSetup:
     results_root: Path  # nnUNet_results, or a seed's own copy of the layout inside the output folder
     heldout_expressions: tuple[Expression, ...] = ()
     seed: int | None = None  # None: nnU-Net's unseeded training in nnUNet_results
+    case_level_settings: CaseLevelSettings | None = None  # None: each LSMS trainer's own
 
     def for_seed(self, seed: int) -> BenchmarkSetup:
         """The same benchmark as one seeded repetition: its models and measurements in `seed_<seed>/`."""
@@ -105,6 +108,9 @@ class BenchmarkSetup:
                        "nnUNet_results": str(self.results_root)}
         if self.seed is not None:
             environment[BUDGET_SEED_ENV] = str(self.seed)
+        environment.pop(BUDGET_CASE_LEVEL_ENV, None)  # only what results.json records
+        if self.case_level_settings is not None:
+            environment[BUDGET_CASE_LEVEL_ENV] = json.dumps(self.case_level_settings.to_dict())
         return environment
 
 
@@ -114,7 +120,8 @@ def say(message: str) -> None:
 
 def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[int], epochs: int, iterations: int,
                       plans: str = "nnUNetPlans", variants: Sequence[str] | None = None,
-                      output_folder: str | os.PathLike | None = None, device: str = "cpu") -> BenchmarkSetup:
+                      output_folder: str | os.PathLike | None = None, device: str = "cpu",
+                      case_level_settings: CaseLevelSettings | None = None) -> BenchmarkSetup:
     """Check the dataset and options (clear error naming the fix) and make the splits file when it is missing."""
     from nnunetv2.paths import nnUNet_preprocessed, nnUNet_raw, nnUNet_results
     from nnunetv2.utilities.dataset_name_id_conversion import maybe_convert_to_dataset_name
@@ -190,7 +197,7 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
                           expressions=tuple(prompt_set.expressions),
                           text_cache_folder=preprocessed_folder / TEXT_FOLDER / EncoderIdentity.from_dict(encoder).slug,
                           file_ending=dataset_json["file_ending"], splits=tuple(splits), results_root=Path(nnUNet_results),
-                          heldout_expressions=heldout)
+                          heldout_expressions=heldout, case_level_settings=case_level_settings)
 
 
 def read_heldout_expressions(raw_folder: Path, known_cases: set[str]) -> tuple[Expression, ...]:

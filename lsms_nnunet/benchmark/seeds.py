@@ -55,7 +55,8 @@ def combine_seeds(seeds: Sequence[int], results: Sequence[dict]) -> dict:
     vanilla = [variants[VANILLA.name] for variants in by_name] if VANILLA.name in names else None
     return {
         "format": SEEDS_FORMAT, "version": SEEDS_VERSION, "seeds": list(seeds),
-        **{key: results[0][key] for key in ("dataset", "configuration", "plans", "folds", "budget", "device")},
+        **{key: results[0][key] for key in ("dataset", "configuration", "plans", "folds", "budget",
+                                            "case_level_settings", "device")},
         "text_blind_ceiling_mean_dice": results[0]["text_blind_ceiling"]["mean_dice"],
         "variants": [_variant_over_seeds(name, [variants[name] for variants in by_name], vanilla) for name in names],
     }

@@ -1,6 +1,7 @@
 """Benchmark step 2: train each variant and fold with the stock `nnUNetv2_train` in a subprocess, at the shared budget.
 
-Resumable: a finished training is never redone or touched, an interrupted one continues with `--c`.
+Resumable: a finished training is never redone or touched, an interrupted one continues with `--c`; one started with
+another budget or other case-level settings is refused, so one table never mixes them.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from tqdm import tqdm
 
 from lsms_nnunet.benchmark.preparation import BenchmarkSetup, BenchmarkSetupError, say
 from lsms_nnunet.benchmark.variants import Variant
+from lsms_nnunet.selection.settings import CaseLevelSettings
 
 
 PROGRESS_POLL_SECONDS = 2.0
@@ -46,6 +48,16 @@ def check_budget(setup: BenchmarkSetup, fold_folder: Path) -> None:
             f"{fold_folder} was trained with a budget of {budget[0]} epochs x {budget[1]} iterations, but this run "
             f"asks for {setup.epochs} x {setup.iterations}; results would mix budgets. Fix: rerun with --epochs "
             f"{budget[0]} --iterations {budget[1]}, or move {fold_folder.parent} away to retrain.")
+    # nnU-Net's debug.json holds the trainer's attributes as text, an LSMS trainer's case-level settings among them
+    debug_file = fold_folder / "debug.json"
+    recorded = json.loads(debug_file.read_text(encoding="utf-8")).get("case_level_settings") \
+        if debug_file.is_file() else None
+    asked = setup.case_level_settings or CaseLevelSettings()  # the budget trainers' own: the defaults
+    if recorded is not None and recorded != repr(asked):
+        raise BenchmarkSetupError(
+            f"{fold_folder} fits its case-level stage with {recorded}, but this run asks for {asked}; results would "
+            f"mix settings. Fix: rerun with the --case_level_settings of that run (none: the defaults), or move "
+            f"{fold_folder.parent} away to retrain.")
 
 
 def resume_flags(fold_folder: Path) -> tuple[list[str], str]:

@@ -6,10 +6,14 @@
 - `*_budget`: the benchmark's equal-budget runs; epochs and iterations come from LSMS_BUDGET_EPOCHS and
   LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget;
   LSMS_BUDGET_SEED, when set, seeds Python's, NumPy's and PyTorch's generators first (`LSMSv2_benchmark --seeds`:
-  the initial weights and, with in-process augmentation (nnUNet_n_proc_DA=0), the batches repeat).
+  the initial weights and, with in-process augmentation (nnUNet_n_proc_DA=0), the batches repeat);
+  LSMS_BUDGET_CASE_LEVEL_SETTINGS, when set, holds the CaseLevelSettings (a JSON object) that the LSMS budget
+  trainers fit their case-level stage with (`LSMSv2_benchmark --case_level_settings FILE`: the same for every
+  variant, e.g. a short fit for a smoke run).
 - `LSMSTrainer_budget_<ablation>`: one per entry of `ABLATIONS` (network/config.py), generated; and the
   constant-text control.
 """
+import json
 import os
 import random
 
@@ -23,8 +27,8 @@ from lsms_nnunet.preprocessing.prompts import context_labels
 from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.training.lsms_trainer import LSMSTrainer
 
-BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV = \
-    "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS", "LSMS_BUDGET_SEED"
+BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV, BUDGET_CASE_LEVEL_ENV = \
+    "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS", "LSMS_BUDGET_SEED", "LSMS_BUDGET_CASE_LEVEL_SETTINGS"
 
 
 def seed_everything(seed: int) -> None:
@@ -83,7 +87,12 @@ class nnUNetTrainer_quick(_QuickBudget, nnUNetTrainer):
 
 
 class LSMSTrainer_budget(_EnvironmentBudget, LSMSTrainer):
-    pass
+    def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
+                 device: torch.device = torch.device("cuda")):
+        super().__init__(plans, configuration, fold, dataset_json, device)
+        if os.environ.get(BUDGET_CASE_LEVEL_ENV):
+            self.case_level_settings = CaseLevelSettings.from_dict(json.loads(os.environ[BUDGET_CASE_LEVEL_ENV]),
+                                                                   BUDGET_CASE_LEVEL_ENV)
 
 
 class nnUNetTrainer_budget(_EnvironmentBudget, nnUNetTrainer):
