@@ -15,7 +15,7 @@ from skimage.segmentation import watershed
 from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
-from lsms_nnunet.selection.candidates import (INTENSITY_FEATURES, describe_candidates, find_candidates,
+from lsms_nnunet.selection.candidates import (INTENSITY_FEATURES, FindingAnswer, describe_candidates, find_candidates,
                                               referred_fraction)
 from lsms_nnunet.selection.evidence import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
                                             selection_examples, verdict_expressions)
@@ -252,7 +252,7 @@ def test_the_stage_answers_with_whole_finding_components():
     words = [np.stack([WORD_VECTORS[w] for w in t.split()]) for t in texts]
     encoded = EncodedTexts(tokens=np.stack(words), mask=np.ones((2, 3), dtype=bool),
                            pooled=np.stack([w.mean(0) for w in words]), truncated=0)
-    answers = _stage([selector]).apply(finding, data, texts, TextFeatures(texts, encoded), (1.0, 1.0))
+    answers = _stage([selector]).apply(FindingAnswer(finding), data, texts, TextFeatures(texts, encoded), (1.0, 1.0))
     largest, smallest = (answers > 0).numpy()
     assert largest[0, 2:12, 2:12].all() and largest.sum() == 100
     assert smallest[0, 20:25, 20:25].all() and smallest.sum() == 25
@@ -277,7 +277,7 @@ def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "other")
     earlier_version = {**stage.to_payload(), "version": 1}
     torch.save(earlier_version, tmp_path / STAGE_FILE)
-    with pytest.raises(CaseLevelStageError, match=r"no case-level stage of version 2/3\. Fix: .*LSMSv2_fit_case_level"):
+    with pytest.raises(CaseLevelStageError, match=r"no case-level stage of version 2/3/4\. Fix: .*LSMSv2_fit_case_level"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
     unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
     with pytest.raises(ValueError, match="unknown case-level setting.*logit_cieling"):
@@ -309,7 +309,7 @@ def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
     assert stage.settings == CaseLevelSettings() and len(stage.selectors) == 3 and stage.answers
     tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
     encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)
-    answer = stage.apply(reference["finding_logits"], reference["data"], reference["texts"],
+    answer = stage.apply(FindingAnswer(reference["finding_logits"]), reference["data"], reference["texts"],
                          TextFeatures(reference["texts"], encoded), reference["spacing"])
     assert torch.equal(answer, reference["answer_logits"])
     assert len({tuple((answer[i] > 0).flatten().tolist()) for i in range(len(answer))}) >= 4  # answers differ
@@ -412,7 +412,7 @@ def test_selector_fits_on_the_true_lesions_and_on_the_networks_answer():
     dataset = _OneCaseDataset(data, region_map)
 
     true_lesions, answered = selection_examples(dataset, ["case"], expressions, features, (1.0, 1.0),
-                                                finding_logits=lambda _: found)
+                                                network_finding=lambda _: FindingAnswer(found))
     assert sorted(true_lesions.volumes) == [16, 36] and true_lesions.referred.sum() == 1
     assert true_lesions.referred[np.argmax(true_lesions.volumes)]
     assert sorted(answered.volumes) == [9, 18] and answered.referred.tolist() == [True, False]
@@ -476,7 +476,7 @@ def test_the_verdict_keeps_the_case_level_step_only_where_it_answers_better():
 
     def verdict(network_answer):
         evidence = case_evidence(dataset, sorted(cases), expressions, features, (1.0, 1.0),
-                                 finding_logits=lambda _: finding[dataset.current],
+                                 network_finding=lambda _: FindingAnswer(finding[dataset.current]),
                                  network_alone_logits=lambda data, texts: np.stack(
                                      [network_answer(data) for _ in texts]))
         return cross_validated_verdict(evidence, CaseLevelSettings(verdict_folds=2), log=lambda *_: None)

@@ -152,3 +152,18 @@ def test_all_lesions_channel_holds_every_region_beside_the_referred_one():
     target = loader.generate_train_batch()["target"]
     assert target.shape == (2, 2, 64, 64)
     assert [int((target[:, c] == 1).sum()) for c in (0, 1)] == [2 * 16, 2 * 32]
+
+
+def test_anatomy_channel_holds_the_context_regions_in_their_declared_order():
+    """The anatomy head's target: a last channel with context ids mapped to 1..K (here id 9 -> 2, id 7 -> 1),
+    lesions and background 0, the outside-of-mask marker kept."""
+    region_map = _region_map()
+    region_map[0, 0, 30:40, 30:40] = 9
+    region_map[0, 0, 40:44, 0:10] = 7
+    view = ReferredSegmentation(region_map, [2], all_lesions=True, context_ids=(7, 9), anatomy=True)
+    assert view.shape == (3, 1, 64, 64)
+    crop = view[(slice(None), slice(None), slice(0, 64), slice(0, 64))]
+    anatomy = crop[2, 0]
+    assert (anatomy[30:40, 30:40] == 2).all() and (anatomy[40:44, 0:10] == 1).all()
+    assert int((anatomy > 0).sum()) == 100 + 40 and anatomy[0, 0] == -1
+    assert int((crop[1, 0] == 1).sum()) == 32  # the lesions channel ignores the organs

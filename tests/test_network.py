@@ -106,11 +106,12 @@ def test_ablations_switch_exactly_their_flag():
                         "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False},
                         "no_case_selection": {"case_selection": False}, "no_finding_head": {"finding_head": False},
-                        "case_position": {"case_position": True}}
+                        "case_position": {"case_position": True}, "no_anatomy_head": {"anatomy_regions": 0}}
     assert set(ABLATIONS) == set(expected_changes)
+    with_anatomy = dataclasses.replace(TINY, anatomy_regions=2)  # as the trainer sets it for a dataset with context
     for name, changes in expected_changes.items():
-        ablated = TINY.with_ablation(name).to_dict()
-        assert {key: value for key, value in ablated.items() if TINY.to_dict()[key] != value} == changes
+        ablated = with_anatomy.with_ablation(name).to_dict()
+        assert {key: value for key, value in ablated.items() if with_anatomy.to_dict()[key] != value} == changes
     with pytest.raises(ValueError, match="no_svla"):
         TINY.with_ablation("no_svla")
 
@@ -553,3 +554,46 @@ def test_loss_adds_the_finding_heads_dice_and_ce_against_all_lesions():
     assert torch.allclose(total, expected)
     network.eval()
     assert torch.allclose(loss(output, targets), segmentation_loss(output, [t[:, :1] for t in targets]))
+
+
+# --- anatomy head -----------------------------------------------------------------------------------------------
+def test_anatomy_head_outputs_its_regions_beside_every_level_and_after_the_finding_answer():
+    """With K context regions, a text-free (1 + K)-class output at every deep-supervision level; a bound finding
+    prompt appends its full-resolution logits after the all-lesion logit (what the predictor's finding pass reads)."""
+    network = _promptable(dataclasses.replace(TINY, anatomy_regions=2)).eval()
+    x, (tokens, mask) = image(2), random_text(1, 0)
+    with torch.no_grad():
+        logits, aux = network(x, tokens.expand(2, -1, -1), mask.expand(2, -1), return_aux=True)
+        network.bind_finding(tokens, mask)
+        finding = network(x)
+    assert [a.shape for a in aux["anatomy_logits"]] == [(2, 3, *level.shape[2:]) for level in logits]
+    assert finding.shape == (2, 2 + 3, *patch_shape(2))
+    assert torch.allclose(finding[:, 2:], aux["anatomy_logits"][0], atol=1e-5)
+    without = _promptable(TINY).eval()
+    with torch.no_grad():
+        without.bind_finding(tokens, mask)
+        assert without(x).shape == (2, 2, *patch_shape(2))
+    assert not hasattr(without, "anatomy_heads")
+
+
+def test_loss_adds_the_anatomy_heads_dice_and_ce_against_the_context_channel():
+    """LSMSLoss reads the loader's last target channel (context regions 0..K) for the anatomy head's outputs."""
+    from lsms_nnunet.training.lsms_trainer import LSMSLoss
+
+    network = _promptable(dataclasses.replace(TINY, contrastive=False, anatomy_regions=2)).train()
+    segmentation_loss = DeepSupervisionWrapper(
+        DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
+                       dice_class=MemoryEfficientSoftDiceLoss), [1.0, 0.5, 0.25])
+    loss = LSMSLoss(segmentation_loss, None, network)
+    target = torch.zeros(2, 3, *patch_shape(2))
+    target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
+    target[:, 1, 2:9, 3:10] = 1                       # all lesions
+    target[:, 2, :, :16], target[:, 2, :, 40:] = 1, 2  # two organs
+    network.bind_batch_text(*random_text(2, 0))
+    output = network(image(2))
+    aux = network.last_aux
+    targets = [F.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in output]
+    expected = segmentation_loss(output, [t[:, :1] for t in targets]) + \
+        segmentation_loss(aux["finding_logits"], [t[:, 1:2] for t in targets]) + \
+        segmentation_loss(aux["anatomy_logits"], [t[:, 2:] for t in targets])
+    assert torch.allclose(loss(output, targets), expected)

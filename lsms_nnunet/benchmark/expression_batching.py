@@ -63,6 +63,8 @@ def expression_benchmark_parser(description: str, default_counts: list[int]) -> 
     parser.add_argument("-E", nargs="+", type=int, default=default_counts,
                         help=f"Numbers of expressions (default {' '.join(map(str, default_counts))}).")
     parser.add_argument("-device", default="cpu")
+    parser.add_argument("-step_size", type=float, default=0.5,
+                        help="Sliding-window step as a fraction of the patch (nnUNetv2_predict's -step_size).")
     return parser
 
 
@@ -87,7 +89,7 @@ def benchmark_expressions_entry() -> None:
     args = parser.parse_args()
 
     name, model, image = benchmarked_model_and_image(args)
-    predictor = LSMSPredictor(tile_step_size=0.5, use_mirroring=True, device=torch.device(args.device),
+    predictor = LSMSPredictor(tile_step_size=args.step_size, use_mirroring=True, device=torch.device(args.device),
                               allow_tqdm=False)
     predictor.initialize_from_trained_model_folder(str(model), [f if f == "all" else int(f) for f in args.f])
     predictor.expression_batch_size = args.expression_batch

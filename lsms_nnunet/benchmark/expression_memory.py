@@ -24,18 +24,19 @@ from lsms_nnunet.cli import console_entry
 TEXTS_PER_ENCODING = 1024
 
 
-def _predictor(model: Path, folds: list[str], device: str):
+def _predictor(model: Path, args: argparse.Namespace):
     import torch
 
     import lsms_nnunet_ext_hook  # noqa: F401
     from lsms_nnunet.inference.predictor import LSMSPredictor
 
-    predictor = LSMSPredictor(tile_step_size=0.5, use_mirroring=False, device=torch.device(device), allow_tqdm=False)
-    predictor.initialize_from_trained_model_folder(str(model), [f if f == "all" else int(f) for f in folds])
+    predictor = LSMSPredictor(tile_step_size=args.step_size, use_mirroring=False, device=torch.device(args.device),
+                              allow_tqdm=False)
+    predictor.initialize_from_trained_model_folder(str(model), [f if f == "all" else int(f) for f in args.f])
     return predictor
 
 
-def _answer(model: Path, folds: list[str], device: str, image: Path, count: int, workdir: Path) -> dict:
+def _answer(model: Path, args: argparse.Namespace, image: Path, count: int, workdir: Path) -> dict:
     """Answer `count` expressions of `image` in this process; its peak RSS in MB."""
     images, output = workdir / "images", workdir / "masks"
     images.mkdir(parents=True)
@@ -44,21 +45,21 @@ def _answer(model: Path, folds: list[str], device: str, image: Path, count: int,
     (images / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
         {"id": f"{case}-q{i}", "case": case, "text": text} for i, text in enumerate(expression_texts(count))]}),
         encoding="utf-8")
-    predictor = _predictor(model, folds, device)
+    predictor = _predictor(model, args)
     predictor.predict_from_files_sequential(str(images), str(output))
     masks = len(list(output.glob(f"*{predictor.dataset_json['file_ending']}")))
     return {"expressions": count, "masks": masks,
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
-def _encode_first(model: Path, folds: list[str], device: str, count: int) -> None:
+def _encode_first(model: Path, args: argparse.Namespace, count: int) -> None:
     """Encode the texts into the user's text cache, so that the measured processes only read them."""
     from tqdm import tqdm
 
     from text_conditioning.encoders import EncoderIdentity
     from text_conditioning.model_texts import encode_texts
 
-    identity = EncoderIdentity.from_dict(_predictor(model, folds, device).model_card["text_encoder"])
+    identity = EncoderIdentity.from_dict(_predictor(model, args).model_card["text_encoder"])
     texts = expression_texts(count)
     for start in tqdm(range(0, count, TEXTS_PER_ENCODING), desc="Encoding the texts", unit="chunk"):
         encode_texts(texts[start:start + TEXTS_PER_ENCODING], identity)
@@ -73,10 +74,9 @@ def benchmark_expression_memory_entry() -> None:
 
     name, model, image = benchmarked_model_and_image(args)
     if args.answer_in_this_process is not None:
-        print(json.dumps(_answer(model, args.f, args.device, Path(image), args.answer_in_this_process,
-                                 Path(args.workdir))))
+        print(json.dumps(_answer(model, args, Path(image), args.answer_in_this_process, Path(args.workdir))))
         return
-    _encode_first(model, args.f, args.device, max(args.E))
+    _encode_first(model, args, max(args.E))
     rows = []
     for count in sorted(args.E):
         with tempfile.TemporaryDirectory() as workdir:
@@ -86,7 +86,8 @@ def benchmark_expression_memory_entry() -> None:
         if result.returncode != 0:
             raise SystemExit(f"Answering {count} expressions failed:\n{result.stderr[-3000:]}")
         rows.append(json.loads(result.stdout.strip().splitlines()[-1]))
-    print(f"\n{name} {args.c} {args.tr}, folds {args.f}, device {args.device}, image {Path(image).name}")
+    print(f"\n{name} {args.c} {args.tr}, folds {args.f}, device {args.device}, step size {args.step_size}, "
+          f"image {Path(image).name}")
     print("| E | masks written | peak RSS MB | ratio to E = " f"{rows[0]['expressions']} |")
     print("|---|---|---|---|")
     for row in rows:

@@ -44,6 +44,7 @@ from lsms_nnunet.network.case_position import with_case_position
 from lsms_nnunet.network.prompting import PromptableLSMSNet
 from lsms_nnunet.preprocessing.orientation import canonical_flip_axes, flip_spatial
 from lsms_nnunet.preprocessing.prompts import EXPRESSIONS_FILE, FINDING_TEXT, PLAIN
+from lsms_nnunet.selection.candidates import FindingAnswer
 from lsms_nnunet.selection.evidence import TextFeatures
 from lsms_nnunet.selection.stage import CaseLevelStage
 from lsms_nnunet.worker_lifetime import preprocessing_workers_die_with_parent
@@ -182,7 +183,7 @@ class LSMSPredictor(nnUNetPredictor):
         asked = _maybe_constant(self.model_card, texts)
         image = None
         if self.case_level is not None and self.case_level.answers:
-            image = self.case_level.read_image(self.predict_finding_logits(data, cache_folder), data,
+            image = self.case_level.read_image(self.predict_finding(data, cache_folder), data,
                                                self.configuration_manager.spacing)
         for chunk in self.expression_chunks(len(asked), data[0].numel()):
             chunk_texts = asked[chunk]
@@ -219,17 +220,21 @@ class LSMSPredictor(nnUNetPredictor):
                                                self.dataset_json["file_ending"], save_probabilities)
         return written
 
-    def predict_finding_logits(self, data: torch.Tensor, cache_folder: Path | None = None) -> torch.Tensor:
-        """All-lesion logits [*spatial] of one preprocessed image, the case selector's candidates: the finding
-        head's answer (the finding prompt bound), or for networks without one the answer to the finding prompt."""
+    def predict_finding(self, data: torch.Tensor, cache_folder: Path | None = None) -> FindingAnswer:
+        """The network's text-free answers on one preprocessed image, the case-level stage's input: all-lesion logits
+        [*spatial] (the finding head's answer, the finding prompt bound; for networks without one the answer to the
+        finding prompt) and, from a network with an anatomy output, its context-region map (0..K)."""
         identity = EncoderIdentity.from_dict(self.model_card["text_encoder"])
         encoded = encode_texts(_maybe_constant(self.model_card, [FINDING_TEXT]), identity, cache_folder,
                                self.request.text_encoder_source)
         tokens, mask = torch.from_numpy(encoded.tokens), torch.from_numpy(encoded.mask)
-        if not self.network.config.finding_head:
-            return self._sliding_window_prompt_logits(data, tokens, mask)[0]
+        config = self.network.config
+        if not config.finding_head:
+            return FindingAnswer(self._sliding_window_prompt_logits(data, tokens, mask)[0])
         self.network.bind_finding(tokens, mask)
-        return self._sliding_window_bound(data, 1)[0]
+        logits = self._sliding_window_bound(data, 1 + (1 + config.anatomy_regions if config.anatomy_regions else 0))
+        anatomy = logits[1:].argmax(0).to(torch.int16).numpy() if config.anatomy_regions else None
+        return FindingAnswer(logits[0], anatomy)
 
     def _sliding_window_prompt_logits(self, data: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor
                                       ) -> torch.Tensor:

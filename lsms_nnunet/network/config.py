@@ -26,6 +26,8 @@ ABLATIONS: dict[str, dict] = {
     # gave, and the case-level stage already places candidates in the whole case (docs/decisions.md).
     "case_position": {"case_position": True},
     "no_finding_head": {"finding_head": False},
+    # Candidates placed in the case rather than in their organs (datasets with context regions only).
+    "no_anatomy_head": {"anatomy_regions": 0},
 }
 
 #: What the model cards of older versions implied for settings added since: loading such a checkpoint rebuilds
@@ -104,6 +106,11 @@ class LSMSConfig:
     #: candidates. Without it the candidates come from the finding prompt, which is one draw in ~8 and segmented
     #: lesions less well than vanilla nnU-Net at the same budget (docs/decisions.md).
     finding_head: bool = True
+    #: Referring tasks with context regions (dataset.json `lsms_context`, e.g. the liver): a text-free output beside
+    #: every deep-supervision head that segments these K regions (background + K classes), trained on every sample.
+    #: Its answer places each candidate in its organ at the case-level stage (selection/anatomy.py), so prediction
+    #: needs no organ mask. Set by the trainer from the dataset; 0 = no anatomy output.
+    anatomy_regions: int = 0
 
     def __post_init__(self) -> None:
         for name in ("text_dim", "max_tokens", "attention_dim", "num_heads", "fsd_channels_per_scale",
@@ -111,7 +118,7 @@ class LSMSConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"LSMSConfig.{name} must be a positive integer, got {value!r}.")
-        for name in ("svla_first_stage", "contrastive_level"):
+        for name in ("svla_first_stage", "contrastive_level", "anatomy_regions"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"LSMSConfig.{name} must be an integer >= 0, got {value!r}.")

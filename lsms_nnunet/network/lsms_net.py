@@ -68,12 +68,11 @@ class LSMSNet(nn.Module):
             self.decoder.seg_layers = nn.ModuleList(TextConditionedHead(layer, config.attention_dim,
                                                                         position_channels)
                                                     for layer in self.decoder.seg_layers)
+        self._side_logits: dict[str, list[torch.Tensor]] = {}
         if config.finding_head:  # text-free all-lesion output beside every deep-supervision head
-            self.finding_heads = nn.ModuleList(conv_op(getattr(layer, "static", layer).in_channels, 2, 1)
-                                               for layer in self.decoder.seg_layers)
-            self._finding_logits: list[torch.Tensor] = []
-            for head, layer in zip(self.finding_heads, self.decoder.seg_layers):
-                layer.register_forward_hook(self._finding_hook(head))
+            self.finding_heads = self._side_heads("finding_logits", 2, conv_op)
+        if config.anatomy_regions:  # text-free context regions (anatomy) beside every deep-supervision head
+            self.anatomy_heads = self._side_heads("anatomy_logits", 1 + config.anatomy_regions, conv_op)
         if config.contrastive:
             self.voxel_projection = conv_op(encoder.output_channels[0], config.contrastive_dim, 1)
             self.sentence_projection = nn.Linear(config.attention_dim, config.contrastive_dim)
@@ -91,10 +90,19 @@ class LSMSNet(nn.Module):
             if id(module) not in encoder_modules:
                 initialize(module)
 
-    def _finding_hook(self, head: nn.Module):
-        def keep_finding_logits(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
-            self._finding_logits.append(head(inputs[0]))
-        return keep_finding_logits
+    def _side_heads(self, name: str, classes: int, conv_op) -> nn.ModuleList:
+        """Text-free 1x1 heads reading what each decoder output head reads; their logits are kept under `name`."""
+        heads = nn.ModuleList(conv_op(getattr(layer, "static", layer).in_channels, classes, 1)
+                              for layer in self.decoder.seg_layers)
+        self._side_logits[name] = []
+        for head, layer in zip(heads, self.decoder.seg_layers):
+            layer.register_forward_hook(self._side_hook(name, head))
+        return heads
+
+    def _side_hook(self, name: str, head: nn.Module):
+        def keep_side_logits(module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+            self._side_logits[name].append(head(inputs[0]))
+        return keep_side_logits
 
     def _keep_highest_resolution_features(self, module: nn.Module, inputs: tuple, output: torch.Tensor) -> None:
         self._decoder_features["highest_resolution"] = output
@@ -108,6 +116,7 @@ class LSMSNet(nn.Module):
         Returns the decoder's logits (a list, highest resolution first, under deep supervision) and, with
         return_aux, also a dict with what the losses and the predictor read: "existence_logit" [B] (existence
         head), "finding_logits" (finding head: 2-class all-lesion logits, a list like the decoder's),
+        "anatomy_logits" (anatomy head: 1 + K context-region logits, a list like the decoder's),
         "voxel_embedding" (at the resolution of deep-supervision level config.contrastive_level),
         "sentence_embedding", "logit_scale" (contrastive projection heads; skipped with contrastive_aux=False, as
         prediction does: they serve the training loss only).
@@ -137,9 +146,9 @@ class LSMSNet(nn.Module):
             if existence is not None:
                 aux["existence_logit"] = existence
         logits = self._decode(skips, prompt)
-        if self.config.finding_head:
-            finding, self._finding_logits = self._finding_logits[::-1], []  # highest resolution first, as the decoder
-            aux["finding_logits"] = finding if isinstance(logits, (list, tuple)) else finding[0]
+        for name, kept in self._side_logits.items():
+            side, self._side_logits[name] = kept[::-1], []  # highest resolution first, as the decoder
+            aux[name] = side if isinstance(logits, (list, tuple)) else side[0]
         if self.config.contrastive:
             features = self._decoder_features.pop("highest_resolution")
             if return_aux and contrastive_aux:

@@ -12,8 +12,9 @@ code paths (training step, deep supervision, sliding window, mirroring, fold ave
   (K+1)-class logit map; for referring inference each channel thresholded at 0 is one expression's mask. With an
   existence output, the strongest "it is here" per prompt over the image's patches is kept in `case_existence`
   (reset by `start_case`) for the predictor's per-image decision.
-- `bind_finding(tokens, mask)`: like `bind_prompts`, but each channel is the text-free finding head's all-lesion
-  logit (computed with that prompt bound; the predictor binds the finding prompt): the case selector's candidates.
+- `bind_finding(tokens, mask)`: like `bind_prompts` with one prompt, but channel 1 is the text-free finding head's
+  all-lesion logit (computed with that prompt bound; the predictor binds the finding prompt): the case selector's
+  candidates; a network with an anatomy output appends its 1 + K context-region logits (channels 2..).
 
 The model card (task mode, text-encoder identity, network settings, label prompts) travels in the state dict as
 PyTorch "extra state", so every nnU-Net checkpoint carries it without changing nnU-Net's checkpoint code, and
@@ -87,7 +88,11 @@ class PromptableLSMSNet(LSMSNet):
             self._record_existence(aux["existence_logit"].reshape(batch, prompts).amax(dim=0))
         target_vs_background = (logits[:, 1] - logits[:, 0]).reshape(batch, prompts, *logits.shape[2:])
         background = torch.zeros_like(target_vs_background[:, :1])
-        return torch.cat((background, target_vs_background), dim=1)
+        anatomy = aux.get("anatomy_logits") if finding else None
+        if anatomy is None:
+            return torch.cat((background, target_vs_background), dim=1)
+        anatomy = anatomy[0] if isinstance(anatomy, (list, tuple)) else anatomy
+        return torch.cat((background, target_vs_background, anatomy.reshape(batch, -1, *anatomy.shape[2:])), dim=1)
 
     def start_case(self) -> None:
         """Forget the existence evidence of the previous image (the predictor calls this before each image)."""

@@ -51,6 +51,15 @@ def lesion_voxels(region_map: np.ndarray, context_ids: Sequence[int] = ()) -> np
     return lesions
 
 
+def anatomy_index_map(region_map: np.ndarray, context_ids: Sequence[int]) -> np.ndarray:
+    """A label map's context regions as 1..K in the order of `context_ids`, 0 elsewhere (what the anatomy output
+    predicts)."""
+    lookup = np.zeros(int(max(region_map.max(), max(context_ids, default=0))) + 1, dtype=np.int16)
+    for index, label in enumerate(context_ids, start=1):
+        lookup[label] = index
+    return lookup[np.clip(region_map, 0, None)]
+
+
 @dataclass(frozen=True)
 class PromptSet:
     """The prompts of a dataset. Referring: expressions per case, and the context regions (anatomy name, label id)

@@ -15,6 +15,7 @@ from scipy import ndimage
 from skimage.morphology import h_maxima
 from skimage.segmentation import watershed
 
+from lsms_nnunet.selection.anatomy import organ_relative_descriptors
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
 DEFAULT_SETTINGS = CaseLevelSettings()
@@ -35,6 +36,15 @@ class Candidates:
         lookup = np.zeros(self.count + 1, dtype=bool)
         lookup[np.asarray(selected, dtype=np.int64) + 1] = True
         return lookup[self.labels]
+
+
+@dataclass(frozen=True)
+class FindingAnswer:
+    """The network's text-free answers on one preprocessed case: all-lesion logits [*spatial] (the candidates) and,
+    from a network with an anatomy output, its map of the context regions (0..K) that places them in their organs."""
+
+    lesion_logits: np.ndarray
+    anatomy: np.ndarray | None = None
 
 
 def find_candidates(lesion_mask: np.ndarray, spacing: Sequence[float], logits: np.ndarray | None = None,
@@ -105,12 +115,14 @@ def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: S
 
 
 def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequence[float],
-                        shell_voxels: int = DEFAULT_SETTINGS.shell_voxels) -> np.ndarray:
-    """[count, features]: centroid position in the case (-1..1 per axis) and, per image channel, the intensity
-    statistics of INTENSITY_FEATURES (core and rim split the lesion at half its inner depth; shell is the
-    `shell_voxels` of tissue just around it, other candidates excluded). Size is left out on purpose: the selector's
-    set operations compare volumes; a size descriptor lets the match score imitate "the largest" on the training
-    cases instead."""
+                        shell_voxels: int = DEFAULT_SETTINGS.shell_voxels, anatomy: np.ndarray | None = None,
+                        anatomy_regions: int = 0) -> np.ndarray:
+    """[count, features]: where the candidate lies and, per image channel, the intensity statistics of
+    INTENSITY_FEATURES (core and rim split the lesion at half its inner depth; shell is the `shell_voxels` of tissue
+    just around it, other candidates excluded). Where it lies: with `anatomy_regions` context regions, its place in
+    its organ (`anatomy`: the case's map of them, 1..anatomy_regions; selection/anatomy.py); without, its centroid in
+    the case (-1..1 per axis). Absolute size is left out on purpose: the selector's set operations compare volumes; a
+    size descriptor lets the match score imitate "the largest" on the training cases instead."""
     spatial = candidates.labels.shape
     channels = image.reshape(-1, *spatial)
     extent = np.maximum(np.asarray(spatial, dtype=np.float64) - 1, 1)
@@ -136,5 +148,11 @@ def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequ
                     values[core].mean(), values[rim].mean() if rim.any() else lesion.mean(), around.mean(),
                     lesion.mean() - around.mean()]
         rows.append(row)
-    width = len(spatial) + len(INTENSITY_FEATURES) * len(channels)
-    return np.asarray(rows, dtype=np.float32).reshape(-1, width)
+    described = np.asarray(rows, dtype=np.float32).reshape(-1, len(spatial) + len(INTENSITY_FEATURES) * len(channels))
+    if not anatomy_regions:
+        return described
+    if anatomy is None:
+        raise ValueError(f"Describing candidates in {anatomy_regions} context region(s) needs their map (anatomy).")
+    place = organ_relative_descriptors(candidates, anatomy, anatomy_regions, spacing, described[:, :len(spatial)],
+                                       shell_voxels)
+    return np.concatenate((place, described[:, len(spatial):]), axis=1)

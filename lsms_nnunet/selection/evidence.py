@@ -16,9 +16,9 @@ from scipy import ndimage
 from text_conditioning.encoders import EncodedTexts
 from text_conditioning.expressions import Expression
 
-from lsms_nnunet.preprocessing.prompts import lesion_voxels
-from lsms_nnunet.selection.candidates import (candidates_of_answer, describe_candidates, find_candidates,
-                                              referred_fraction)
+from lsms_nnunet.preprocessing.prompts import anatomy_index_map, lesion_voxels
+from lsms_nnunet.selection.candidates import (FindingAnswer, candidates_of_answer, describe_candidates,
+                                              find_candidates, referred_fraction)
 from lsms_nnunet.selection.selector import SelectionExample, choose, fit_selectors, torch_threads
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
@@ -43,10 +43,10 @@ def preprocessed_spacing(configured_spacing: Sequence[float], spatial_dims: int)
 
 def selection_examples(dataset, cases: Sequence[str], expressions: Sequence[Expression], text_features: TextFeatures,
                        configured_spacing: Sequence[float], text_of: Callable[[str], str] = lambda text: text,
-                       finding_logits: Callable[[np.ndarray], np.ndarray] | None = None,
+                       network_finding: Callable[[np.ndarray], FindingAnswer] | None = None,
                        settings: CaseLevelSettings = CaseLevelSettings()) -> list[SelectionExample]:
     """The fitting examples of the expressions of `cases` (`case_evidence`), in one list."""
-    evidence = case_evidence(dataset, cases, expressions, text_features, configured_spacing, text_of, finding_logits,
+    evidence = case_evidence(dataset, cases, expressions, text_features, configured_spacing, text_of, network_finding,
                              settings=settings)
     return fitting_examples(evidence)
 
@@ -81,15 +81,16 @@ class CaseEvidence:
 
 def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expression], text_features: TextFeatures,
                   configured_spacing: Sequence[float], text_of: Callable[[str], str] = lambda text: text,
-                  finding_logits: Callable[[np.ndarray], np.ndarray] | None = None,
+                  network_finding: Callable[[np.ndarray], FindingAnswer] | None = None,
                   network_alone_logits: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
                   settings: CaseLevelSettings = CaseLevelSettings(),
-                  context_ids: Sequence[int] = ()) -> dict[str, CaseEvidence]:
+                  context_ids: Sequence[int] = (), anatomy_ids: Sequence[int] = ()) -> dict[str, CaseEvidence]:
     """Per case of `cases` with expressions: each expression is a fitting example over the case's ground-truth
-    lesions and, with `finding_logits` (preprocessed data -> the network's all-lesion logits), again over the lesions
+    lesions and, with `network_finding` (preprocessed data -> the network's finding answer), again over the lesions
     of that answer; with `network_alone_logits` too (data, texts -> [E, *spatial] logits of the network answering
     alone), the expressions of `verdict_expressions` are also scored both ways (`cross_validated_verdict`). The label
-    ids in `context_ids` are anatomy, not lesions.
+    ids in `context_ids` are anatomy, not lesions; with `anatomy_ids` (those of them the network outputs, in its
+    order) candidates are placed in their organs: the true ones in the label map's, the network's in its own.
 
     The network's candidates are those of inference, a candidate referred when most of it lies in referred regions:
     descriptors of predicted outlines differ from those of ground-truth outlines. The true outlines show each kind's
@@ -110,12 +111,15 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
         data, seg, _, _ = dataset.load_case(case)
         data, region_map = np.asarray(data[:]), np.asarray(seg[:])[0]
         spacing = preprocessed_spacing(configured_spacing, region_map.ndim)
-        candidate_sets = [find_candidates(lesion_voxels(region_map, context_ids), spacing, settings=settings)]
-        if finding_logits is not None:
-            candidate_sets.append(candidates_of_answer(finding_logits(data), spacing, settings))
+        candidate_sets = [(find_candidates(lesion_voxels(region_map, context_ids), spacing, settings=settings),
+                           anatomy_index_map(region_map, anatomy_ids) if anatomy_ids else None)]
+        if network_finding is not None:
+            found = network_finding(data)
+            candidate_sets.append((candidates_of_answer(found.lesion_logits, spacing, settings), found.anatomy))
         examples = []
-        for candidates in candidate_sets:
-            descriptors = describe_candidates(data, candidates, spacing, settings.shell_voxels)
+        for candidates, anatomy in candidate_sets:
+            descriptors = describe_candidates(data, candidates, spacing, settings.shell_voxels, anatomy,
+                                              len(anatomy_ids))
             examples.append([text_features.example(text_of(expression.text), descriptors, candidates.volumes_mm3,
                                                    referred_fraction(candidates, region_map,
                                                                      expression.targets or ()) > 0.5,
@@ -124,9 +128,9 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
         asked = [(example, expression) for example, expression in zip(examples[-1], case_expressions)
                  if expression.id in judged]
         scored = []
-        if asked and network_alone_logits is not None and finding_logits is not None:
+        if asked and network_alone_logits is not None and network_finding is not None:
             alone = network_alone_logits(data, [expression.text for _, expression in asked]) > 0
-            scored = [_scored(example, candidate_sets[-1], region_map, expression, answer)
+            scored = [_scored(example, candidate_sets[-1][0], region_map, expression, answer)
                       for (example, expression), answer in zip(asked, alone)]
         evidence[case] = CaseEvidence([example for per_set in examples for example in per_set], scored)
     return evidence

@@ -9,8 +9,9 @@ each expression's mask becomes the union of the candidates the fold's selectors 
   with the settings it was fitted with and the identity of the weights it was fitted on; training stores it beside
   the fold (`case_selector.pt`) and inside the validated checkpoint (what nnU-Net's model export packs);
 - `CaseLevelStage.of_folds(...)`: the stages of the folds a prediction uses, as one;
-- `stage.read_image(finding_logits, data, ...)` once per preprocessed image, then `stage.answer(image, texts, ...)`
-  for its expressions, in as many chunks as wanted (`apply`: both at once).
+- `stage.read_image(finding, data, ...)` once per preprocessed image (the network's finding answer: its all-lesion
+  logits and, where the stage places candidates in their organs, its anatomy map), then `stage.answer(image, texts,
+  ...)` for its expressions, in as many chunks as wanted (`apply`: both at once).
 """
 from __future__ import annotations
 
@@ -25,15 +26,16 @@ import torch
 from text_conditioning.io import atomic_path
 
 from lsms_nnunet.network.prompting import CASE_SELECTOR_STATE_KEY as STAGE_STATE_KEY
-from lsms_nnunet.selection.candidates import Candidates, candidates_of_answer, describe_candidates
+from lsms_nnunet.selection.candidates import Candidates, FindingAnswer, candidates_of_answer, describe_candidates
 from lsms_nnunet.selection.evidence import (CaseEvidence, TextFeatures, Verdict, cross_validated_verdict,
                                             fitting_examples, preprocessed_spacing)
 from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, torch_threads
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
 STAGE_FORMAT = "lsms-case-selector"
-#: 3: settings and the fitted-on weights recorded; 2 (read: fitted with the default settings): the verdict.
-STAGE_VERSION, READABLE_VERSIONS = 3, (2, 3)
+#: 4: the context regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted
+#: with the default settings): the verdict.
+STAGE_VERSION, READABLE_VERSIONS = 4, (2, 3, 4)
 STAGE_FILE = "case_selector.pt"
 #: The candidate settings every fold of one prediction must share (the candidates are found once per image).
 CANDIDATE_SETTINGS = ("min_candidate_voxels", "logit_smoothing_voxels", "logit_seed_height", "logit_ceiling",
@@ -79,11 +81,13 @@ class CaseLevelStage:
     fitted_on: str | None = None
     #: Where it was read from, for messages.
     source: str = "the fitted stage"
+    #: Context regions (anatomy) the candidates are placed in, from the network's anatomy output; 0: in the case.
+    anatomy_regions: int = 0
 
     # ------------------------------------------------------------------------------------------------ fit, judge
     @classmethod
     def fit(cls, evidence: Mapping[str, CaseEvidence], settings: CaseLevelSettings, text_encoder_sha256: str,
-            fitted_on: str | None = None, log=print) -> CaseLevelStage:
+            fitted_on: str | None = None, anatomy_regions: int = 0, log=print) -> CaseLevelStage:
         examples = fitting_examples(evidence)
         if not examples:
             raise ValueError("No training expression to fit the case selector on. Fix: check that expressions.json "
@@ -91,7 +95,8 @@ class CaseLevelStage:
         log(f"case selector: fitting {settings.ensemble_members} selectors on {len(examples)} examples (expressions "
             f"x candidate sets) of {len(evidence)} training cases")
         selectors = fit_selectors(examples, settings, log=log)[0]
-        return cls(settings, selectors, text_encoder_sha256, fitted_on=fitted_on, source="this fold")
+        return cls(settings, selectors, text_encoder_sha256, fitted_on=fitted_on, source="this fold",
+                   anatomy_regions=anatomy_regions)
 
     def judge(self, evidence: Mapping[str, CaseEvidence], log=print) -> Verdict | None:
         """The verdict on this fold's training cases (evidence.cross_validated_verdict), kept with the stage."""
@@ -120,8 +125,9 @@ class CaseLevelStage:
         judged = {source: verdict for source, verdict in self.verdicts.items() if verdict is not None}
         why = "; ".join(f"{source}: {verdict.describe()}" for source, verdict in judged.items()) \
             or "no verdict recorded"
+        where = f", candidates placed in {self.anatomy_regions} context region(s)" if self.anatomy_regions else ""
         return (f"Expressions are answered by the case-level stage of {self.source} ({len(self.selectors)} "
-                f"selectors; {why})")
+                f"selectors{where}; {why})")
 
     # ------------------------------------------------------------------------------------------------ save, load
     def to_payload(self) -> dict:
@@ -131,6 +137,7 @@ class CaseLevelStage:
         verdict = next(iter(self.verdicts.values())) if len(self.verdicts) == 1 else None
         return {"format": STAGE_FORMAT, "version": STAGE_VERSION, "settings": self.settings.to_dict(),
                 "verdict": asdict(verdict) if verdict else None, "fitted_on": self.fitted_on,
+                "anatomy_regions": self.anatomy_regions,
                 "descriptor_dim": first.descriptor_dim, "text_dim": first.text_dim,
                 "text_encoder_sha256": self.text_encoder_sha256,
                 "members": [selector.state_dict() for selector in self.selectors],
@@ -160,7 +167,8 @@ class CaseLevelStage:
                 selector.vocabulary = vocabulary
             selectors.append(selector.eval())
         verdict = Verdict(**content["verdict"]) if content.get("verdict") else None
-        return cls(settings, selectors, text_encoder_sha256, {source: verdict}, content.get("fitted_on"), source)
+        return cls(settings, selectors, text_encoder_sha256, {source: verdict}, content.get("fitted_on"), source,
+                   int(content.get("anatomy_regions", 0)))
 
     def save(self, path: Path) -> None:
         """Write atomically."""
@@ -184,22 +192,32 @@ class CaseLevelStage:
                     f"The case-level stages of {first.source} and {stage.source} find candidates with different "
                     f"settings ({', '.join(differing)}). Fix: refit the folds with the same settings "
                     f"(LSMSv2_fit_case_level ... --settings FILE), or predict with one of them.")
+            if stage.anatomy_regions != first.anatomy_regions:
+                raise CaseLevelStageError(
+                    f"The case-level stages of {first.source} and {stage.source} place candidates in "
+                    f"{first.anatomy_regions} and {stage.anatomy_regions} context regions. Fix: predict with folds "
+                    f"trained on the same dataset.")
         return cls(first.settings, [selector for stage in stages for selector in stage.selectors],
                    first.text_encoder_sha256, {source: verdict for stage in stages
                                                for source, verdict in stage.verdicts.items()},
-                   None, ", ".join(stage.source for stage in stages))
+                   None, ", ".join(stage.source for stage in stages), first.anatomy_regions)
 
     # ------------------------------------------------------------------------------------------------ apply
-    def read_image(self, finding_logits: torch.Tensor, data: torch.Tensor,
+    def read_image(self, finding: FindingAnswer, data: torch.Tensor,
                    configured_spacing: Sequence[float]) -> ImageCandidates:
         """The candidates of one preprocessed image and what describes them: found once per image, then any number
         of texts is answered from them (`answer`)."""
-        finding = finding_logits.float().cpu()
-        spacing = preprocessed_spacing(configured_spacing, finding.ndim)
-        candidates = candidates_of_answer(finding.numpy(), spacing, self.settings)
+        if self.anatomy_regions and finding.anatomy is None:
+            raise CaseLevelStageError(
+                f"The case-level stage in {self.source} places candidates in {self.anatomy_regions} context regions, "
+                f"but the network gives no anatomy map. Fix: predict with the network the stage was fitted for.")
+        logits = torch.as_tensor(finding.lesion_logits)
+        finding_logits = logits.float().cpu()
+        spacing = preprocessed_spacing(configured_spacing, finding_logits.ndim)
+        candidates = candidates_of_answer(finding_logits.numpy(), spacing, self.settings)
         descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing,
-                                          self.settings.shell_voxels)
-        return ImageCandidates(finding_logits, candidates, descriptors)
+                                          self.settings.shell_voxels, finding.anatomy, self.anatomy_regions)
+        return ImageCandidates(logits, candidates, descriptors)
 
     def answer(self, image: ImageCandidates, texts: Sequence[str], text_features: TextFeatures) -> torch.Tensor:
         """[E, *spatial] logits for the E `texts`: positive on the union of the candidates the selectors (averaged)
@@ -213,10 +231,10 @@ class CaseLevelStage:
                              torch.tensor(self.settings.unselected_logit))
         return chosen.to(image.finding_logits.dtype)
 
-    def apply(self, finding_logits: torch.Tensor, data: torch.Tensor, texts: Sequence[str],
+    def apply(self, finding: FindingAnswer, data: torch.Tensor, texts: Sequence[str],
               text_features: TextFeatures, configured_spacing: Sequence[float]) -> torch.Tensor:
         """`answer` for the texts of one preprocessed image at once."""
-        return self.answer(self.read_image(finding_logits, data, configured_spacing), texts, text_features)
+        return self.answer(self.read_image(finding, data, configured_spacing), texts, text_features)
 
 
 def read_stage_payload(path: Path) -> dict:

@@ -4,7 +4,8 @@ nnU-Net's loader stays untouched: the dataset it reads is wrapped so that each `
 case, restricts foreground oversampling to the *referred* regions and hands out a lazily binarised segmentation
 (referred regions -> 1, everything else -> 0), so augmentation runs on the cheap 2-label path; for a network with a
 finding head a second channel holds all of the case's lesions, augmented with the first (as nnU-Net's cascade
-carries the previous stage's segmentation). For a network that reads the case position, the image gets the position
+carries the previous stage's segmentation), and for a network with an anatomy output a last channel holds the context
+regions (anatomy) as 1..K. For a network that reads the case position, the image gets the position
 channels (CasePositionDataset), which only the geometric augmentations touch. The loader subclass
 adds the text tensors of the drawn prompts to the batch and, with `prompts_per_image` > 1, fills consecutive slots
 with one case, each slot with a prompt of different targets.
@@ -25,26 +26,28 @@ from batchgeneratorsv2.transforms.utils.pseudo2d import Convert2DTo3DTransform, 
 from nnunetv2.training.dataloading.data_loader import nnUNetDataLoader
 
 from lsms_nnunet.network.case_position import CASE_POSITION_CHANNELS, case_position
-from lsms_nnunet.preprocessing.prompts import Prompt, lesion_voxels
+from lsms_nnunet.preprocessing.prompts import Prompt, anatomy_index_map, lesion_voxels
 
 
 class ReferredSegmentation:
     """A lazy view of an nnU-Net segmentation in which only the referred region ids are foreground; with
-    `all_lesions`, a second channel in which every region is (the finding head's target).
+    `all_lesions`, a channel in which every lesion is (the finding head's target); with `anatomy`, a channel holding
+    the context regions as 1..K in the order of `context_ids` (the anatomy output's target).
 
     Slicing (what nnU-Net's `crop_and_pad_nd` does, every channel at once) reads just the crop, so big volumes are
     never fully loaded. Negative values (nnU-Net's outside-of-mask marker) are kept.
     """
 
     def __init__(self, segmentation, targets: Sequence[int], all_lesions: bool = False,
-                 context_ids: Sequence[int] = ()):
+                 context_ids: Sequence[int] = (), anatomy: bool = False):
         if segmentation.shape[0] != 1:
             raise ValueError(f"Expected a one-channel nnU-Net segmentation, got shape {segmentation.shape}.")
         self.segmentation = segmentation
         self.targets = np.asarray(sorted(targets), dtype=np.int16)
         self.all_lesions = all_lesions
         self.context_ids = tuple(context_ids)
-        self.shape = (2 if all_lesions else 1, *segmentation.shape[1:])
+        self.anatomy = anatomy
+        self.shape = (1 + all_lesions + anatomy, *segmentation.shape[1:])
         self.ndim = len(segmentation.shape)
         self.dtype = np.dtype(np.int16)
 
@@ -53,6 +56,8 @@ class ReferredSegmentation:
         binary = np.isin(crop, self.targets).astype(np.int16)
         if self.all_lesions:
             binary = np.concatenate((binary, lesion_voxels(crop, self.context_ids).astype(np.int16)))
+        if self.anatomy:
+            binary = np.concatenate((binary, anatomy_index_map(crop, self.context_ids)))
         binary[np.broadcast_to(crop < 0, binary.shape)] = -1
         return binary
 
@@ -66,9 +71,10 @@ class PromptSamplingDataset:
 
     def __init__(self, dataset, prompts_by_case: Mapping[str, Sequence[Prompt]], present_label_bias: float,
                  prompts_per_image: int = 1, finding_fraction: float = 0.0, all_lesions_target: bool = False,
-                 context_ids: Sequence[int] = ()):
+                 context_ids: Sequence[int] = (), anatomy_target: bool = False):
         self.dataset = dataset
         self.all_lesions_target = all_lesions_target
+        self.anatomy_target = anatomy_target
         self.context_ids = tuple(context_ids)
         self.identifiers = dataset.identifiers
         self.prompts_by_case = prompts_by_case
@@ -107,8 +113,8 @@ class PromptSamplingDataset:
                      if len(properties["class_locations"].get(t, ()))]
         referred = np.concatenate(locations) if locations else np.zeros((0, seg.ndim), dtype=np.int64)
         properties = {**properties, "class_locations": {1: referred}}
-        return (data, ReferredSegmentation(seg, targets, self.all_lesions_target, self.context_ids), seg_prev,
-                properties)
+        return (data, ReferredSegmentation(seg, targets, self.all_lesions_target, self.context_ids,
+                                           self.anatomy_target), seg_prev, properties)
 
 
 class CasePositionView:
@@ -187,17 +193,19 @@ class LSMSDataLoader(nnUNetDataLoader):
     """nnU-Net's loader over a prompt-sampling dataset; batches carry `text_tokens`, `text_mask`, `text_keys`.
 
     Each drawn case fills `prompts_per_image` consecutive batch slots (own crop and augmentation, different prompts).
-    With `all_lesions_target` the target has a second channel: all of the case's lesions.
+    With `all_lesions_target` the target has a channel holding all of the case's lesions, with `anatomy_target` one
+    holding the context regions (ReferredSegmentation).
     """
 
     def __init__(self, data, batch_size, patch_size, final_patch_size, label_manager, *,
                  prompts_by_case: Mapping[str, Sequence[Prompt]], text_bank: TextEmbeddingBank,
                  present_label_bias: float = 0.0, prompts_per_image: int = 1, finding_fraction: float = 0.0,
-                 all_lesions_target: bool = False, context_ids: Sequence[int] = (), **kwargs):
+                 all_lesions_target: bool = False, context_ids: Sequence[int] = (), anatomy_target: bool = False,
+                 **kwargs):
         if prompts_per_image < 1:
             raise ValueError(f"prompts_per_image must be >= 1, got {prompts_per_image}.")
         super().__init__(PromptSamplingDataset(data, prompts_by_case, present_label_bias, prompts_per_image,
-                                               finding_fraction, all_lesions_target, context_ids),
+                                               finding_fraction, all_lesions_target, context_ids, anatomy_target),
                          batch_size, patch_size, final_patch_size, label_manager, **kwargs)
         self.text_bank = text_bank
 

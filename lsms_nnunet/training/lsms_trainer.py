@@ -35,8 +35,8 @@ from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_
 from lsms_nnunet.network.config import LSMSConfig
 from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
 from lsms_nnunet.network.prompt_decoder import existence_loss
-from lsms_nnunet.network.prompting import (MODEL_CARD_PLANS_KEY, PromptableLSMSNet, build_promptable_network,
-                                          make_model_card)
+from lsms_nnunet.network.prompting import (CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY, PromptableLSMSNet,
+                                          build_promptable_network, make_model_card, network_config_of)
 from lsms_nnunet.planning.lsms_block import lsms_settings_from_plans
 from lsms_nnunet.preprocessing.encode_text import TEXT_FOLDER
 from lsms_nnunet.preprocessing.image_checks import training_directions
@@ -104,14 +104,16 @@ class LSMSLoss(nn.Module):
 
     def forward(self, output, target) -> torch.Tensor:
         network = self.network[0]
-        referred, all_lesions = split_target(target)
+        targets = split_target(target, network.config)
+        referred = targets["referred"]
         loss = self.segmentation_loss(output, referred)
         aux = getattr(network, "last_aux", None)
         if not network.training or aux is None:
             return loss
         network.last_aux = None
-        if "finding_logits" in aux:
-            loss = loss + self.segmentation_loss(aux["finding_logits"], all_lesions)
+        for name, channel in (("finding_logits", "all_lesions"), ("anatomy_logits", "anatomy")):
+            if name in aux:
+                loss = loss + self.segmentation_loss(aux[name], targets[channel])
         levels = referred if isinstance(referred, (list, tuple)) else [referred]
         full_resolution_target = levels[0].clamp_min(0)
         if self.contrastive is not None:
@@ -125,13 +127,15 @@ class LSMSLoss(nn.Module):
         return loss
 
 
-def split_target(target):
-    """(referred, all lesions) from the loader's target (each a list per deep-supervision level, like the target);
-    all lesions is None for a one-channel target."""
+def split_target(target, config: LSMSConfig) -> dict:
+    """The loader's target channels by name (each a list per deep-supervision level, like the target): "referred",
+    then "all_lesions" for a network with a finding head and "anatomy" (context regions 0..K) for one with an
+    anatomy output (training/dataloading.py)."""
+    names = ["referred"] + ["all_lesions"] * config.finding_head + ["anatomy"] * bool(config.anatomy_regions)
     if isinstance(target, (list, tuple)):
-        pairs = [split_target(level) for level in target]
-        return [referred for referred, _ in pairs], None if pairs[0][1] is None else [lesions for _, lesions in pairs]
-    return target[:, :1], target[:, 1:] if target.shape[1] > 1 else None
+        levels = [split_target(level, config) for level in target]
+        return {name: [level[name] for level in levels] for name in names}
+    return {name: target[:, index:index + 1] for index, name in enumerate(names)}
 
 
 class LSMSTrainer(nnUNetTrainer):
@@ -198,6 +202,8 @@ class LSMSTrainer(nnUNetTrainer):
                                "max_tokens": identity.max_tokens})
         if self.prompt_set.mode == PLAIN:  # the finding head and the case position serve referring tasks only
             config = dataclasses.replace(config, finding_head=False, case_position=False)
+        elif "anatomy_regions" not in self.lsms_config_overrides:  # the dataset's context regions, if any
+            config = dataclasses.replace(config, anatomy_regions=len(self.prompt_set.context))
         label_prompts = [list(p) for p in self.prompt_set.canonical_label_prompts()] \
             if self.prompt_set.mode == PLAIN else None
         constant_text = sorted(self.prompt_set.all_texts())[0] if self.use_constant_text else None
@@ -299,6 +305,7 @@ class LSMSTrainer(nnUNetTrainer):
                       finding_fraction=self.finding_fraction if self.prompt_set.mode == REFERRING else 0.0,
                       all_lesions_target=self._unwrapped_network().config.finding_head,
                       context_ids=self.prompt_set.context_ids,
+                      anatomy_target=bool(self._unwrapped_network().config.anatomy_regions),
                       oversample_foreground_percent=self.oversample_foreground_percent,
                       probabilistic_oversampling=self.probabilistic_oversampling)
         dl_tr = LSMSDataLoader(dataset_tr, self.batch_size, initial_patch_size, patch_size, binary,
@@ -345,7 +352,8 @@ class LSMSTrainer(nnUNetTrainer):
     def validation_step(self, batch: dict) -> dict:
         """nnU-Net's online validation (loss and pseudo Dice) of the referred target."""
         self._bind_batch_text(batch)
-        return super().validation_step({**batch, "target": split_target(batch["target"])[0]})
+        config = self._unwrapped_network().config
+        return super().validation_step({**batch, "target": split_target(batch["target"], config)["referred"]})
 
     # ---------------------------------------------------------------- final validation
     def perform_actual_validation(self, save_probabilities: bool = False) -> None:
@@ -396,7 +404,29 @@ class LSMSTrainer(nnUNetTrainer):
         if isinstance(filename_or_checkpoint, str):
             filename_or_checkpoint = readable_checkpoint(filename_or_checkpoint, self.print_to_log_file)
             self.validated_checkpoint = filename_or_checkpoint  # what --val / --val_best validate
+        self._adopt_network_of(filename_or_checkpoint)
         super().load_checkpoint(filename_or_checkpoint)
+
+    def _adopt_network_of(self, filename_or_checkpoint: dict | str) -> None:
+        """A fold is validated, refitted or continued with the network its weights were trained with: a checkpoint of
+        an earlier lsms-nnunet (before the anatomy head, say) keeps the settings of its own card, not those this
+        version would choose for the dataset today."""
+        from lsms_nnunet.training.checkpoints import load_checkpoint_safely
+
+        checkpoint = filename_or_checkpoint if isinstance(filename_or_checkpoint, dict) \
+            else load_checkpoint_safely(filename_or_checkpoint, mmap=True)
+        card = checkpoint["network_weights"].get("_extra_state")
+        if not isinstance(card, dict) or network_config_of(card) == network_config_of(self.model_card):
+            return
+        self.model_card = {key: value for key, value in card.items() if key != CASE_SELECTOR_STATE_KEY}
+        for configuration_dict in (self.plans_manager.plans["configurations"][self.configuration_name],
+                                   self.configuration_manager.configuration):
+            configuration_dict[MODEL_CARD_PLANS_KEY] = self.model_card
+        self.print_to_log_file("The checkpoint's network settings differ from those this version would train; the "
+                               "fold keeps its own (model card of the checkpoint).")
+        if self.was_initialized:  # rebuild the network (and its optimiser and loss) as the checkpoint has it
+            self.was_initialized = False
+            self.initialize()
 
     def on_train_end(self) -> None:
         super().on_train_end()

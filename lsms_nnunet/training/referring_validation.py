@@ -16,6 +16,7 @@ from tqdm import tqdm
 from text_conditioning.cache import TextEmbeddingCache
 
 from lsms_nnunet.inference.predictor import LSMSPredictor
+from lsms_nnunet.selection.candidates import FindingAnswer
 from lsms_nnunet.selection.evidence import TextFeatures, case_evidence
 from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
@@ -31,9 +32,10 @@ def referring_predictor(trainer) -> LSMSPredictor:
     return predictor
 
 
-def finding_logits(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> np.ndarray:
-    """The network's all-lesion logits on one preprocessed image (the stage's candidates), as float32 numpy."""
-    return predictor.predict_finding_logits(torch.from_numpy(np.asarray(data)), cache_folder).float().numpy()
+def network_finding(predictor: LSMSPredictor, data: np.ndarray, cache_folder: Path | None = None) -> FindingAnswer:
+    """The network's finding answer on one preprocessed image (the stage's candidates), its logits float32 numpy."""
+    found = predictor.predict_finding(torch.from_numpy(np.asarray(data)), cache_folder)
+    return FindingAnswer(found.lesion_logits.float().numpy(), found.anatomy)
 
 
 def network_alone_logits(predictor: LSMSPredictor, data: np.ndarray, texts: Sequence[str],
@@ -58,16 +60,18 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
     texts = trainer.prompt_set.all_texts()  # the constant text of the control is one of them
     constant = trainer.model_card["constant_text"]
     cache = TextEmbeddingCache(trainer.text_cache_folder, trainer.text_encoder_identity)
+    # the context regions the network outputs, in its order: where candidates are placed in their organs
+    anatomy_ids = trainer.prompt_set.context_ids if trainer._unwrapped_network().config.anatomy_regions else ()
     evidence = case_evidence(
         dataset, train_keys, trainer.prompt_set.expressions, TextFeatures(texts, cache.load(texts)),
         trainer.configuration_manager.spacing, text_of=(lambda _: constant) if constant else (lambda text: text),
-        finding_logits=lambda data: finding_logits(predictor, data, trainer.text_cache_folder),
+        network_finding=lambda data: network_finding(predictor, data, trainer.text_cache_folder),
         network_alone_logits=lambda data, asked: network_alone_logits(predictor, data, asked,
                                                                       trainer.text_cache_folder),
-        settings=settings, context_ids=trainer.prompt_set.context_ids)
+        settings=settings, context_ids=trainer.prompt_set.context_ids, anatomy_ids=anatomy_ids)
     weights = trainer._unwrapped_network().state_dict()
     stage = CaseLevelStage.fit(evidence, settings, trainer.text_encoder_identity.sha256, weights_identity(weights),
-                               log=log)
+                               len(anatomy_ids), log=log)
     stage.judge(evidence, log=log)
     stage.save(Path(trainer.output_folder) / STAGE_FILE)
     _put_stage_in_validated_checkpoint(trainer, stage)
