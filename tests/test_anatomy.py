@@ -141,6 +141,28 @@ def test_the_stage_tells_two_organs_of_one_label_apart_by_side():
     assert _fit_and_score(_two_kidneys_case, True) >= 0.95
 
 
+def _as_if_trained_without_the_anatomy_head(checkpoint: dict) -> dict:
+    """The checkpoint an earlier lsms-nnunet wrote: a card without anatomy_regions, no anatomy-head weights, and
+    an optimiser state without their parameters (the optimiser numbers parameters in registration order)."""
+    weights = checkpoint["network_weights"]
+    card = weights["_extra_state"]
+    card["network"].pop("anatomy_regions")
+    card.pop(STAGE_STATE_KEY, None)
+    seen, parameters = set(), []  # the parameters in registration order: a module held twice is listed once
+    for name, value in weights.items():
+        if name != "_extra_state" and value.data_ptr() not in seen:
+            seen.add(value.data_ptr())
+            parameters.append(name)
+    dropped = {index for index, name in enumerate(parameters) if name.startswith("anatomy_heads.")}
+    checkpoint["network_weights"] = {name: value for name, value in weights.items()
+                                     if not name.startswith("anatomy_heads.")}
+    optimizer = checkpoint["optimizer_state"]
+    for group in optimizer["param_groups"]:
+        group["params"] = [index for index in group["params"] if index not in dropped]
+    optimizer["state"] = {index: state for index, state in optimizer["state"].items() if index not in dropped}
+    return checkpoint
+
+
 # --- end to end: the network learns the anatomy, prediction needs no organ mask ------------------------------------
 @pytest.mark.slow  # trains a tiny model (1 epoch x 2 iterations)
 def test_a_dataset_with_context_trains_an_anatomy_head_and_prediction_places_candidates_without_an_organ_mask(
@@ -169,14 +191,18 @@ def test_a_dataset_with_context_trains_an_anatomy_head_and_prediction_places_can
     assert sorted(p.name for p in (tmp_path / "masks").glob("*.nii.gz")) == sorted(
         f"{e['id']}.nii.gz" for e in expressions)
     assert "candidates placed in 1 context region" in predicted.stdout + predicted.stderr
+    in_the_case = tmp_path / "in_the_case.json"  # the same weights, candidates placed in the case
+    in_the_case.write_text(answer_always.read_text(encoding="utf-8")[:-1] + ', "organ_relative": false}',
+                           encoding="utf-8")
+    run("LSMSv2_fit_case_level", "-d", dataset, "-c", "2d", "-f", 0, "-tr", trainer, "-p", plans, "-device", "cpu",
+        "--settings", in_the_case)
+    assert CaseLevelStage.load(fold / STAGE_FILE, card["text_encoder"]["sha256"]).anatomy_regions == 0
+    checkpoint = load_checkpoint_safely(fold / "checkpoint_final.pth")
+    card = checkpoint["network_weights"]["_extra_state"]
 
     # a fold trained before the anatomy head (its card has no anatomy_regions, its weights no anatomy heads) is
     # refitted with its own network, not with the one this version would train for the dataset
-    card["network"].pop("anatomy_regions")
-    card.pop(STAGE_STATE_KEY, None)
-    checkpoint["network_weights"] = {name: value for name, value in checkpoint["network_weights"].items()
-                                     if not name.startswith("anatomy_heads.")}
-    torch.save(checkpoint, fold / "checkpoint_final.pth")
+    torch.save(_as_if_trained_without_the_anatomy_head(checkpoint), fold / "checkpoint_final.pth")
     refitted = run("LSMSv2_fit_case_level", "-d", dataset, "-c", "2d", "-f", 0, "-tr", trainer, "-p", plans,
                    "-device", "cpu", "--settings", answer_always)
     assert "the fold keeps its own" in refitted.stdout + refitted.stderr

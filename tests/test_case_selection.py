@@ -374,6 +374,10 @@ def test_case_level_settings_are_checked_and_read_from_json(tmp_path):
         CaseLevelSettings(fit_steps=10, operations_first_steps=20)
     with pytest.raises(ValueError, match="integer"):
         CaseLevelSettings(fit_steps=10.5)
+    with pytest.raises(ValueError, match="organ_relative must be true or false"):
+        CaseLevelSettings(organ_relative=1)
+    with pytest.raises(ValueError, match="must be a number"):
+        CaseLevelSettings(fit_steps=True)
     changes = tmp_path / "settings.json"
     changes.write_text('{"logit_ceiling": 6, "fit_steps": 100}')
     base = CaseLevelSettings(ensemble_members=2)

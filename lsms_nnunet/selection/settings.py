@@ -33,6 +33,9 @@ class CaseLevelSettings:
     logit_ceiling: float = 8.0
     #: Width of the ring of surrounding tissue a candidate is compared with ("hypodense": darker than its organ).
     shell_voxels: int = 2
+    #: Where the network outputs the anatomy (context regions), describe where a candidate lies in its organ
+    #: (selection/anatomy.py); False: in the case, as for a dataset without context.
+    organ_relative: bool = True
 
     # -- selector (selection/selector.py)
     #: Width of the candidate embedding and of each word's constraint.
@@ -76,6 +79,11 @@ class CaseLevelSettings:
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
             value = getattr(self, field.name)
+            if field.type == "bool":
+                if not isinstance(value, bool):
+                    raise CaseLevelSettingsError(f"CaseLevelSettings.{field.name} must be true or false, got "
+                                                 f"{value!r}.")
+                continue
             if isinstance(value, bool) or not isinstance(value, (int, float)):
                 raise CaseLevelSettingsError(f"CaseLevelSettings.{field.name} must be a number, got {value!r}.")
             if field.type == "int" and not isinstance(value, int):

@@ -61,7 +61,8 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
     constant = trainer.model_card["constant_text"]
     cache = TextEmbeddingCache(trainer.text_cache_folder, trainer.text_encoder_identity)
     # the context regions the network outputs, in its order: where candidates are placed in their organs
-    anatomy_ids = trainer.prompt_set.context_ids if trainer._unwrapped_network().config.anatomy_regions else ()
+    organ_relative = settings.organ_relative and trainer._unwrapped_network().config.anatomy_regions
+    anatomy_ids = trainer.prompt_set.context_ids if organ_relative else ()
     evidence = case_evidence(
         dataset, train_keys, trainer.prompt_set.expressions, TextFeatures(texts, cache.load(texts)),
         trainer.configuration_manager.spacing, text_of=(lambda _: constant) if constant else (lambda text: text),

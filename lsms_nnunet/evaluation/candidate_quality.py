@@ -1,0 +1,52 @@
+"""How well the case-level stage's candidates stand for the real lesions, measured directly.
+
+The stage can only answer with whole candidates: a lesion cut in pieces makes "the biggest tumour" a piece of it,
+two lesions merged into one candidate make "the smaller one" impossible. Per reference lesion (a region of the label
+map, at least `min_voxels`):
+
+- **matched**: one candidate covers it with IoU >= `min_iou` (one-to-one: at IoU > 0.5 no other candidate or lesion
+  can share it that much);
+- **split**: not matched, and two or more candidates each hold at least `PIECE_SHARE` of it;
+- **merged**: not matched, and the candidate holding most of it also holds at least `PIECE_SHARE` of another lesion;
+- **missed**: no candidate holds `PIECE_SHARE` of it;
+- otherwise **poorly outlined** (one candidate, too large or too small for the IoU).
+A lesion can be split and merged at once; the other outcomes exclude each other.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+
+PIECE_SHARE = 0.1
+
+
+def candidate_quality(candidate_labels: np.ndarray, region_map: np.ndarray, lesion_ids: Sequence[int],
+                      min_voxels: int = 50, min_iou: float = 0.5) -> dict[str, int]:
+    """Counts of reference lesions (the regions `lesion_ids` of `region_map` with at least `min_voxels`) by outcome,
+    against candidates numbered 1..n in `candidate_labels` (0: none)."""
+    candidates = candidate_labels.ravel().astype(np.int64)
+    regions = region_map.ravel().astype(np.int64)
+    count = int(candidates.max(initial=0))
+    candidate_voxels = np.bincount(candidates, minlength=count + 1)
+    lesions = [int(i) for i in lesion_ids if int((regions == i).sum()) >= min_voxels]
+    overlap = {lesion: np.bincount(candidates[regions == lesion], minlength=count + 1) for lesion in lesions}
+    share = {lesion: overlap[lesion][1:] / max(1, overlap[lesion].sum()) for lesion in lesions}
+    counts = {"lesions": len(lesions), "matched": 0, "split": 0, "merged": 0, "missed": 0, "poorly_outlined": 0}
+    for lesion in lesions:
+        inside, size = overlap[lesion][1:], overlap[lesion].sum()
+        iou = inside / np.maximum(size + candidate_voxels[1:] - inside, 1)
+        if len(iou) and iou.max() >= min_iou:
+            counts["matched"] += 1
+            continue
+        pieces = share[lesion] >= PIECE_SHARE
+        if not pieces.any():
+            counts["missed"] += 1
+            continue
+        best = int(np.argmax(inside))
+        split = int(pieces.sum()) >= 2
+        merged = any(share[other][best] >= PIECE_SHARE for other in lesions if other != lesion)
+        counts["split"] += split
+        counts["merged"] += merged
+        counts["poorly_outlined"] += not (split or merged)
+    return counts
