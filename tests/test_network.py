@@ -532,15 +532,20 @@ def test_finding_head_answers_bound_finding_prompts_and_the_text_heads_answer_bo
         _promptable(TINY.with_ablation("no_finding_head")).bind_finding(tokens, mask)
 
 
-def test_loss_adds_the_finding_heads_dice_and_ce_against_all_lesions():
-    """LSMSLoss reads the loader's second target channel (all lesions) for the finding head's outputs."""
+def _lsms_loss_of(network):
+    """(LSMSLoss, the nnU-Net deep-supervised Dice+CE it wraps) for a network without the contrastive term."""
     from lsms_nnunet.training.lsms_trainer import LSMSLoss
 
-    network = _promptable(dataclasses.replace(TINY, contrastive=False)).train()
     segmentation_loss = DeepSupervisionWrapper(
         DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
                        dice_class=MemoryEfficientSoftDiceLoss), [1.0, 0.5, 0.25])
-    loss = LSMSLoss(segmentation_loss, None, network)
+    return LSMSLoss(segmentation_loss, None, network), segmentation_loss
+
+
+def test_loss_adds_the_finding_heads_dice_and_ce_against_all_lesions():
+    """LSMSLoss reads the loader's second target channel (all lesions) for the finding head's outputs."""
+    network = _promptable(dataclasses.replace(TINY, contrastive=False)).train()
+    loss, segmentation_loss = _lsms_loss_of(network)
     target = torch.zeros(2, 2, *patch_shape(2))
     target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
     target[:, 1, 2:9, 3:10] = target[:, 1, 20:26, 20:26] = 1  # ... and all lesions
@@ -578,13 +583,8 @@ def test_anatomy_head_outputs_its_regions_beside_every_level_and_after_the_findi
 
 def test_loss_adds_the_anatomy_heads_dice_and_ce_against_the_context_channel():
     """LSMSLoss reads the loader's last target channel (context regions 0..K) for the anatomy head's outputs."""
-    from lsms_nnunet.training.lsms_trainer import LSMSLoss
-
     network = _promptable(dataclasses.replace(TINY, contrastive=False, anatomy_regions=2)).train()
-    segmentation_loss = DeepSupervisionWrapper(
-        DC_and_CE_loss({"batch_dice": True, "smooth": 1e-5, "do_bg": False, "ddp": False}, {},
-                       dice_class=MemoryEfficientSoftDiceLoss), [1.0, 0.5, 0.25])
-    loss = LSMSLoss(segmentation_loss, None, network)
+    loss, segmentation_loss = _lsms_loss_of(network)
     target = torch.zeros(2, 3, *patch_shape(2))
     target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
     target[:, 1, 2:9, 3:10] = 1                       # all lesions
