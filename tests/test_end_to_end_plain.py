@@ -33,6 +33,22 @@ def plain_models(run, nnunet_dirs):
     return dict(raw=raw, results=results)
 
 
+@pytest.fixture(scope="module")
+def stock_predictions(plain_models, run, tmp_path_factory):
+    """The folder of a trainer's label maps and probabilities for the test images (nnUNetv2_predict
+    --save_probabilities), predicted once per trainer: tests that compare another way of predicting only read it."""
+    folders = {}
+
+    def predicted(trainer: str) -> Path:
+        if trainer not in folders:
+            folders[trainer] = tmp_path_factory.mktemp(f"stock_predictions_{trainer}")
+            run("nnUNetv2_predict", "-i", plain_models["raw"] / "imagesTs", "-o", folders[trainer], "-d", DATASET,
+                "-c", "2d", "-tr", trainer, "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1,
+                "--save_probabilities")
+        return folders[trainer]
+    return predicted
+
+
 def test_validation_summary_has_nnunet_format(plain_models):
     summaries = {t: json.loads((plain_models["results"] / f"{t}__nnUNetPlans_tiny__2d" / "fold_0" / "validation" /
                                 "summary.json").read_text(encoding="utf-8")) for t in TRAINERS}
@@ -45,11 +61,9 @@ def test_validation_summary_has_nnunet_format(plain_models):
 
 
 @pytest.mark.parametrize("trainer", TRAINERS)
-def test_stock_predict_writes_label_maps_and_probabilities(plain_models, run, tmp_path, trainer):
+def test_stock_predict_writes_label_maps_and_probabilities(plain_models, stock_predictions, run, tmp_path, trainer):
     images = plain_models["raw"] / "imagesTs"
-    out = tmp_path / trainer
-    run("nnUNetv2_predict", "-i", images, "-o", out, "-d", DATASET, "-c", "2d", "-tr", trainer, "-p",
-        "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1, "--save_probabilities")
+    out = stock_predictions(trainer)
     cases = sorted(p.name[: -len("_0000.nii.gz")] for p in images.glob("*_0000.nii.gz"))
     for case in cases:
         prediction = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{case}.nii.gz")))
@@ -61,8 +75,8 @@ def test_stock_predict_writes_label_maps_and_probabilities(plain_models, run, tm
         assert np.allclose(probabilities.sum(0), 1, atol=1e-3)
         assert np.array_equal(probabilities.argmax(0), prediction.reshape(probabilities.shape[1:]))
     run("nnUNetv2_evaluate_folder", plain_models["raw"] / "labelsTs", out, "-djfile", out / "dataset.json",
-        "-pfile", out / "plans.json")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+        "-pfile", out / "plans.json", "-o", tmp_path / "summary.json")
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert set(summary["mean"]) == {"1", "2", "3", "4"}
 
 
@@ -90,20 +104,19 @@ def test_plain_benchmark_reports_both_trainers(plain_models, run):
     assert all(len(row.split("|")) == 10 for row in rows)  # name, 4 labels, mean, s/iter, ratio
 
 
-def test_sequential_and_numpy_entries_predict_a_plain_lsms_model(plain_models, run, tmp_path):
+def test_sequential_and_numpy_entries_predict_a_plain_lsms_model(plain_models, stock_predictions, run, tmp_path):
     import torch
     import lsms_nnunet_ext_hook  # noqa: F401  (nnU-Net finds the trainer named in the checkpoint)
     from nnunetv2.imageio.simpleitk_reader_writer import SimpleITKIO
     from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
 
     images = plain_models["raw"] / "imagesTs"
-    for mode, processes in (("sequential", 0), ("multiprocess", 1)):
-        run("nnUNetv2_predict", "-i", images, "-o", tmp_path / mode, "-d", DATASET, "-c", "2d", "-tr",
-            "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", processes, "-nps",
-            processes)
+    run("nnUNetv2_predict", "-i", images, "-o", tmp_path / "sequential", "-d", DATASET, "-c", "2d", "-tr",
+        "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0)
     image_file = sorted(images.glob("*_0000.nii.gz"))[0]
     case = image_file.name[: -len("_0000.nii.gz")]
-    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "multiprocess" / f"{case}.nii.gz")))
+    multiprocess = stock_predictions("LSMSTrainer_test")  # -npp 1 -nps 1
+    expected = sitk.GetArrayFromImage(sitk.ReadImage(str(multiprocess / f"{case}.nii.gz")))
     sequential = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "sequential" / f"{case}.nii.gz")))
     assert np.array_equal(sequential, expected)
 
