@@ -1,5 +1,6 @@
 """Real CT through the whole pipeline: the LiTS demo volume as a plain task (liver + tumour), trained briefly by
-vanilla nnU-Net and by LSMS, both predicted with the stock command; and as a referring dataset through LSMS."""
+vanilla nnU-Net and by LSMS, both predicted with the stock command (sequentially: its worker processes are tested on
+the synthetic datasets); and as a referring dataset through LSMS."""
 import json
 from pathlib import Path
 
@@ -31,7 +32,7 @@ def test_lits_plain_task_with_both_trainers(run, nnunet_dirs, tmp_path):
             nnUNet_n_proc_DA="0")
         out = tmp_path / trainer
         run("nnUNetv2_predict", "-i", images, "-o", out, "-d", PLAIN_ID, "-c", "3d_fullres", "-tr", trainer, "-p",
-            "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+            "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0)
         prediction = sitk.ReadImage(str(out / image.name.replace("_0000", "")))
         assert prediction.GetSize() == reference.GetSize()
         assert set(np.unique(sitk.GetArrayFromImage(prediction))) <= {0, 1, 2}

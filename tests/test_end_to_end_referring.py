@@ -1,4 +1,4 @@
-"""The README workflow with the stock nnU-Net commands, on tiny synthetic referring datasets (2D and 3D).
+"""The README workflow with the stock nnU-Net commands, on tiny synthetic referring datasets (2D: conftest's, and 3D).
 
 make synthetic -> LSMSv2_plan_and_preprocess (nnU-Net planning + the real embedded text encoder) -> stock
 nnUNetv2_train -tr LSMSTrainer_test -> stock nnUNetv2_predict with a companion expressions.json -> LSMSv2_evaluate.
@@ -21,44 +21,55 @@ from lsms_nnunet.network.prompting import MODEL_CARD_PLANS_KEY
 from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.selection.stage import STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage, weights_identity
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
-from lsms_nnunet.training.variants import LSMSTrainer_test
+from lsms_nnunet.training.variants import BUDGET_CASE_LEVEL_ENV, LSMSTrainer_test
 
-from conftest import assert_outlived_by_none, assert_scores_follow_from_voxel_counts, child_processes
+from conftest import TINY_PLANS, assert_outlived_by_none, assert_scores_follow_from_voxel_counts, child_processes
 
 pytestmark = pytest.mark.slow  # trains models end to end
 
 MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
-DATASETS = {
-    "2d": dict(dataset_id=511, dim=2, shape=("64", "64"), cases=5),
-    "3d_fullres": dict(dataset_id=512, dim=3, shape=("16", "32", "32"), cases=5),
-}
+DATASET_3D = 512
 
 
-def _train(configuration: str, run, nnunet_dirs) -> dict:
-    """A referring dataset made, planned, encoded and trained for one fold with the stock nnU-Net command."""
-    spec = DATASETS[configuration]
-    dataset = spec["dataset_id"]
-    run("LSMSv2_make_synthetic", "-d", dataset, "--dim", spec["dim"], "--cases", spec["cases"], "--test_cases", 2,
-        "--shape", *spec["shape"], "--seed", 3)
-    run("LSMSv2_plan_and_preprocess", "-d", dataset, "-c", configuration, "-np", 1, "--verify_dataset_integrity",
-        nnUNet_n_proc_DA="0")  # as exported for seeded benchmarks: nnU-Net's own planner would crash on it
-    make_plans_variant(dataset, "nnUNetPlans_tiny", max_features=16, batch_size=2)
-    run("nnUNetv2_train", dataset, configuration, 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny",
-        "-device", "cpu", nnUNet_n_proc_DA="0")
-    raw = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{dataset}_*"))
-    model = next(Path(nnunet_dirs["nnUNet_results"]).glob(f"Dataset{dataset}_*")) / \
-        f"LSMSTrainer_test__nnUNetPlans_tiny__{configuration}"
+def _train(dataset: int, raw: Path, configuration: str, run, nnunet_dirs) -> dict:
+    """Fold 0 of a planned and encoded referring dataset trained with the stock nnU-Net command."""
+    run("nnUNetv2_train", dataset, configuration, 0, "-tr", "LSMSTrainer_test", "-p", TINY_PLANS, "-device", "cpu",
+        nnUNet_n_proc_DA="0")
+    model = Path(nnunet_dirs["nnUNet_results"]) / raw.name / f"LSMSTrainer_test__{TINY_PLANS}__{configuration}"
     return dict(dataset=dataset, configuration=configuration, raw=raw, model=model)
 
 
 @pytest.fixture(scope="module")
-def trained_models(run, nnunet_dirs) -> dict:
-    return {configuration: _train(configuration, run, nnunet_dirs) for configuration in DATASETS}
+def trained_models(run, nnunet_dirs, referring_2d) -> dict:
+    run("LSMSv2_make_synthetic", "-d", DATASET_3D, "--dim", 3, "--cases", 5, "--test_cases", 2, "--shape", 16, 32, 32,
+        "--seed", 3)
+    run("LSMSv2_plan_and_preprocess", "-d", DATASET_3D, "-c", "3d_fullres", "-np", 1, "--verify_dataset_integrity",
+        nnUNet_n_proc_DA="0")
+    make_plans_variant(DATASET_3D, TINY_PLANS, max_features=16, batch_size=2)
+    raw_3d = next(Path(nnunet_dirs["nnUNet_raw"]).glob(f"Dataset{DATASET_3D}_*"))
+    return {"2d": _train(referring_2d["dataset"], referring_2d["raw"], "2d", run, nnunet_dirs),
+            "3d_fullres": _train(DATASET_3D, raw_3d, "3d_fullres", run, nnunet_dirs)}
 
 
-@pytest.fixture(params=sorted(DATASETS))
+@pytest.fixture(params=["2d", "3d_fullres"])
 def trained(request, trained_models) -> dict:
     return trained_models[request.param]
+
+
+@pytest.fixture(scope="module")
+def stock_predictions(trained_models, run, tmp_path_factory):
+    """The folder of a model's answers to its test images' companion expressions (nnUNetv2_predict with
+    _predict_args: a preprocessing and an export worker), predicted once per model: tests that compare another way of
+    predicting with it only read it."""
+    folders = {}
+
+    def predicted(configuration: str) -> Path:
+        if configuration not in folders:
+            trained = trained_models[configuration]
+            folders[configuration] = tmp_path_factory.mktemp(f"stock_predictions_{configuration}")
+            run("nnUNetv2_predict", *_predict_args(trained, trained["raw"] / "imagesTs", folders[configuration]))
+        return folders[configuration]
+    return predicted
 
 
 def test_stock_train_writes_per_expression_validation(trained):
@@ -98,7 +109,7 @@ def test_checkpoint_records_text_encoder(trained):
     assert plans["configurations"][trained["configuration"]][MODEL_CARD_PLANS_KEY] == card  # the card is in the plans
 
 
-def test_model_folder_from_before_cards_in_plans_predicts_the_same(trained_models, run, tmp_path):
+def test_model_folder_from_before_cards_in_plans_predicts_the_same(trained_models, stock_predictions, run, tmp_path):
     """A model folder whose plans.json has no card (written by an earlier lsms-nnunet) takes it from the checkpoint."""
     trained = trained_models["2d"]
     legacy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
@@ -107,20 +118,17 @@ def test_model_folder_from_before_cards_in_plans_predicts_the_same(trained_model
     del plans["configurations"]["2d"][MODEL_CARD_PLANS_KEY]
     (legacy / "plans.json").write_text(json.dumps(plans), encoding="utf-8")
     images = trained["raw"] / "imagesTs"
-    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "now"))
-    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "legacy"),
+    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "legacy", workers=0),
         nnUNet_results=str(tmp_path / "results"))
     for expression in json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]:
-        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / folder / f"{expression['id']}.nii.gz")))
-                 for folder in ("now", "legacy")]
+        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{expression['id']}.nii.gz")))
+                 for folder in (stock_predictions("2d"), tmp_path / "legacy")]
         assert np.array_equal(*masks)
 
 
-def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path):
+def test_stock_predict_with_companion_file_then_evaluate(trained, stock_predictions, run, tmp_path):
     images = trained["raw"] / "imagesTs"
-    out = tmp_path / "predictions"
-    run("nnUNetv2_predict", "-i", images, "-o", out, "-d", trained["dataset"], "-c", trained["configuration"],
-        "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+    out = stock_predictions(trained["configuration"])
     expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     assert expressions
     for expression in expressions:
@@ -132,8 +140,9 @@ def test_stock_predict_with_companion_file_then_evaluate(trained, run, tmp_path)
         assert set(np.unique(sitk.GetArrayFromImage(mask))) <= {0, 1}
     index = json.loads((out / "expressions_index.json").read_text(encoding="utf-8"))
     assert {e["id"] for e in index["expressions"]} == {e["id"] for e in expressions}
-    run("LSMSv2_evaluate", "-ref", trained["raw"] / "labelsTs", "-pred", out, "-e", images / "expressions.json")
-    summary = json.loads((out / "summary.json").read_text(encoding="utf-8"))
+    run("LSMSv2_evaluate", "-ref", trained["raw"] / "labelsTs", "-pred", out, "-e", images / "expressions.json", "-o",
+        tmp_path / "summary.json")  # the default, -pred/summary.json, in test_demo
+    summary = json.loads((tmp_path / "summary.json").read_text(encoding="utf-8"))
     assert summary["aggregate"]["n_expressions"] == len(expressions)
 
 
@@ -146,9 +155,6 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
     without_file = tmp_path / "results" / trained["model"].parent.name / trained["model"].name
     shutil.copytree(trained["model"], without_file)
     (without_file / "fold_0" / STAGE_FILE).unlink()
-    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "checkpoint_only"),
-                 nnUNet_results=str(tmp_path / "results"))
-    assert "no case selector" not in result.stdout + result.stderr
     checkpoint_file = without_file / "fold_0" / "checkpoint_final.pth"
     checkpoint = load_checkpoint_safely(checkpoint_file)
     verdicts = []
@@ -157,8 +163,11 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
             "case_level_dice": 0.5, "network_alone_dice": network_alone_dice, "expressions": 10}
         torch.save(checkpoint, checkpoint_file)
         out = tmp_path / f"verdict_{network_alone_dice}"
-        result = run("nnUNetv2_predict", *_predict_args(trained, images, out), nnUNet_results=str(tmp_path / "results"))
-        verdicts.append(("answered by the network alone" in result.stdout + result.stderr,
+        result = run("nnUNetv2_predict", *_predict_args(trained, images, out, workers=0),
+                     nnUNet_results=str(tmp_path / "results"))
+        said = result.stdout + result.stderr
+        assert "no case selector" not in said  # taken from the checkpoint: the file beside it is gone
+        verdicts.append(("answered by the network alone" in said,
                          {p.name: sitk.GetArrayFromImage(sitk.ReadImage(str(p))) for p in out.glob("*.nii.gz")}))
     assert [said for said, _ in verdicts] == [False, True]
     masks = [answer for _, answer in verdicts]
@@ -166,7 +175,7 @@ def test_stock_predict_answers_through_the_case_selector_in_the_checkpoint(train
                                                       for name in masks[0])
     del checkpoint["network_weights"]["_extra_state"][STAGE_STATE_KEY]
     torch.save(checkpoint, checkpoint_file)
-    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither"),
+    result = run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "neither", workers=0),
                  nnUNet_results=str(tmp_path / "results"))
     said = result.stdout + result.stderr
     assert "no case selector" in said and "LSMSv2_fit_case_level" in said
@@ -232,7 +241,7 @@ def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_mode
     settings.write_text('{"ensemble_members": 2, "fit_steps": 40}')
     environment = dict(nnUNet_results=str(tmp_path / "results"))
     result = run("LSMSv2_fit_case_level", "-d", trained["dataset"], "-c", "2d", "-f", 0, "-tr", "LSMSTrainer_test",
-                 "-p", "nnUNetPlans_tiny", "-device", "cpu", "--settings", settings, **environment)
+                 "-p", TINY_PLANS, "-device", "cpu", "--settings", settings, **environment)
     assert "Expressions are answered by" in result.stdout and "Fitted in" in result.stdout
     weights = load_checkpoint_safely(copy / "fold_0" / "checkpoint_final.pth")["network_weights"]
     stage = CaseLevelStage.from_payload(weights["_extra_state"][STAGE_STATE_KEY], MINILM_SHA256, "the checkpoint")
@@ -241,7 +250,7 @@ def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_mode
     assert len(stage.selectors) == 2 and stage.fitted_on == weights_identity(weights)
     assert CaseLevelStage.load(copy / "fold_0" / STAGE_FILE, MINILM_SHA256).settings == stage.settings
     assert (copy / "fold_0" / "validation" / "summary.json").read_bytes() == validation_before  # not validated
-    result = run("nnUNetv2_predict", *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / "out"),
+    result = run("nnUNetv2_predict", *_predict_args(trained, trained["raw"] / "imagesTs", tmp_path / "out", workers=0),
                  **environment)
     assert "Expressions are answered by" in result.stdout + result.stderr
     best = load_checkpoint_safely(copy / "fold_0" / "checkpoint_best.pth")  # weights of another epoch
@@ -254,17 +263,22 @@ def test_the_case_level_stage_is_refitted_alone_with_other_settings(trained_mode
     assert "fitted on other weights" in message and "LSMSv2_fit_case_level" in message
     settings.write_text('{"logit_cieling": 6}')
     message = run_failing("LSMSv2_fit_case_level", "-d", trained["dataset"], "-c", "2d", "-f", 0, "-tr",
-                          "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-device", "cpu", "--settings", settings,
+                          "LSMSTrainer_test", "-p", TINY_PLANS, "-device", "cpu", "--settings", settings,
                           **environment)
     assert "settings.json: unknown case-level setting" in message and "Traceback" not in message
 
 
-def _predict_args(trained, images, out):
+def _predict_args(trained, images, out, workers: int = 1) -> list:
+    """nnUNetv2_predict / LSMSv2_predict arguments; `workers=0` predicts sequentially, in the command's own process:
+    for a tiny model, spawning the preprocessing and export workers costs as much as the prediction (the two ways
+    answer alike: test_sequential_prediction_answers_like_the_multiprocess_one)."""
     return ["-i", images, "-o", out, "-d", trained["dataset"], "-c", trained["configuration"], "-tr",
-            "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1]
+            "LSMSTrainer_test", "-p", TINY_PLANS, "-f", 0, "-device", "cpu", "-npp", workers, "-nps", workers]
 
 
-def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained, run, tmp_path):
+def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained_models, run, tmp_path):
+    """LSMSv2_predict's own options (on 2D; the 3D model answers LSMSv2_predict --text in the geometry test)."""
+    trained = trained_models["2d"]
     images = tmp_path / "images"
     images.mkdir()
     case = sorted((trained["raw"] / "imagesTs").glob("*_0000.nii.gz"))[0]
@@ -274,13 +288,14 @@ def test_twin_predict_with_expressions_elsewhere_and_ad_hoc_text(trained, run, t
     expressions.write_text(json.dumps({"format": "lsms-expressions", "version": 1, "expressions": [
         {"id": "q1", "case": case_id, "text": "the largest lesion"},
         {"id": "q2", "case": case_id, "text": "all cysts"}]}))
-    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file"), "-e", expressions)
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file", workers=0), "-e", expressions)
     assert {p.name for p in (tmp_path / "from_file").glob("q*.nii.gz")} == {"q1.nii.gz", "q2.nii.gz"}
-    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "ad_hoc"), "--text", "the smallest lesion")
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "ad_hoc", workers=0), "--text",
+        "the smallest lesion")
     assert (tmp_path / "ad_hoc" / f"{case_id}-text.nii.gz").is_file()
     # --continue_prediction: nothing is redone when every expression already has its mask
     before = (tmp_path / "from_file" / "q1.nii.gz").stat().st_mtime_ns
-    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file"), "-e", expressions,
+    run("LSMSv2_predict", *_predict_args(trained, images, tmp_path / "from_file", workers=0), "-e", expressions,
         "--continue_prediction")
     assert (tmp_path / "from_file" / "q1.nii.gz").stat().st_mtime_ns == before
 
@@ -340,19 +355,14 @@ def test_prediction_never_writes_over_the_input_images(trained_models, run_faili
     assert not (tmp_path / "out").exists()  # nothing written, and no empty output folder left behind
 
 
-def test_sequential_prediction_answers_like_the_multiprocess_one(trained_models, run, tmp_path):
+def test_sequential_prediction_answers_like_the_multiprocess_one(trained_models, stock_predictions, run, tmp_path):
     trained = trained_models["2d"]
     images = trained["raw"] / "imagesTs"
-    arguments = {}
-    for mode, processes in (("sequential", 0), ("multiprocess", 1)):
-        arguments[mode] = _predict_args(trained, images, tmp_path / mode)
-        for flag in ("-npp", "-nps"):
-            arguments[mode][arguments[mode].index(flag) + 1] = processes
-        run("nnUNetv2_predict", *arguments[mode])
+    run("nnUNetv2_predict", *_predict_args(trained, images, tmp_path / "sequential", workers=0))
     expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     for expression in expressions:
-        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / mode / f"{expression['id']}.nii.gz")))
-                 for mode in arguments]
+        masks = [sitk.GetArrayFromImage(sitk.ReadImage(str(folder / f"{expression['id']}.nii.gz")))
+                 for folder in (tmp_path / "sequential", stock_predictions("2d"))]
         assert np.array_equal(*masks)
     index = json.loads((tmp_path / "sequential" / "expressions_index.json").read_text(encoding="utf-8"))
     assert {e["id"] for e in index["expressions"]} == {e["id"] for e in expressions}
@@ -385,7 +395,7 @@ def test_geometry_round_trip_with_rotated_anisotropic_input(trained_models, run,
     sitk.WriteImage(image, str(images / source.name))
     case_id = source.name[: -len("_0000.nii.gz")]
     out = tmp_path / "out"
-    run("LSMSv2_predict", *_predict_args(trained, images, out), "--text", "the largest lesion")
+    run("LSMSv2_predict", *_predict_args(trained, images, out, workers=0), "--text", "the largest lesion")
     mask = sitk.ReadImage(str(out / f"{case_id}-text.nii.gz"))
     assert mask.GetSize() == image.GetSize()
     assert np.allclose(mask.GetSpacing(), image.GetSpacing())
@@ -433,7 +443,7 @@ def test_a_scan_stored_mirrored_gets_the_same_physical_answer(trained_models, tm
 def test_expression_batching_benchmark_runs(trained_models, run):
     trained = trained_models["2d"]
     output = run("LSMSv2_benchmark_expressions", "-d", trained["dataset"], "-c", "2d", "-tr", "LSMSTrainer_test",
-                 "-p", "nnUNetPlans_tiny", "-E", 1, 3).stdout
+                 "-p", TINY_PLANS, "-E", 1, 3).stdout
     rows = [line for line in output.splitlines() if line.startswith("| 1 |") or line.startswith("| 3 |")]
     assert len(rows) == 2
     for row in rows:  # each figure follows from the measured seconds (printed to the millisecond)
@@ -480,7 +490,7 @@ def test_expressions_answered_in_chunks_give_the_masks_of_one_pass(trained_model
 def test_expression_memory_benchmark_measures_each_count_in_its_own_process(trained_models, run):
     trained = trained_models["2d"]
     output = run("LSMSv2_benchmark_expression_memory", "-d", trained["dataset"], "-c", "2d", "-tr",
-                 "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-E", 1, 40).stdout
+                 "LSMSTrainer_test", "-p", TINY_PLANS, "-E", 1, 40).stdout
     rows = [[cell.strip() for cell in line.split("|")[1:5]] for line in output.splitlines()
             if line.startswith("| 1 |") or line.startswith("| 40 |")]
     assert [(row[0], row[1]) for row in rows] == [("1", "1"), ("40", "40")]  # every expression got its mask
@@ -490,18 +500,21 @@ def test_expression_memory_benchmark_measures_each_count_in_its_own_process(trai
 
 def test_resume_validation_only_fold_ensemble_and_probabilities(trained_models, run, tmp_path):
     trained = trained_models["2d"]
-    common = [trained["dataset"], "2d", 0, "-tr", "LSMSTrainer_test", "-p", "nnUNetPlans_tiny", "-device", "cpu"]
-    summary_file = trained["model"] / "fold_0" / "validation" / "summary.json"
+    copy = tmp_path / "results" / trained["model"].parent.name / trained["model"].name  # validation refits the stage
+    shutil.copytree(trained["model"], copy)
+    environment = dict(nnUNet_results=str(tmp_path / "results"), nnUNet_n_proc_DA="0")
+    common = [trained["dataset"], "2d", 0, "-tr", "LSMSTrainer_test", "-p", TINY_PLANS, "-device", "cpu"]
+    summary_file = copy / "fold_0" / "validation" / "summary.json"
     summary_file.unlink()
-    run("nnUNetv2_train", *common, "--val", nnUNet_n_proc_DA="0")  # loads the checkpoint (and its model card)
+    run("nnUNetv2_train", *common, "--val", **environment)  # loads the checkpoint (and its model card)
     assert json.loads(summary_file.read_text(encoding="utf-8"))["aggregate"]["n_expressions"] > 0
-    run("nnUNetv2_train", *common, "--c", nnUNet_n_proc_DA="0")  # a finished training resumes as finished
-    run("nnUNetv2_train", *common[:2], 1, *common[3:], nnUNet_n_proc_DA="0")
+    run("nnUNetv2_train", *common, "--c", **environment)  # a finished training resumes as finished
+    run("nnUNetv2_train", *common[:2], 1, *common[3:], **environment)
     out = tmp_path / "out"
     arguments = _predict_args(trained, trained["raw"] / "imagesTs", out)
     folds = arguments.index("-f")
     arguments[folds + 1: folds + 2] = [0, 1]  # two folds averaged
-    run("nnUNetv2_predict", *arguments, "--save_probabilities", "-step_size", 0.7)
+    run("nnUNetv2_predict", *arguments, "--save_probabilities", "-step_size", 0.7, **environment)
     expression = json.loads((trained["raw"] / "imagesTs" / "expressions.json").read_text(encoding="utf-8"))["expressions"][0]
     probabilities = np.load(out / f"{expression['id']}.npz")["probabilities"]
     mask = sitk.GetArrayFromImage(sitk.ReadImage(str(out / f"{expression['id']}.nii.gz")))
@@ -527,13 +540,14 @@ def test_a_case_position_model_trains_and_predicts_with_the_stock_commands(train
     channels), final validation and stock prediction (the predictor appends them before the sliding window)."""
     trained = trained_models["3d_fullres"]
     preprocessed = Path(os.environ["nnUNet_preprocessed"]) / trained["raw"].name
-    planned = json.loads((preprocessed / "nnUNetPlans_tiny.json").read_text(encoding="utf-8"))
+    planned = json.loads((preprocessed / f"{TINY_PLANS}.json").read_text(encoding="utf-8"))
     patch = planned["configurations"]["3d_fullres"]["patch_size"]
-    make_plans_variant(trained["dataset"], "nnUNetPlans_halfpatch", source_plans="nnUNetPlans_tiny",
+    make_plans_variant(trained["dataset"], "nnUNetPlans_halfpatch", source_plans=TINY_PLANS,
                        patch_size=(patch[0], patch[1] // 2, patch[2] // 2), configuration="3d_fullres")
     trainer = "LSMSTrainer_budget_case_position"
     run("nnUNetv2_train", trained["dataset"], "3d_fullres", 0, "-tr", trainer, "-p", "nnUNetPlans_halfpatch",
-        "-device", "cpu", nnUNet_n_proc_DA="0", LSMS_BUDGET_EPOCHS="1", LSMS_BUDGET_ITERATIONS="2")
+        "-device", "cpu", nnUNet_n_proc_DA="0", LSMS_BUDGET_EPOCHS="1", LSMS_BUDGET_ITERATIONS="2",
+        **{BUDGET_CASE_LEVEL_ENV: json.dumps(LSMSTrainer_test.case_level_settings.to_dict())})  # a short fit
     model = trained["model"].parent / f"{trainer}__nnUNetPlans_halfpatch__3d_fullres"
     checkpoint = load_checkpoint_safely(model / "fold_0" / "checkpoint_final.pth")
     assert checkpoint["network_weights"]["_extra_state"]["network"]["case_position"] is True
@@ -541,7 +555,7 @@ def test_a_case_position_model_trains_and_predicts_with_the_stock_commands(train
     assert summary["aggregate"]["n_expressions"] > 0
     images, out = trained["raw"] / "imagesTs", tmp_path / "predictions"
     run("nnUNetv2_predict", "-i", images, "-o", out, "-d", trained["dataset"], "-c", "3d_fullres", "-tr", trainer,
-        "-p", "nnUNetPlans_halfpatch", "-f", 0, "-device", "cpu", "-npp", 1, "-nps", 1)
+        "-p", "nnUNetPlans_halfpatch", "-f", 0, "-device", "cpu", "-npp", 0, "-nps", 0)
     expressions = json.loads((images / "expressions.json").read_text(encoding="utf-8"))["expressions"]
     for expression in expressions:
         image = sitk.ReadImage(str(images / f"{expression['case']}_0000.nii.gz"))
