@@ -22,23 +22,20 @@ import torch
 from lsms_nnunet.planning.variants import make_plans_variant
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 
-from conftest import assert_outlived_by_none, child_processes
+from conftest import TINY_PLANS, assert_outlived_by_none, child_processes
 
 pytestmark = pytest.mark.slow  # trains models end to end
 
-DATASET = 531
+PLANS = "nnUNetPlans_interrupted"  # this module's own model folders on the shared dataset
 KILLS = int(os.environ.get("LSMS_TEST_KILLS", "5"))
 EPOCH_LINE = re.compile(r": Epoch (\d+)\s*$", re.MULTILINE)
 EPOCH_END_LINE = re.compile(r": Epoch time: ")
 
 
 @pytest.fixture(scope="module")
-def dataset(run, nnunet_dirs) -> str:
-    run("LSMSv2_make_synthetic", "-d", DATASET, "--dim", 2, "--cases", 5, "--test_cases", 1, "--shape", 48, 48,
-        "--seed", 5)
-    run("LSMSv2_plan_and_preprocess", "-d", DATASET, "-c", "2d", "-np", 1, nnUNet_n_proc_DA="1")
-    make_plans_variant(DATASET, "nnUNetPlans_tiny", max_features=16, batch_size=2)
-    return next(Path(nnunet_dirs["nnUNet_preprocessed"]).glob(f"Dataset{DATASET}_*")).name
+def dataset(referring_2d) -> str:
+    make_plans_variant(referring_2d["dataset"], PLANS, source_plans=TINY_PLANS)
+    return referring_2d["raw"].name
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +44,7 @@ def trainer(dataset, nnunet_dirs):
     from lsms_nnunet.training.variants import LSMSTrainer_test
 
     folder = Path(nnunet_dirs["nnUNet_preprocessed"]) / dataset
-    plans = json.loads((folder / "nnUNetPlans_tiny.json").read_text(encoding="utf-8"))
+    plans = json.loads((folder / f"{PLANS}.json").read_text(encoding="utf-8"))
     plans["continue_training"] = True  # how nnU-Net 2.8's get_trainer_from_args passes --c to the trainer
     trainer = LSMSTrainer_test(plans, "2d", 1, json.loads((folder / "dataset.json").read_text(encoding="utf-8")),
                                device=torch.device("cpu"))
@@ -115,8 +112,8 @@ def _start_training(dataset: str, fold: int, output: Path, **extra_env) -> subpr
            "nnUNet_n_proc_DA": "0", **extra_env}
     executable = shutil.which("LSMSv2_train") or str(Path(sys.executable).parent / "LSMSv2_train")
     with open(output, "w", encoding="utf-8") as log:
-        return subprocess.Popen([executable, dataset, "2d", str(fold), "-tr", "LSMSTrainer_budget", "-p",
-                                 "nnUNetPlans_tiny", "-device", "cpu", "--c"], env=env, stdout=log,
+        return subprocess.Popen([executable, dataset, "2d", str(fold), "-tr", "LSMSTrainer_budget", "-p", PLANS,
+                                 "-device", "cpu", "--c"], env=env, stdout=log,
                                 stderr=subprocess.STDOUT)
 
 
@@ -135,9 +132,8 @@ def _wait_for(process: subprocess.Popen, output: Path, pattern: re.Pattern, time
                          f"{output.read_text(encoding='utf-8', errors='replace')[-4000:]}")
 
 
-def _model_folder(nnunet_dirs, fold: int) -> Path:
-    return next(Path(nnunet_dirs["nnUNet_results"]).glob(f"Dataset{DATASET}_*")) / \
-        "LSMSTrainer_budget__nnUNetPlans_tiny__2d" / f"fold_{fold}"
+def _model_folder(nnunet_dirs, dataset: str, fold: int) -> Path:
+    return Path(nnunet_dirs["nnUNet_results"]) / dataset / f"LSMSTrainer_budget__{PLANS}__2d" / f"fold_{fold}"
 
 
 def test_training_killed_at_random_moments_always_continues(dataset, nnunet_dirs, tmp_path):
@@ -158,7 +154,7 @@ def test_training_killed_at_random_moments_always_continues(dataset, nnunet_dirs
             time.sleep(rng.choice([rng.uniform(0.0, 0.3), rng.uniform(0.0, 3.0)]))
         process.send_signal(signal.SIGKILL)
         process.wait()
-        latest = _model_folder(nnunet_dirs, 0) / "checkpoint_latest.pth"
+        latest = _model_folder(nnunet_dirs, dataset, 0) / "checkpoint_latest.pth"
     assert resumed_from[-1] > 0, f"no run ever got to write a checkpoint: {resumed_from}"
 
 
