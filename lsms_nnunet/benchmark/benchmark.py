@@ -34,8 +34,8 @@ import numpy as np
 import torch
 
 from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measure_variant
-from lsms_nnunet.benchmark.preparation import (HELDOUT_SECTION, NETWORK_ALONE_SECTION, BenchmarkSetup,
-                                               prepare_benchmark, say)
+from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
+                                               BenchmarkSetup, prepare_benchmark, say)
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 from lsms_nnunet.benchmark.step_profile import merge_profiles
@@ -68,6 +68,7 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
         "referring_per_category": per_category_metrics(per_expression),
         **phrasing_summary(records, per_expression),
         **network_alone_summary(records),
+        **candidate_summary(records),
         "plain_lesion": {"mean_dice": float(np.mean(list(plain.values()))), "cases": len(plain),
                          "prompt": records[0]["plain"]["prompt"]},
         "cost": {
@@ -107,6 +108,15 @@ def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dic
     return {"referring_per_phrasing": per_phrasing,
             "heldout_vs_seen_dice": heldout_dice / seen_dice if seen_dice else None,
             "heldout_per_category": per_category_metrics(heldout)}
+
+
+def candidate_summary(records: Sequence[dict]) -> dict:
+    """Candidate quality counted over the folds ({} for models without a finding answer)."""
+    found = [record[CANDIDATES_SECTION] for record in records if record.get(CANDIDATES_SECTION)]
+    if not found:
+        return {}
+    return {"candidate_quality": {source: {outcome: sum(counts[source].get(outcome, 0) for counts in found)
+                                           for outcome in found[0][source]} for source in found[0]}}
 
 
 def network_alone_summary(records: Sequence[dict]) -> dict:

@@ -10,6 +10,7 @@ import dataclasses
 
 import json
 import time
+from collections import Counter
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -21,13 +22,19 @@ from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_bl
                                             write_all_lesion_reference_masks)
 from lsms_nnunet.benchmark.costs import (forward_gflops, median_seconds, parameter_counts, seconds_per_iteration,
                                          text_encoder_parameters, texts_for_counts, time_cases)
-from lsms_nnunet.benchmark.preparation import HELDOUT_SECTION, NETWORK_ALONE_SECTION, BenchmarkSetup, say
+from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
+                                               BenchmarkSetup, say)
 from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
+from lsms_nnunet.evaluation.candidate_quality import candidate_quality
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.network.case_position import network_input_channels
 from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
+from lsms_nnunet.preprocessing.prompts import lesion_voxels
+from lsms_nnunet.selection.candidates import candidates_of_answer, find_candidates
+from lsms_nnunet.selection.evidence import preprocessed_spacing
+from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.training.checkpoints import load_checkpoint_safely
 from text_conditioning.encoders import EncoderIdentity
 from text_conditioning.expressions import Expression, expressions_by_case
@@ -63,6 +70,11 @@ class _FoldModel:
 
     def load_case(self, case: str) -> tuple[torch.Tensor, dict]:
         """A preprocessed validation case in the orientation the network was trained in (canonical for LSMS)."""
+        data, _, properties = self.load_case_with_regions(case)
+        return data, properties
+
+    def load_case_with_regions(self, case: str) -> tuple[torch.Tensor, np.ndarray, dict]:
+        """`load_case` with the case's preprocessed region map [*spatial], in the same orientation."""
         if self._dataset is None:
             from nnunetv2.training.dataloading.nnunet_dataset import infer_dataset_class
 
@@ -72,8 +84,8 @@ class _FoldModel:
             if self.variant.uses_text:
                 self._dataset = CanonicallyOrientedDataset(self._dataset,
                                                            self.predictor.plans_manager.transpose_forward)
-        data, _, _, properties = self._dataset.load_case(case)
-        return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), properties
+        data, seg, _, properties = self._dataset.load_case(case)
+        return torch.from_numpy(np.asarray(data[:], dtype=np.float32)), np.asarray(seg[:])[0], properties
 
     def answer(self, questions: dict[str, list[tuple[str, str]]], folder: Path, description: str) -> None:
         """Masks `<id><file_ending>` in folder answering each case's (id, text) questions as the final validation
@@ -263,11 +275,35 @@ def measure_network_alone(model: _FoldModel) -> dict:
     return {**scores, "declined_case_level": declined}
 
 
+def measure_candidates(model: _FoldModel) -> dict:
+    """How the case-level stage's candidates stand for the validation cases' lesions (the regions of their label
+    maps): those of the network's finding answer and, for reference, those split from the true lesion mask, with the
+    stage's candidate settings ({} for models without a finding answer; evaluation/candidate_quality.py)."""
+    setup, variant = model.setup, model.variant
+    if not variant.uses_text:
+        return {}
+    predictor = model.predictor
+    settings = predictor.case_level.settings if predictor.case_level is not None else CaseLevelSettings()
+    counts = {"network": Counter(), "true_lesions": Counter()}
+    for case in setup.validation_cases(model.fold):
+        data, region_map, _ = model.load_case_with_regions(case)
+        spacing = preprocessed_spacing(predictor.configuration_manager.spacing, region_map.ndim)
+        lesion_ids = [int(i) for i in np.unique(region_map) if i > 0 and i not in setup.context_ids]
+        found = predictor.predict_finding(data, setup.text_cache_folder)
+        for name, candidates in (
+                ("network", candidates_of_answer(found.lesion_logits.float().numpy(), spacing, settings)),
+                ("true_lesions", find_candidates(lesion_voxels(region_map, setup.context_ids), spacing,
+                                                 settings=settings))):
+            counts[name].update(candidate_quality(candidates.labels, region_map, lesion_ids))
+    return {name: dict(counted) for name, counted in counts.items()}
+
+
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
     "training": measure_training, "referring": measure_referring, "plain": measure_plain,
     "network": measure_network, "inference": measure_inference, "probe": measure_probe,
     "step_profile": measure_step_profile, "expression_scaling": measure_expression_scaling,
-    NETWORK_ALONE_SECTION: measure_network_alone, HELDOUT_SECTION: measure_heldout}
+    NETWORK_ALONE_SECTION: measure_network_alone, HELDOUT_SECTION: measure_heldout,
+    CANDIDATES_SECTION: measure_candidates}
 
 
 def checkpoint_signature(checkpoint: Path) -> dict:

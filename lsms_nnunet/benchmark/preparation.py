@@ -24,8 +24,9 @@ from text_conditioning.io import write_json_atomically
 
 
 NETWORK_ALONE_SECTION = "network_alone"
+CANDIDATES_SECTION = "candidates"
 SECTIONS = ("training", "referring", NETWORK_ALONE_SECTION, "plain", "network", "inference", "probe", "step_profile",
-            "expression_scaling")
+            "expression_scaling", CANDIDATES_SECTION)
 
 
 HELDOUT_SECTION = "heldout"

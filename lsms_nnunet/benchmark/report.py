@@ -15,6 +15,9 @@ TABLE_COLUMNS = ("variant", "mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target 
                  "infer s/case", "infer s/expr")
 
 
+CANDIDATE_OUTCOMES = ("matched", "split", "merged", "missed", "poorly_outlined")
+
+
 def format_number(value: float | None, digits: int) -> str:
     return "n/a" if value is None else f"{value:.{digits}f}"
 
@@ -151,11 +154,31 @@ def format_expression_scaling_table(results: dict) -> list[str]:
     return markdown_table(rows)
 
 
+def format_candidate_table(results: dict) -> list[str]:
+    """Per model with a finding answer, how its candidates (and those split from the true lesion masks) stand for
+    the validation lesions; empty when no model has one."""
+    rows = []
+    for variant in results["variants"]:
+        for source, counts in variant.get("candidate_quality", {}).items():
+            lesions = counts.get("lesions", 0)
+            rows.append([variant["name"], source.replace("_", " "), str(lesions),
+                         *(f"{counts.get(outcome, 0)} ({counts.get(outcome, 0) / lesions:.0%})" if lesions else "0"
+                           for outcome in CANDIDATE_OUTCOMES)])
+    if not rows:
+        return []
+    return ["Candidates against the validation lesions (the regions of the label maps, at least 50 voxels): "
+            "matched one-to-one (IoU >= 0.5), split, merged, missed, poorly outlined "
+            "(evaluation/candidate_quality.py). \"true lesions\": the candidates split from the true lesion mask, "
+            "what the stage is also fitted on.", "",
+            *markdown_table([["variant", "candidates of", "lesions", *CANDIDATE_OUTCOMES], *rows])]
+
+
 def format_results_table(results: dict) -> str:
     """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
     lines = markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
     for extra in (format_category_table(results), format_case_level_table(results), format_phrasing_table(results),
-                  format_profile_table(results), format_expression_scaling_table(results)):
+                  format_candidate_table(results), format_profile_table(results),
+                  format_expression_scaling_table(results)):
         if extra:
             lines += ["", *extra]
     first = results["variants"][0] if results["variants"] else None
