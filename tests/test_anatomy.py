@@ -82,7 +82,8 @@ def _moving_organ_case(rng):
     top, left = int(rng.integers(0, 64 - height)), int(rng.integers(0, 64 - width))
     region_map[0, top:top + height, left:left + width] = ORGAN
     for label, (low, high) in ((1, (0.15, 0.3)), (2, (0.7, 0.85))):
-        _lesion(region_map, label, top + int(rng.uniform(0.3, 0.7) * height), left + int(rng.uniform(low, high) * width))
+        _lesion(region_map, label, top + int(rng.uniform(0.3, 0.7) * height),
+                left + int(rng.uniform(low, high) * width))
     return region_map, {"the lesion in the left part of the organ": 1, "the lesion in the right part of the organ": 2}
 
 
@@ -97,7 +98,8 @@ def _two_kidneys_case(rng):
 
 
 def _image(region_map, rng):
-    image = np.where(region_map == ORGAN, 1.0, np.where(region_map > 0, 0.4, 0.0)) + 0.05 * rng.normal(size=region_map.shape)
+    image = np.where(region_map == ORGAN, 1.0, np.where(region_map > 0, 0.4, 0.0))
+    image = image + 0.05 * rng.normal(size=region_map.shape)
     return image[None].astype(np.float32)
 
 

@@ -59,16 +59,16 @@ def _validation_expressions(benchmarked) -> list[dict]:
     return [e for e in expressions if e["case"] in set(splits[0]["val"])]
 
 
-def _validation_lesions(benchmarked, min_voxels: int = 50) -> int:
-    """Regions of at least `min_voxels` in the label maps of fold 0's validation cases (the 2D set is not
-    resampled, so the preprocessed maps hold the same regions)."""
+def _validation_lesions(benchmarked, min_voxels: int = 50) -> tuple[int, int]:
+    """(regions of at least `min_voxels`, smaller regions) in the label maps of fold 0's validation cases (the 2D
+    set is not resampled, so the preprocessed maps hold the same regions)."""
     splits = json.loads((benchmarked["preprocessed"] / "splits_final.json").read_text(encoding="utf-8"))
-    count = 0
+    sizes = []
     for case in splits[0]["val"]:
         regions = sitk.GetArrayFromImage(sitk.ReadImage(str(benchmarked["preprocessed"] / "gt_segmentations"
                                                             / f"{case}.nii.gz")))
-        count += sum(int((regions == i).sum()) >= min_voxels for i in np.unique(regions) if i > 0)
-    return count
+        sizes += [int((regions == i).sum()) for i in np.unique(regions) if i > 0]
+    return sum(size >= min_voxels for size in sizes), sum(size < min_voxels for size in sizes)
 
 
 def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
@@ -105,10 +105,10 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
             card = checkpoint["network_weights"]["_extra_state"]
             stage = CaseLevelStage.from_payload(card[STAGE_STATE_KEY], card["text_encoder"]["sha256"], "checkpoint")
             assert stage.settings == CaseLevelSettings(**CASE_LEVEL_CHANGES)
-            # every validation lesion of >= 50 voxels gets exactly one outcome per candidate source
-            lesions = _validation_lesions(benchmarked)
+            # every validation lesion is seen: those of >= 50 voxels get an outcome per candidate source
+            lesions, too_small = _validation_lesions(benchmarked)
             for counts in variant["candidate_quality"].values():
-                assert counts["lesions"] == lesions > 0
+                assert (counts["lesions"], counts["too_small"]) == (lesions, too_small) and lesions + too_small > 0
                 assert counts["matched"] + counts["missed"] + counts["poorly_outlined"] + counts["split"] + \
                     counts["merged"] >= lesions
         else:

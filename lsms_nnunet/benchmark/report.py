@@ -161,7 +161,8 @@ def format_candidate_table(results: dict) -> list[str]:
     for variant in results["variants"]:
         for source, counts in variant.get("candidate_quality", {}).items():
             lesions = counts.get("lesions", 0)
-            rows.append([variant["name"], source.replace("_", " "), str(lesions),
+            scored = f"{lesions} (+{counts.get('too_small', 0)} smaller)"
+            rows.append([variant["name"], source.replace("_", " "), scored,
                          *(f"{counts.get(outcome, 0)} ({counts.get(outcome, 0) / lesions:.0%})" if lesions else "0"
                            for outcome in CANDIDATE_OUTCOMES)])
     if not rows:

@@ -10,7 +10,8 @@ map, at least `min_voxels`):
 - **merged**: not matched, and the candidate holding most of it also holds at least `PIECE_SHARE` of another lesion;
 - **missed**: no candidate holds `PIECE_SHARE` of it;
 - otherwise **poorly outlined** (one candidate, too large or too small for the IoU).
-A lesion can be split and merged at once; the other outcomes exclude each other.
+A lesion can be split and merged at once; the other outcomes exclude each other. Smaller lesions are counted apart
+(`too_small`), not scored.
 """
 from __future__ import annotations
 
@@ -29,10 +30,12 @@ def candidate_quality(candidate_labels: np.ndarray, region_map: np.ndarray, lesi
     regions = region_map.ravel().astype(np.int64)
     count = int(candidates.max(initial=0))
     candidate_voxels = np.bincount(candidates, minlength=count + 1)
-    lesions = [int(i) for i in lesion_ids if int((regions == i).sum()) >= min_voxels]
+    present = [int(i) for i in lesion_ids if (regions == i).any()]
+    lesions = [i for i in present if int((regions == i).sum()) >= min_voxels]
     overlap = {lesion: np.bincount(candidates[regions == lesion], minlength=count + 1) for lesion in lesions}
     share = {lesion: overlap[lesion][1:] / max(1, overlap[lesion].sum()) for lesion in lesions}
-    counts = {"lesions": len(lesions), "matched": 0, "split": 0, "merged": 0, "missed": 0, "poorly_outlined": 0}
+    counts = {"lesions": len(lesions), "too_small": len(present) - len(lesions), "matched": 0, "split": 0,
+              "merged": 0, "missed": 0, "poorly_outlined": 0}
     for lesion in lesions:
         inside, size = overlap[lesion][1:], overlap[lesion].sum()
         iou = inside / np.maximum(size + candidate_voxels[1:] - inside, 1)
