@@ -25,6 +25,7 @@ EXPECTED_ERRORS = (
     ("lsms_nnunet.inference.predictor", "UnsafeOutputError"),
     ("lsms_nnunet.inference.input_checks", "InputChannelsError"),
     ("lsms_nnunet.preprocessing.image_checks", "ImageContentError"),
+    ("lsms_nnunet.preprocessing.encode_text", "SplitsFileError"),
     ("lsms_nnunet.datasets.geometry", "ConversionError"),
     ("lsms_nnunet.training.lsms_trainer", "TooFewCasesError"),
     ("lsms_nnunet.selection.stage", "CaseLevelStageError"),

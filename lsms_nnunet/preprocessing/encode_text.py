@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 from pathlib import Path
 
@@ -17,8 +18,8 @@ from tqdm import tqdm
 
 from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
+from text_conditioning.io import atomic_path
 
-from lsms_nnunet.datasets.geometry import ConversionError, copy_file_atomically
 from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
 from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
 from lsms_nnunet.cli import console_entry
@@ -28,7 +29,7 @@ DEFAULT_MAX_TOKENS = 32
 SPLITS_FILE = "splits_final.json"
 
 
-class SplitsFileError(ConversionError):
+class SplitsFileError(ValueError):
     """A raw dataset's own splits_final.json that cannot become the folds nnU-Net trains on."""
 
 
@@ -129,7 +130,8 @@ def adopt_dataset_splits(raw_folder: Path, preprocessed_folder: Path) -> None:
                                   f"{destination} to train on the dataset's folds (models trained on the old folds "
                                   f"then no longer match them), or remove {source} to keep the folds in place.")
         return
-    copy_file_atomically(source, destination)
+    with atomic_path(destination) as temporary:
+        shutil.copyfile(source, temporary)
     print(f"{raw_folder.name}: the dataset's own {SPLITS_FILE} ({len(splits)} folds) copied to {destination}")
 
 
