@@ -188,6 +188,44 @@ def test_results_report_categories_and_heldout_wording(benchmarked):
     assert "Mean Dice per expression category" in markdown and "held-out / seen" in markdown
 
 
+def _read_mask(path: Path) -> np.ndarray:
+    return sitk.GetArrayFromImage(sitk.ReadImage(str(path)))
+
+
+def test_the_untouched_test_split_is_answered_from_raw_images_and_reported_first(benchmarked):
+    """imagesTs answered by each trained fold from the raw files, scored against labelsTs, in both wordings."""
+    from lsms_nnunet.evaluation.metrics import dice_score
+
+    results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
+    test = json.loads((benchmarked["raw"] / "imagesTs" / "expressions.json").read_text(encoding="utf-8"))["expressions"]
+    heldout = [e for e in test if e.get("phrasing") == "heldout"]
+    assert len(heldout) * 2 == len(test) and results["test_split"]["cases"] == 2
+    assert results["test_split"]["expressions"] == results["test_text_blind_ceiling"]["n_expressions"] == len(test)
+    labels = benchmarked["raw"] / "labelsTs"
+    for variant in results["variants"]:
+        assert variant["test"]["n_expressions"] == len(test)
+        assert variant["test_per_phrasing"]["heldout"]["n_expressions"] == len(heldout)
+        assert sum(g["n_expressions"] for g in variant["test_per_category"].values()) == len(test)
+        record = json.loads((benchmarked["out"] / "records" / f"{variant['name']}__fold_0.json")
+                            .read_text(encoding="utf-8"))["test"]
+        assert_scores_follow_from_voxel_counts(record["per_expression"], variant["test"])
+        masks = benchmarked["out"] / "predictions" / variant["name"] / "fold_0" / "test" / "masks"
+        scored = {entry["id"]: entry["dice"] for entry in record["per_expression"]}
+        for expression in test:  # each Dice recomputed from the written mask and the test region map
+            reference = np.isin(_read_mask(labels / f"{expression['case']}.nii.gz"), expression["targets"])
+            answer = _read_mask(masks / f"{expression['id']}.nii.gz") > 0
+            assert scored[expression["id"]] == pytest.approx(dice_score(answer, reference))
+        lesion_expressions = [e["id"] for e in test if e["targets"]]
+        assert variant["test_lesion_expressions_mean_dice"] == pytest.approx(
+            np.mean([scored[i] for i in lesion_expressions]))
+    vanilla = benchmarked["out"] / "predictions" / "nnunet_merged" / "fold_0" / "test"
+    for expression in test:  # text-blind: its label map of the test image answers every expression
+        assert (vanilla / "masks" / f"{expression['id']}.nii.gz").read_bytes() == \
+            (vanilla / "label_maps" / f"{expression['case']}.nii.gz").read_bytes()
+    markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
+    assert markdown.index("Test split: 2 cases") < markdown.index("Validation folds:") < markdown.index("oIoU")
+
+
 def test_case_level_step_is_reported_against_the_network_alone(benchmarked):
     results = json.loads((benchmarked["out"] / "results.json").read_text(encoding="utf-8"))
     validation = _validation_expressions(benchmarked)
@@ -236,7 +274,7 @@ def test_lsms_answers_the_ad_hoc_all_lesions_prompt(benchmarked):
 
 def test_results_md_table_and_plots(benchmarked):
     markdown = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
-    header = next(line for line in markdown.splitlines() if line.startswith("| variant"))
+    header = next(line for line in markdown.splitlines() if line.startswith("| variant") and "oIoU" in line)
     for column in ("mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
                    "s/iter vs vanilla", "probe s/iter", "GFLOPs", "params", "peak mem"):
         assert column in header
@@ -352,14 +390,20 @@ def test_merged_lesion_labels_make_one_region_of_all_ids():
     assert single["labels"] == {"background": 0, "lesion": 1} and "regions_class_order" not in single
 
 
-def _seed_results(lsms_dice: float, vanilla_lesion_dice: float, size_dice: float) -> dict:
+def _seed_results(lsms_dice: float, vanilla_lesion_dice: float, size_dice: float, test_dice: float = 0.6) -> dict:
     def variant(name, dice, lesion, categories):
         return {"name": name, "referring": {"mean_dice": dice, "no_target_accuracy": 0.5},
                 "plain_lesion": {"mean_dice": lesion}, "cost": {"seconds_per_iteration_vs_vanilla": 2.0},
-                "referring_per_category": {c: {"mean_dice": d} for c, d in categories.items()}}
+                "referring_per_category": {c: {"mean_dice": d} for c, d in categories.items()},
+                "test": {"mean_dice": test_dice, "no_target_accuracy": 1.0},
+                "test_lesion_expressions_mean_dice": test_dice - 0.1,
+                "test_per_category": {c: {"mean_dice": d} for c, d in categories.items()},
+                "test_per_phrasing": {"seen": {"mean_dice": test_dice}, "heldout": {"mean_dice": test_dice / 2}},
+                "test_heldout_vs_seen_dice": 0.5}
     return {"dataset": "Dataset1_x", "configuration": "2d", "plans": "nnUNetPlans", "folds": [0],
             "budget": {"epochs": 1, "iterations_per_epoch": 2}, "case_level_settings": None, "device": "cpu",
-            "text_blind_ceiling": {"mean_dice": 0.5},
+            "text_blind_ceiling": {"mean_dice": 0.5}, "test_text_blind_ceiling": {"mean_dice": 0.4},
+            "test_split": {"cases": 3, "expressions": 12, "expressions_file": "imagesTs/expressions.json"},
             "variants": [variant("nnunet_merged", 0.5, vanilla_lesion_dice, {"size": 0.25}),
                          variant("lsms", lsms_dice, 0.7, {"size": size_dice, "kind": 0.9})]}
 
@@ -367,15 +411,23 @@ def _seed_results(lsms_dice: float, vanilla_lesion_dice: float, size_dice: float
 def test_results_over_seeds_report_mean_spread_and_the_ratio_to_vanillas_lesion_dice():
     from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 
-    combined = combine_seeds([0, 1, 2], [_seed_results(0.8, 1.0, 0.6), _seed_results(0.9, 0.9, 0.7),
-                                         _seed_results(0.7, 0.875, 0.8)])
+    combined = combine_seeds([0, 1, 2], [_seed_results(0.8, 1.0, 0.6, 0.5), _seed_results(0.9, 0.9, 0.7, 0.6),
+                                         _seed_results(0.7, 0.875, 0.8, 0.7)])
     lsms = combined["variants"][1]
     assert lsms["mean_dice"]["mean"] == pytest.approx(0.8) and lsms["mean_dice"]["std"] == pytest.approx(0.1)
     assert lsms["mean_dice"]["per_seed"] == [0.8, 0.9, 0.7]
     assert lsms["per_category"]["size"]["mean"] == pytest.approx(0.7)
     assert lsms["per_category"]["kind"]["std"] == pytest.approx(0.0)
     assert lsms["mean_dice_vs_vanilla_lesion_dice"]["per_seed"] == pytest.approx([0.8, 1.0, 0.8])
+    assert lsms["test"]["mean_dice"]["per_seed"] == [0.5, 0.6, 0.7]
+    assert lsms["test"]["per_phrasing"]["heldout"]["mean"] == pytest.approx(0.3)
+    assert lsms["test"]["lesion_expressions_mean_dice"]["mean"] == pytest.approx(0.5)
+    assert lsms["test"]["per_category"]["kind"]["mean"] == pytest.approx(0.9)
     table = format_seeds_table(combined)
+    assert table.startswith("# Test split (3 cases, 12 expressions")
+    test_row = next(line for line in table.splitlines() if line.startswith("| lsms"))  # the test table comes first
+    assert [cell.strip() for cell in test_row.split("|")[1:6]] == ["lsms", "0.600 ± 0.100", "0.500 ± 0.100",
+                                                                   "1.000 ± 0.000", "0.600 ± 0.100"]
     assert "| lsms          | 0.800 ± 0.100 |" in table
     assert "seed 2" in table and "0.7000" in table
 

@@ -20,7 +20,7 @@ from lsms_nnunet.selection.candidates import (INTENSITY_FEATURES, FindingAnswer,
 from lsms_nnunet.selection.evidence import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
                                             selection_examples, verdict_expressions)
 from lsms_nnunet.selection.selector import (OPERATIONS, CaseSelector, SelectionBatch, SelectionExample, choose,
-                                            fit_selectors, member_vote_rows)
+                                            fit_selectors, member_words_read)
 from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.selection.stage import (STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage,
                                          CaseLevelStageError, stage_for_prediction, weights_identity)
@@ -97,7 +97,7 @@ class _FixedSelector(CaseSelector):
         self.fixed = by_operation, torch.log(torch.nn.functional.one_hot(
             torch.tensor([OPERATIONS.index(operation)]), len(OPERATIONS)).float().clamp_min(1e-6))
 
-    def forward(self, *inputs, vote_rows=None):
+    def forward(self, *inputs, words_read=None):
         return self.fixed
 
 
@@ -277,7 +277,7 @@ def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "other")
     earlier_version = {**stage.to_payload(), "version": 1}
     torch.save(earlier_version, tmp_path / STAGE_FILE)
-    with pytest.raises(CaseLevelStageError, match=r"no case-level stage of version 2/3/4\. Fix: .*LSMSv2_fit_case_level"):
+    with pytest.raises(CaseLevelStageError, match=r"no case-level stage of version 2/3/4/5\. Fix: .*LSMSv2_fit_case_level"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
     unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
     with pytest.raises(ValueError, match="unknown case-level setting.*logit_cieling"):
@@ -294,9 +294,9 @@ def test_members_of_one_fitting_share_their_vocabulary_and_folds_keep_theirs():
     other = fit_selector([_size_only_example("the smallest lesion", 4, rng) for _ in range(10)], steps=20)
     folds = two_members + [other]
     rows = SelectionBatch.of([_size_only_example("the second lesion", 4, rng)]).word_rows
-    vote_rows = member_vote_rows(folds, rows)
-    assert vote_rows[0] is vote_rows[1] and vote_rows[2] is not vote_rows[0]
-    assert all(torch.allclose(shared, member.vote_rows_of(rows)) for shared, member in zip(vote_rows, folds))
+    words_read = member_words_read(folds, rows)
+    assert words_read[0] is words_read[1] and words_read[2] is not words_read[0]
+    assert all(torch.allclose(shared[0], member.read_words(rows)[0]) for shared, member in zip(words_read, folds))
 
 
 def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
@@ -306,7 +306,7 @@ def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
 
     reference = torch.load(Path(__file__).parent / "data" / "case_level_stage_07f87bd.pt", weights_only=True)
     stage = CaseLevelStage.from_payload(reference["payload"], "abc", "the reference")
-    assert stage.settings == CaseLevelSettings() and len(stage.selectors) == 3 and stage.answers
+    assert stage.settings == CaseLevelSettings(word_snapping=False) and len(stage.selectors) == 3 and stage.answers
     tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
     encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)
     answer = stage.apply(FindingAnswer(reference["finding_logits"]), reference["data"], reference["texts"],

@@ -388,8 +388,10 @@ def test_default_files_carry_categories_and_no_heldout_phrasing(datasets):
     assert "heldout_phrasing" not in json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"]
 
 
-def test_heldout_phrasing_flag_rewords_test_cases_and_writes_training_heldout_file(datasets, tmp_path, monkeypatch):
-    """Training expressions stay exactly the default ones; the test cases and the extra file are reworded only."""
+def test_heldout_phrasing_flag_adds_reworded_test_expressions_and_training_heldout_file(datasets, tmp_path,
+                                                                                        monkeypatch):
+    """Training and seen test expressions stay exactly the default ones; the test cases are also asked in held-out
+    wording (marked), and the training cases' held-out wordings go to the extra file."""
     monkeypatch.setenv("nnUNet_raw", str(tmp_path))
     # --test-cases: the old spelling of --test_cases, still accepted
     monkeypatch.setattr(sys, "argv", ["LSMSv2_make_synthetic", "-d", "501", "--cases", "4", "--test-cases", "2",
@@ -404,10 +406,11 @@ def test_heldout_phrasing_flag_rewords_test_cases_and_writes_training_heldout_fi
     assert all(e.phrasing == "heldout" for e in heldout)
     assert not {e.text for e in seen} & {e.text for e in heldout}
     default_test = load_expressions(default / "imagesTs" / "expressions.json")
-    reworded_test = load_expressions(folder / "imagesTs" / "expressions.json")
-    assert [(e.case, e.targets, e.category) for e in default_test] == [
-        (e.case, e.targets, e.category) for e in reworded_test]
-    assert all(e.phrasing == "heldout" and e.id.endswith("-h") for e in reworded_test)
+    test = load_expressions(folder / "imagesTs" / "expressions.json")
+    reworded_test = [e for e in test if e.phrasing == "heldout"]
+    assert [e for e in test if e.phrasing != "heldout"] == default_test
+    assert [(e.id + "-h", e.case, e.targets, e.category) for e in default_test] == [
+        (e.id, e.case, e.targets, e.category) for e in reworded_test]
     assert not {e.text for e in seen} & {e.text for e in reworded_test}
     assert json.loads((folder / "dataset.json").read_text(encoding="utf-8"))["lsms_synthetic"]["heldout_phrasing"]
 

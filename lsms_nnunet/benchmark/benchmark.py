@@ -33,9 +33,10 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from lsms_nnunet.benchmark.measurements import measure_text_blind_ceiling, measure_variant
+from lsms_nnunet.benchmark.measurements import (measure_test_text_blind_ceiling, measure_text_blind_ceiling,
+                                                measure_variant)
 from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
-                                               BenchmarkSetup, prepare_benchmark, say)
+                                               TEST_SECTION, BenchmarkSetup, prepare_benchmark, say)
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 from lsms_nnunet.benchmark.step_profile import merge_profiles
@@ -67,6 +68,7 @@ def summarize_variant(setup: BenchmarkSetup, variant: Variant, records: Sequence
         "referring": aggregate_metrics(per_expression),
         "referring_per_category": per_category_metrics(per_expression),
         **phrasing_summary(records, per_expression),
+        **test_summary(records),
         **network_alone_summary(records),
         **candidate_summary(records),
         "plain_lesion": {"mean_dice": float(np.mean(list(plain.values()))), "cases": len(plain),
@@ -110,6 +112,21 @@ def phrasing_summary(records: Sequence[dict], per_expression: list[dict]) -> dic
             "heldout_per_category": per_category_metrics(heldout)}
 
 
+def test_summary(records: Sequence[dict]) -> dict:
+    """The test split answered by each benchmarked fold, pooled over folds: overall, per category and per wording
+    ({} when the dataset has no test split)."""
+    test = [entry for record in records for entry in record.get(TEST_SECTION, {}).get("per_expression", ())]
+    if not test:
+        return {}
+    per_phrasing = per_phrasing_metrics(test)
+    seen, heldout = per_phrasing.get("seen", {}).get("mean_dice"), per_phrasing.get("heldout", {}).get("mean_dice")
+    referring = [entry for entry in test if entry["presence"] in ("pred_empty", "both_present")]
+    return {"test": aggregate_metrics(test), "test_per_category": per_category_metrics(test),
+            "test_lesion_expressions_mean_dice": float(np.mean([e["dice"] for e in referring])) if referring else None,
+            "test_per_phrasing": per_phrasing,
+            "test_heldout_vs_seen_dice": heldout / seen if heldout is not None and seen else None}
+
+
 def candidate_summary(records: Sequence[dict]) -> dict:
     """Candidate quality counted over the folds ({} for models without a finding answer)."""
     found = [record[CANDIDATES_SECTION] for record in records if record.get(CANDIDATES_SECTION)]
@@ -142,9 +159,10 @@ def network_alone_summary(records: Sequence[dict]) -> dict:
 
 
 def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling_records: Sequence[dict],
-                  wall_seconds: float) -> dict:
+                  wall_seconds: float, test_ceiling_record: dict | None = None) -> dict:
     variants = [summarize_variant(setup, variant, records[variant.name]) for variant in setup.variants]
     ceiling = [entry for record in ceiling_records for entry in record["per_expression"]]
+    test_ceiling = test_ceiling_record["per_expression"] if test_ceiling_record else None
     vanilla = next((v for v in variants if v["name"] == VANILLA.name), None)
     for summary in variants:
         cost = summary["cost"]
@@ -161,6 +179,10 @@ def build_results(setup: BenchmarkSetup, records: dict[str, list[dict]], ceiling
         "splits_file": str(setup.splits_file), "wall_seconds_of_this_run": wall_seconds,
         "text_blind_ceiling": aggregate_metrics(ceiling),
         "text_blind_ceiling_per_category": per_category_metrics(ceiling),
+        **({"test_split": {"cases": len(setup.test_split.cases), "expressions": len(setup.test_split.expressions),
+                           "expressions_file": str(setup.test_split.expressions_file)},
+            "test_text_blind_ceiling": aggregate_metrics(test_ceiling),
+            "test_text_blind_ceiling_per_category": per_category_metrics(test_ceiling)} if test_ceiling else {}),
         "variants": variants,
     }
 
@@ -180,7 +202,8 @@ def run_benchmark(setup: BenchmarkSetup) -> dict:
         say(f"[{index}/{len(jobs)}] measuring {variant.name} fold {fold}")
         records[variant.name].append(measure_variant(setup, variant, fold))
     ceiling_records = [measure_text_blind_ceiling(setup, fold) for fold in setup.folds]
-    results = build_results(setup, records, ceiling_records, time.perf_counter() - start)
+    test_ceiling = measure_test_text_blind_ceiling(setup) if setup.test_split else None
+    results = build_results(setup, records, ceiling_records, time.perf_counter() - start, test_ceiling)
     write_json_atomically(setup.output_folder / "results.json", results, ensure_ascii=True, allow_nan=False)
     table = format_results_table(results)
     write_text_atomically(setup.output_folder / "results.md", table + "\n")

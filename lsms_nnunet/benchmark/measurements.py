@@ -23,7 +23,7 @@ from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_bl
 from lsms_nnunet.benchmark.costs import (forward_gflops, median_seconds, parameter_counts, seconds_per_iteration,
                                          text_encoder_parameters, texts_for_counts, time_cases)
 from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
-                                               BenchmarkSetup, say)
+                                               TEST_SECTION, BenchmarkSetup, say)
 from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
@@ -54,19 +54,29 @@ class _FoldModel:
     def predictor(self):
         """nnU-Net's predictor (an LSMSPredictor for LSMS checkpoints), single pass: no test-time mirroring."""
         if self._predictor is None:
-            from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
-
-            device = torch.device(self.setup.device)
-            predictor = nnUNetPredictor(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
-                                        perform_everything_on_device=device.type == "cuda", device=device,
-                                        verbose=False, allow_tqdm=False)
-            predictor.initialize_from_trained_model_folder(str(self.setup.model_folder(self.variant)), (self.fold,),
-                                                           "checkpoint_final.pth")
+            predictor = self.file_predictor()
             # The fold's weights are loaded; predicting on the loaded network directly keeps torch's thread count
             # the same for every variant (the multi-fold path resets it to nnUNet_def_n_proc).
             predictor.list_of_parameters = []
             self._predictor = predictor
         return self._predictor
+
+    def file_predictor(self, expressions_file: Path | None = None):
+        """A fresh predictor of the fold for raw image files, as a user's prediction runs (without mirroring): an
+        LSMSPredictor answering expressions_file for text variants, nnU-Net's own for the others."""
+        from nnunetv2.inference.predict_from_raw_data import nnUNetPredictor
+
+        from lsms_nnunet.inference.predictor import LSMSPredictor, PredictionRequest
+
+        device = torch.device(self.setup.device)
+        options = dict(tile_step_size=0.5, use_gaussian=True, use_mirroring=False,
+                       perform_everything_on_device=device.type == "cuda", device=device, verbose=False,
+                       allow_tqdm=False)
+        predictor = LSMSPredictor(**options, request=PredictionRequest(expressions_file=str(expressions_file))) \
+            if expressions_file is not None else nnUNetPredictor(**options)
+        predictor.initialize_from_trained_model_folder(str(self.setup.model_folder(self.variant)), (self.fold,),
+                                                       "checkpoint_final.pth")
+        return predictor
 
     def load_case(self, case: str) -> tuple[torch.Tensor, dict]:
         """A preprocessed validation case in the orientation the network was trained in (canonical for LSMS)."""
@@ -298,12 +308,32 @@ def measure_candidates(model: _FoldModel) -> dict:
     return {name: dict(counted) for name, counted in counts.items()}
 
 
+def measure_test(model: _FoldModel) -> dict:
+    """The raw test images (imagesTs) answered by the fold as `LSMSv2_predict --disable_tta` answers them (nnU-Net's
+    preprocessing of the raw files, the case-level stage the fold carries), scored against labelsTs. A text-blind
+    model predicts each image's label map once; it answers every expression of the image."""
+    setup, variant, fold = model.setup, model.variant, model.fold
+    split = setup.test_split
+    folder = setup.work_folder(variant, fold, TEST_SECTION)
+    predicted = folder / ("masks" if variant.uses_text else "label_maps")
+    predicted.mkdir(parents=True, exist_ok=True)  # nnU-Net writes its arguments there before it makes the folder
+    predictor = model.file_predictor(split.expressions_file if variant.uses_text else None)
+    predictor.predict_from_files_sequential(str(split.images_folder), str(predicted))
+    if variant.uses_text:
+        summary = evaluate_referring_folder(split.labels_folder, predicted, list(split.expressions),
+                                            file_ending=setup.file_ending, output_file=folder / "summary.json")
+    else:
+        summary = evaluate_text_blind_answers(predicted, split.labels_folder, split.expressions, setup.file_ending,
+                                              folder / "masks")
+    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+
+
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
     "training": measure_training, "referring": measure_referring, "plain": measure_plain,
     "network": measure_network, "inference": measure_inference, "probe": measure_probe,
     "step_profile": measure_step_profile, "expression_scaling": measure_expression_scaling,
     NETWORK_ALONE_SECTION: measure_network_alone, HELDOUT_SECTION: measure_heldout,
-    CANDIDATES_SECTION: measure_candidates}
+    CANDIDATES_SECTION: measure_candidates, TEST_SECTION: measure_test}
 
 
 def checkpoint_signature(checkpoint: Path) -> dict:
@@ -332,15 +362,27 @@ def measure_variant(setup: BenchmarkSetup, variant: Variant, fold: int) -> dict:
 
 
 def measure_text_blind_ceiling(setup: BenchmarkSetup, fold: int) -> dict:
-    """Referring metrics of the perfect all-lesion mask answering every expression (computed once per fold)."""
-    record_file = setup.output_folder / "records" / f"text_blind_ceiling__fold_{fold}.json"
+    """Referring metrics of the perfect all-lesion mask answering every validation expression of the fold."""
+    return _text_blind_ceiling(setup, f"fold_{fold}", setup.gt_folder, setup.validation_cases(fold),
+                               setup.validation_expressions(fold), {"fold": fold})
+
+
+def measure_test_text_blind_ceiling(setup: BenchmarkSetup) -> dict:
+    """The same on the test split (labelsTs)."""
+    split = setup.test_split
+    return _text_blind_ceiling(setup, TEST_SECTION, split.labels_folder, split.cases, split.expressions, {})
+
+
+def _text_blind_ceiling(setup: BenchmarkSetup, name: str, gt_folder: Path, cases: Sequence[str],
+                        expressions: Sequence[Expression], keys: dict) -> dict:
+    """Computed once and kept in records/text_blind_ceiling__<name>.json."""
+    record_file = setup.output_folder / "records" / f"text_blind_ceiling__{name}.json"
     if record_file.is_file():
         return json.loads(record_file.read_text(encoding="utf-8"))
-    folder = setup.output_folder / "predictions" / "text_blind_ceiling" / f"fold_{fold}"
-    write_all_lesion_reference_masks(setup.gt_folder, setup.validation_cases(fold), setup.file_ending,
-                                     folder / "lesion_masks", setup.context_ids)
-    summary = evaluate_text_blind_answers(folder / "lesion_masks", setup.gt_folder, setup.validation_expressions(fold),
-                                          setup.file_ending, folder / "referring")
-    record = {"fold": fold, "per_expression": summary["metric_per_expression"]}
+    folder = setup.output_folder / "predictions" / "text_blind_ceiling" / name
+    write_all_lesion_reference_masks(gt_folder, cases, setup.file_ending, folder / "lesion_masks", setup.context_ids)
+    summary = evaluate_text_blind_answers(folder / "lesion_masks", gt_folder, expressions, setup.file_ending,
+                                          folder / "referring")
+    record = {**keys, "per_expression": summary["metric_per_expression"]}
     write_json_atomically(record_file, record, ensure_ascii=True, allow_nan=False)
     return record

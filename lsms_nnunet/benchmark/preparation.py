@@ -25,6 +25,7 @@ from text_conditioning.io import write_json_atomically
 
 NETWORK_ALONE_SECTION = "network_alone"
 CANDIDATES_SECTION = "candidates"
+TEST_SECTION = "test"
 SECTIONS = ("training", "referring", NETWORK_ALONE_SECTION, "plain", "network", "inference", "probe", "step_profile",
             "expression_scaling", CANDIDATES_SECTION)
 
@@ -34,6 +35,21 @@ HELDOUT_SECTION = "heldout"
 
 class BenchmarkSetupError(RuntimeError):
     """The dataset, folds or options cannot be benchmarked as given (the message names the fix)."""
+
+
+@dataclass(frozen=True)
+class TestSplit:
+    """The raw dataset's test cases: images (imagesTs), region maps (labelsTs) and their expressions file (seen and
+    held-out wording, marked by `phrasing`). No training, verdict or tuned value reads them, so they measure what the
+    validation folds chose."""
+    images_folder: Path
+    labels_folder: Path
+    expressions_file: Path
+    expressions: tuple[Expression, ...]
+
+    @property
+    def cases(self) -> list[str]:
+        return list(dict.fromkeys(expression.case for expression in self.expressions))
 
 
 @dataclass(frozen=True)
@@ -57,6 +73,7 @@ class BenchmarkSetup:
     heldout_expressions: tuple[Expression, ...] = ()
     seed: int | None = None  # None: nnU-Net's unseeded training in nnUNet_results
     case_level_settings: CaseLevelSettings | None = None  # None: each LSMS trainer's own
+    test_split: TestSplit | None = None  # None: the raw dataset has no labelled test cases with expressions
 
     def for_seed(self, seed: int) -> BenchmarkSetup:
         """The same benchmark as one seeded repetition: its models and measurements in `seed_<seed>/`."""
@@ -65,8 +82,9 @@ class BenchmarkSetup:
 
     @property
     def sections(self) -> tuple[str, ...]:
-        """What is measured per model: held-out wording only where the dataset has it."""
-        return SECTIONS + ((HELDOUT_SECTION,) if self.heldout_expressions else ())
+        """What is measured per model: held-out wording and the test split only where the dataset has them."""
+        return SECTIONS + ((HELDOUT_SECTION,) if self.heldout_expressions else ()) + \
+            ((TEST_SECTION,) if self.test_split else ())
 
     @property
     def gt_folder(self) -> Path:
@@ -198,7 +216,8 @@ def prepare_benchmark(dataset: str | int, configuration: str, folds: Sequence[in
                           expressions=tuple(prompt_set.expressions),
                           text_cache_folder=preprocessed_folder / TEXT_FOLDER / EncoderIdentity.from_dict(encoder).slug,
                           file_ending=dataset_json["file_ending"], splits=tuple(splits), results_root=Path(nnUNet_results),
-                          heldout_expressions=heldout, case_level_settings=case_level_settings)
+                          heldout_expressions=heldout, case_level_settings=case_level_settings,
+                          test_split=read_test_split(raw_folder, dataset_json["file_ending"]))
 
 
 def read_heldout_expressions(raw_folder: Path, known_cases: set[str]) -> tuple[Expression, ...]:
@@ -216,6 +235,30 @@ def read_heldout_expressions(raw_folder: Path, known_cases: set[str]) -> tuple[E
                                   f"{raw_folder / 'expressions.json'}. Fix: regenerate the dataset "
                                   f"(LSMSv2_make_synthetic --heldout_phrasing) or remove {path.name}.")
     return expressions
+
+
+def read_test_split(raw_folder: Path, file_ending: str) -> TestSplit | None:
+    """imagesTs/expressions.json with the images and labelsTs region maps of its cases; None when the dataset has no
+    test expressions (the benchmark then reports validation folds only)."""
+    images, labels = raw_folder / "imagesTs", raw_folder / "labelsTs"
+    path = images / "expressions.json"
+    if not path.is_file():
+        return None
+    try:
+        expressions = tuple(load_expressions(path))
+    except ExpressionsError as error:
+        raise BenchmarkSetupError(str(error)) from None
+    cases = dict.fromkeys(expression.case for expression in expressions)
+    without_image = [case for case in cases if not (images / f"{case}_0000{file_ending}").is_file()]
+    without_labels = [case for case in cases if not (labels / f"{case}{file_ending}").is_file()]
+    if without_image or without_labels:
+        raise BenchmarkSetupError(
+            f"{path} asks about test cases without " + " and ".join(
+                part for part in (f"an image in {images} ({without_image[:5]})" if without_image else "",
+                                  f"a region map in {labels} ({without_labels[:5]})" if without_labels else "")
+                if part) + f". Fix: add <case>_0000{file_ending} / <case>{file_ending} for them, or remove their "
+            f"expressions from {path.name}.")
+    return TestSplit(images_folder=images, labels_folder=labels, expressions_file=path, expressions=expressions)
 
 
 def ensure_splits(preprocessed_folder: Path, data_folder: Path) -> list[dict]:

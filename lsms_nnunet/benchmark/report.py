@@ -174,9 +174,36 @@ def format_candidate_table(results: dict) -> list[str]:
             *markdown_table([["variant", "candidates of", "lesions", *CANDIDATE_OUTCOMES], *rows])]
 
 
+def format_test_table(results: dict) -> list[str]:
+    """The test split (imagesTs/labelsTs), first in results.md: mean Dice overall, on the expressions that refer to a
+    lesion, no-target accuracy, per wording and per category; empty when the dataset has no test split."""
+    tested = [variant for variant in results["variants"] if "test" in variant]
+    if not tested:
+        return []
+    categories = list(dict.fromkeys(c for variant in tested for c in variant["test_per_category"]))
+    phrasings = list(dict.fromkeys(p for variant in tested for p in variant["test_per_phrasing"]))
+    header = ["variant", "mean Dice", "lesion expressions", "no-target acc", *(f"{p} wording" for p in phrasings),
+              "held-out / seen", *categories]
+    rows = [[variant["name"], format_number(variant["test"]["mean_dice"], 4),
+             format_number(variant["test_lesion_expressions_mean_dice"], 4),
+             format_number(variant["test"]["no_target_accuracy"], 3),
+             *(format_number(variant["test_per_phrasing"].get(p, {}).get("mean_dice"), 4) for p in phrasings),
+             _ratio(variant["test_heldout_vs_seen_dice"]),
+             *(format_number(variant["test_per_category"].get(c, {}).get("mean_dice"), 3) for c in categories)]
+            for variant in tested]
+    split = results["test_split"]
+    return [f"Test split: {split['cases']} cases, {split['expressions']} expressions of `{split['expressions_file']}`, "
+            f"answered by each benchmarked fold from the raw images (nnU-Net's preprocessing, no mirroring); nothing "
+            f"was trained or tuned on them. Lesion expressions: those that refer to at least one lesion. Text-blind "
+            f"ceiling: mean Dice {format_number(results['test_text_blind_ceiling']['mean_dice'], 4)}.", "",
+            *markdown_table([header, *rows]), "", "Validation folds:", ""]
+
+
 def format_results_table(results: dict) -> str:
-    """results.md: the table (one row per variant), per-category and seen/held-out tables, what every number means."""
-    lines = markdown_table([list(TABLE_COLUMNS), *(_row(variant) for variant in results["variants"])])
+    """results.md: the test split's table, then the validation table (one row per variant), per-category and
+    seen/held-out tables, what every number means."""
+    lines = format_test_table(results) + markdown_table([list(TABLE_COLUMNS),
+                                                         *(_row(variant) for variant in results["variants"])])
     for extra in (format_category_table(results), format_case_level_table(results), format_phrasing_table(results),
                   format_candidate_table(results), format_profile_table(results),
                   format_expression_scaling_table(results)):

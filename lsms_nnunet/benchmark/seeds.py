@@ -41,11 +41,27 @@ def _variant_over_seeds(name: str, per_seed: list[dict], vanilla_per_seed: list[
     }
     if all("heldout_vs_seen_dice" in v for v in per_seed):
         summary["heldout_vs_seen_dice"] = spread([v["heldout_vs_seen_dice"] for v in per_seed])
+    if all("test" in v for v in per_seed):
+        summary["test"] = _test_over_seeds(per_seed)
     if vanilla_per_seed is not None:  # what choosing costs: this variant's referring Dice / vanilla's lesion Dice
         summary["mean_dice_vs_vanilla_lesion_dice"] = spread(
             [v["referring"]["mean_dice"] / van["plain_lesion"]["mean_dice"] if van["plain_lesion"]["mean_dice"]
              else None for v, van in zip(per_seed, vanilla_per_seed)])
     return summary
+
+
+def _test_over_seeds(per_seed: list[dict]) -> dict:
+    """The test split's figures of one variant over seeds: overall, lesion expressions, per category and wording."""
+    categories = list(dict.fromkeys(c for v in per_seed for c in v["test_per_category"]))
+    phrasings = list(dict.fromkeys(p for v in per_seed for p in v["test_per_phrasing"]))
+    return {"mean_dice": spread([v["test"]["mean_dice"] for v in per_seed]),
+            "no_target_accuracy": spread([v["test"]["no_target_accuracy"] for v in per_seed]),
+            "lesion_expressions_mean_dice": spread([v["test_lesion_expressions_mean_dice"] for v in per_seed]),
+            "per_category": {c: spread([v["test_per_category"].get(c, {}).get("mean_dice") for v in per_seed])
+                             for c in categories},
+            "per_phrasing": {p: spread([v["test_per_phrasing"].get(p, {}).get("mean_dice") for v in per_seed])
+                             for p in phrasings},
+            "heldout_vs_seen_dice": spread([v["test_heldout_vs_seen_dice"] for v in per_seed])}
 
 
 def combine_seeds(seeds: Sequence[int], results: Sequence[dict]) -> dict:
@@ -58,6 +74,9 @@ def combine_seeds(seeds: Sequence[int], results: Sequence[dict]) -> dict:
         **{key: results[0][key] for key in ("dataset", "configuration", "plans", "folds", "budget",
                                             "case_level_settings", "device")},
         "text_blind_ceiling_mean_dice": results[0]["text_blind_ceiling"]["mean_dice"],
+        **({"test_split": results[0]["test_split"],
+            "test_text_blind_ceiling_mean_dice": results[0]["test_text_blind_ceiling"]["mean_dice"]}
+           if "test_split" in results[0] else {}),
         "variants": [_variant_over_seeds(name, [variants[name] for variants in by_name], vanilla) for name in names],
     }
 
@@ -66,6 +85,33 @@ def _mean_and_spread(value: dict, digits: int = 3) -> str:
     if value["mean"] is None:
         return "n/a"
     return f"{value['mean']:.{digits}f} ± {value['std']:.{digits}f}"
+
+
+def _format_test_over_seeds(combined: dict) -> list[str]:
+    """The test split's table (the headline: nothing was tuned on it), first in results_over_seeds.md."""
+    tested = [v for v in combined["variants"] if "test" in v]
+    if not tested:
+        return []
+    categories = list(dict.fromkeys(c for v in tested for c in v["test"]["per_category"]))
+    phrasings = list(dict.fromkeys(p for v in tested for p in v["test"]["per_phrasing"]))
+    header = ["variant", "mean Dice", "lesion expressions", "no-target acc", *(f"{p} wording" for p in phrasings),
+              "held-out / seen", *categories]
+    rows = [[v["name"], _mean_and_spread(v["test"]["mean_dice"]),
+             _mean_and_spread(v["test"]["lesion_expressions_mean_dice"]),
+             _mean_and_spread(v["test"]["no_target_accuracy"]),
+             *(_mean_and_spread(v["test"]["per_phrasing"][p]) if p in v["test"]["per_phrasing"] else "n/a"
+               for p in phrasings),
+             _mean_and_spread(v["test"]["heldout_vs_seen_dice"]),
+             *(_mean_and_spread(v["test"]["per_category"][c]) if c in v["test"]["per_category"] else "n/a"
+               for c in categories)] for v in tested]
+    split = combined["test_split"]
+    return [f"# Test split ({split['cases']} cases, {split['expressions']} expressions of "
+            f"`{split['expressions_file']}`), seeds {combined['seeds']}", "",
+            "Answered by each seed's trained folds without mirroring; nothing was trained or tuned on these cases. "
+            "Lesion expressions: those that refer to at least one lesion (no-target apart). Mean ± sample standard "
+            f"deviation over seeds; text-blind ceiling (a perfect all-lesion mask): mean Dice "
+            f"{format_number(combined['test_text_blind_ceiling_mean_dice'], 4)}.", "",
+            *markdown_table([header, *rows]), "", "# Validation folds", ""]
 
 
 def format_seeds_table(combined: dict) -> str:
@@ -83,7 +129,7 @@ def format_seeds_table(combined: dict) -> str:
                                    for c in categories)] for v in combined["variants"]]
     per_seed = [[v["name"], *(format_number(d, 4) for d in v["mean_dice"]["per_seed"])] for v in combined["variants"]]
     budget = combined["budget"]
-    lines = [
+    lines = [*_format_test_over_seeds(combined), 
         f"# LSMS benchmark over seeds {combined['seeds']}: {combined['dataset']}, {combined['configuration']} "
         f"({combined['plans']})", "",
         f"Folds {combined['folds']}, budget {budget['epochs']} epoch(s) x {budget['iterations_per_epoch']} "

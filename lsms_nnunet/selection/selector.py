@@ -10,12 +10,15 @@ it does not see together. The selector works on the whole case after the sliding
   it ("left" and "right" are nearly one point in sentence space);
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
   second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
-  "second") decides even in a sentence of otherwise unseen wording; a word never fitted votes as its nearest fitted
-  words do (`CaseLevelSettings.vote_snap_temperature`). Each operation is the exact probability under independent
+  "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under independent
   matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed, not
   learned from a few examples. A sentence means one operation: fitting maximises the likelihood of the whole answer
   as a mixture over operations (its first steps with every candidate held as matching, so the operations are learned
   before the match could explain a rare relation instead), and prediction uses the most likely one.
+
+After fitting, a word never fitted constrains and votes as the fitted words it resembles do, in proportion to how
+familiar it is (`CaseSelector.read_words`): a word unlike all of them ("kindly", a misspelling's odd piece) counts
+for nothing, so an unknown word costs little instead of vetoing every candidate (the no-target answer).
 
 Words are handled as rows of unique token embeddings (`SelectionBatch`): at inference a text asked of many
 candidate sets is mapped once; while fitting each occurrence gets its own dropout. Several selectors (the ensemble's
@@ -143,6 +146,7 @@ class CaseSelector(nn.Module):
         super().__init__()
         self.descriptor_dim, self.text_dim, self.width = descriptor_dim, text_dim, settings.width
         self.vote_snap_temperature = settings.vote_snap_temperature
+        self.word_snapping, self.unfamiliar_similarity = settings.word_snapping, settings.unfamiliar_similarity
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
         self.register_buffer("descriptor_std", torch.ones(descriptor_dim))
         width = settings.width
@@ -158,31 +162,32 @@ class CaseSelector(nn.Module):
 
     def forward(self, descriptors: torch.Tensor, volumes: torch.Tensor, valid: torch.Tensor, word_rows: torch.Tensor,
                 word_index: torch.Tensor, word_mask: torch.Tensor, operations_only: bool = False,
-                vote_rows: torch.Tensor | None = None, fitting_words: tuple[torch.Tensor, torch.Tensor] | None = None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
+                words_read: tuple[torch.Tensor, torch.Tensor] | None = None,
+                fitting_words: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """`SelectionBatch.inputs()` -> per-operation probabilities [E, K, operations] and log operation weights
-        [E, operations]. `vote_rows`: the word rows as the operation votes read them, when already computed
-        (`vote_rows_of`; the members of one fitting share them). `fitting_words`: while fitting, the unit-variance
-        embedding of each word of each expression [T, D] and where each example's words lie among them [E, L]
-        (`SelectionBatch.occurrence_index`): the constraints and the votes both read them, each occurrence under its
-        own draw of dropout."""
+        [E, operations]. `words_read`: `read_words(word_rows)`, when already computed (the members of one fitting
+        share it). `fitting_words`: while fitting, the unit-variance embedding of each word of each expression [T, D]
+        and where each example's words lie among them [E, L] (`SelectionBatch.occurrence_index`): the constraints
+        and the votes both read them, each occurrence under its own draw of dropout."""
         if fitting_words is not None:
             occurrences, place = fitting_words
             constraints, votes = dropped_linears(occurrences, self.constraint[0].p, self.constraint[1],
                                                  self.operation[1])
             constraints, votes = constraints[place], votes[place]  # [E, L, width + 2], [E, L, operations]
+            familiar = torch.ones(word_mask.shape)
         else:  # each unique word mapped once
-            vote_rows = self.vote_rows_of(word_rows) if vote_rows is None else vote_rows
-            constraints = self.constraint(_unit_variance(word_rows))[word_index]
-            votes = self.operation(vote_rows)[word_index]
+            rows, familiarity = self.read_words(word_rows) if words_read is None else words_read
+            constraints = self.constraint(rows if self.word_snapping else _unit_variance(word_rows))[word_index]
+            votes = self.operation(rows)[word_index]
+            familiar = familiarity[word_index]  # [E, L]
         direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
-        gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
+        gate = torch.sigmoid(gate.squeeze(-1)) * word_mask * familiar  # [E, L]
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
         if operations_only:  # fitting's first steps: every candidate held as matching
             match = 0.99 * valid.float()
-        votes = votes.masked_fill(~word_mask.unsqueeze(-1), -1e4)
+        votes = (votes + torch.log(familiar.clamp_min(1e-6)).unsqueeze(-1)).masked_fill(~word_mask.unsqueeze(-1), -1e4)
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
         larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
         smaller = (volumes.unsqueeze(1) < volumes.unsqueeze(2)) & valid.unsqueeze(1)
@@ -194,13 +199,21 @@ class CaseSelector(nn.Module):
         by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
         return by_operation * valid.unsqueeze(-1), log_weights
 
-    def vote_rows_of(self, word_rows: torch.Tensor) -> torch.Tensor:
-        """The words as the operation votes read them: each as the similarity-weighted mix of the fitted vocabulary
-        (itself, for a word seen in fitting), or as it is while fitting and for selectors without a vocabulary."""
+    def read_words(self, word_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The words as the fitted selector reads them: unit-variance rows [N, D], each the similarity-weighted mix of
+        the fitted vocabulary (itself, for a word seen in fitting), and how familiar each is [N] in [0, 1]: with
+        `word_snapping`, "no word" joins the mix at `unfamiliar_similarity` and familiarity is what the fitted words
+        hold of it. Words as they are, all familiar, while fitting and for selectors without a vocabulary."""
+        familiarity = torch.ones(len(word_rows))
         if not len(self.vocabulary):
-            return _unit_variance(word_rows)
+            return _unit_variance(word_rows), familiarity
         similarity = nn.functional.normalize(word_rows, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
-        return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary)
+        if self.word_snapping:
+            no_word = torch.full((len(word_rows), 1), self.unfamiliar_similarity)
+            weights = torch.softmax(torch.cat((similarity, no_word), dim=-1) / self.vote_snap_temperature, dim=-1)
+            familiarity = 1 - weights[:, -1]
+        return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary), \
+            familiarity
 
 
 def answer_log_likelihood(by_operation: torch.Tensor, log_weights: torch.Tensor, valid: torch.Tensor,
@@ -234,8 +247,8 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     batch = SelectionBatch.of(examples)
     inputs = batch.inputs()
     with torch.no_grad():
-        outputs = [selector.eval()(*inputs, vote_rows=vote_rows)
-                   for selector, vote_rows in zip(selectors, member_vote_rows(selectors, batch.word_rows))]
+        outputs = [selector.eval()(*inputs, words_read=words_read)
+                   for selector, words_read in zip(selectors, member_words_read(selectors, batch.word_rows))]
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
     operation = weights.argmax(-1)
@@ -250,14 +263,15 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     return answers
 
 
-def member_vote_rows(selectors: Sequence[CaseSelector], word_rows: torch.Tensor) -> list[torch.Tensor]:
-    """Per member, the word rows as its operation votes read them, computed once per vocabulary: the members of one
-    fitting share theirs, and snapping is most of a member's work at inference."""
-    snapped: dict[int, torch.Tensor] = {}
+def member_words_read(selectors: Sequence[CaseSelector], word_rows: torch.Tensor
+                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per member, `read_words(word_rows)`, computed once per vocabulary: the members of one fitting share theirs,
+    and reading the words is most of a member's work at inference."""
+    read: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
     for selector in selectors:
-        if id(selector.vocabulary) not in snapped:
-            snapped[id(selector.vocabulary)] = selector.vote_rows_of(word_rows)
-    return [snapped[id(selector.vocabulary)] for selector in selectors]
+        if id(selector.vocabulary) not in read:
+            read[id(selector.vocabulary)] = selector.read_words(word_rows)
+    return [read[id(selector.vocabulary)] for selector in selectors]
 
 
 def _unit_variance(vectors: torch.Tensor) -> torch.Tensor:

@@ -56,6 +56,14 @@ class CaseLevelSettings:
     #: After fitting, an operation vote reads each word as a softmax mix (this temperature over cosine similarity)
     #: of the fitted words: an unseen word votes as its nearest fitted words do.
     vote_snap_temperature: float = 0.05
+    #: After fitting, words are read as the fitted words they resemble, for the match as for the votes, and "no word"
+    #: joins that mix at `unfamiliar_similarity`: a word unlike every fitted word ("kindly", a misspelling's odd
+    #: piece) neither constrains nor votes, so it costs little instead of vetoing every candidate. False: the match
+    #: reads raw words and every word counts (stages fitted before version 5 of the payload).
+    word_snapping: bool = False
+    #: Cosine similarity (to the nearest fitted word) at which a word counts half as familiar. MiniLM's token
+    #: embeddings of a fitted word in a new sentence sit at 0.8-1.0 from the fitted ones, words never fitted at 0.2-0.4.
+    unfamiliar_similarity: float = 0.55
     #: Selectors fitted from different seeds; their answers are averaged.
     ensemble_members: int = 3
 
@@ -99,6 +107,9 @@ class CaseLevelSettings:
         if not 0 <= self.operations_first_steps <= self.fit_steps:
             raise CaseLevelSettingsError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps "
                                          f"({self.fit_steps}), got {self.operations_first_steps!r}.")
+        if not -1 <= self.unfamiliar_similarity <= 1:
+            raise CaseLevelSettingsError(f"CaseLevelSettings.unfamiliar_similarity is a cosine similarity in [-1, 1], "
+                                         f"got {self.unfamiliar_similarity!r}.")
         if self.unselected_logit >= 0:
             raise CaseLevelSettingsError(f"CaseLevelSettings.unselected_logit must be < 0 (below the mask threshold), "
                                          f"got {self.unselected_logit!r}.")

@@ -33,9 +33,10 @@ from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, 
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
 STAGE_FORMAT = "lsms-case-selector"
-#: 4: the context regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted
-#: with the default settings): the verdict.
-STAGE_VERSION, READABLE_VERSIONS = 4, (2, 3, 4)
+#: 5: words read as the fitted words they resemble (`word_snapping`; earlier versions read without it); 4: the context
+#: regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted with the default
+#: settings): the verdict.
+STAGE_VERSION, READABLE_VERSIONS = 5, (2, 3, 4, 5)
 STAGE_FILE = "case_selector.pt"
 #: The candidate settings every fold of one prediction must share (the candidates are found once per image).
 CANDIDATE_SETTINGS = ("min_candidate_voxels", "logit_smoothing_voxels", "logit_seed_height", "logit_ceiling",
@@ -155,7 +156,10 @@ class CaseLevelStage:
             raise CaseLevelStageError(
                 f"The case-level stage in {source} was fitted with another text encoder than its model. Fix: refit "
                 f"it with LSMSv2_fit_case_level (or nnUNetv2_train ... --val).")
-        settings = CaseLevelSettings.from_dict(content.get("settings", {}), source)
+        recorded = dict(content.get("settings", {}))
+        if content["version"] < 5:  # fitted before word snapping: answer as then
+            recorded["word_snapping"] = False
+        settings = CaseLevelSettings.from_dict(recorded, source)
         if content["version"] == 2:  # fitted with the defaults of then, which were these, with a per-file width
             settings = CaseLevelSettings.from_dict({**settings.to_dict(), "width": content["width"]}, source)
         vocabulary = content["vocabulary"].float() if "vocabulary" in content else None  # one for all members

@@ -8,8 +8,9 @@ liver itself as a context region (`LIVER_LABEL`, declared in dataset.json's `lsm
 speak of, never a target.
 The dataset lets the whole pipeline (planning, text encoding, training, inference, evaluation) run offline in minutes.
 Every expression carries a report category (kind, kind_lobe, lobe, attribute, plural, size, no_target). With
---heldout_phrasing, a second phrasebook of synonyms and templates never used in training words the test cases and a
-copy of the training expressions (expressions_heldout.json), so that generalisation to new wording can be measured.
+--heldout_phrasing, a second phrasebook of synonyms and templates never used in training words a copy of the test
+cases' expressions (beside the seen ones in imagesTs/expressions.json, marked `phrasing` heldout) and of the training
+expressions (expressions_heldout.json), so that generalisation to new wording can be measured.
 
 Lobe convention (radiological display): arrays have the x axis last and SimpleITK's identity direction (LPS), so a
 low x index, the image's left side, is the patient's right. The liver sits on the patient's right. A thin dark

@@ -120,9 +120,10 @@ def _write_dataset(folder: Path, dataset_name: str, dim: int, shape: tuple[int, 
                    organ_context: bool) -> None:
     """Write every file of the dataset into folder (a staging folder that is renamed once complete).
 
-    With heldout_phrasing the test cases are asked in held-out wording only, and the training cases' held-out
-    wordings go to HELDOUT_EXPRESSIONS_FILE beside expressions.json: nnU-Net's folds are drawn at random from the
-    training cases, so the benchmark scores each fold's validation cases on that file, never training on it.
+    With heldout_phrasing the test cases are asked in both wordings (imagesTs/expressions.json, the held-out ones
+    marked), and the training cases' held-out wordings go to HELDOUT_EXPRESSIONS_FILE beside expressions.json:
+    nnU-Net's folds are drawn at random from the training cases, so the benchmark scores each fold's validation cases
+    on that file, never training on it.
     """
     splits = {"Tr": range(num_cases), "Ts": range(num_cases, num_cases + num_test_cases)}
     expressions: dict[str, list[Expression]] = {"Tr": [], "Ts": [], "heldout": []}
@@ -139,9 +140,9 @@ def _write_dataset(folder: Path, dataset_name: str, dim: int, shape: tuple[int, 
                 labels = case.semantic_map() if plain else case.region_map if organ_context else case.lesion_map()
                 _write_image(labels, SPACINGS[dim], folder / f"labels{split}" / f"{case.case_id}{FILE_ENDING}")
                 regions[case.case_id] = _regions_entry(case, "train" if split == "Tr" else "test")
-                expressions[split].extend(_case_expressions(case, heldout_phrasing and split == "Ts"))
-                if heldout_phrasing and split == "Tr":
-                    expressions["heldout"].extend(_case_expressions(case, True))
+                expressions[split].extend(_case_expressions(case, False))
+                if heldout_phrasing:
+                    expressions["heldout" if split == "Tr" else split].extend(_case_expressions(case, True))
                 progress.update()
     _write_json(folder / "dataset.json", _dataset_json(dataset_name, dim, shape, seed, num_cases, plain,
                                                        heldout_phrasing, varied_anatomy, organ_context))
@@ -208,8 +209,9 @@ def make_synthetic_entry() -> None:
                         help="plain semantic task (labels cyst, hemangioma, hcc, metastasis), no expressions")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing dataset with the same id")
     parser.add_argument("--heldout_phrasing", action="store_true",
-                        help=f"ask the test cases in wordings never used in training, and write the training cases' "
-                             f"held-out wordings to {HELDOUT_EXPRESSIONS_FILE} (scored by LSMSv2_benchmark)")
+                        help=f"ask the test cases also in wordings never used in training (marked heldout), and write "
+                             f"the training cases' held-out wordings to {HELDOUT_EXPRESSIONS_FILE} (both scored by "
+                             f"LSMSv2_benchmark)")
     parser.add_argument("--varied_anatomy", action="store_true",
                         help="move and resize the body and its liver between cases (as scans differ), so that a "
                              "lesion's place in the image does not tell its lobe; the lobe words stay relative to "
