@@ -239,6 +239,35 @@ def test_operation_votes_read_an_unseen_word_as_its_nearest_fitted_word():
     assert raw_gap > 5e-3  # five times what snapping leaves
 
 
+def test_a_word_never_fitted_added_to_known_words_keeps_their_answer():
+    """An unknown word (a random direction, like "kindly" or "focal" to a text encoder) added to a fitted sentence
+    leaves its answer as it was: the word is unlike every fitted word, so it neither constrains nor votes. Read raw,
+    the same words change a third of the answers and empty one in six (the no-target answer wins)."""
+    fitted = ["the largest lesion", "the smallest lesion", "the second largest lesion", "all bright lesions",
+              "all dark lesions", "the largest bright lesion", "the smallest dark lesion", "all lesions"]
+    rng = np.random.default_rng(0)
+    selector = fit_selector([_example(sentence, rng) for _ in range(40) for sentence in fitted])
+    probes = np.random.default_rng(5)
+    unknown_words = [probes.normal(size=16).astype(np.float32) for _ in range(12)]
+    cases = [_example(sentence, probes) for sentence in fitted for _ in range(8)]
+
+    def agreement(familiarity: bool) -> tuple[float, float]:
+        selector.word_familiarity = familiarity
+        known = choose([selector], cases)
+        same, emptied = [], []
+        for unknown in unknown_words:
+            added = choose([selector], [SelectionExample(case.descriptors, case.volumes,
+                                                         np.vstack([unknown[None], case.words])) for case in cases])
+            same += [np.array_equal(a, k) for a, k in zip(added, known)]
+            emptied += [k.any() and not a.any() for a, k in zip(added, known)]
+        return float(np.mean(same)), float(np.mean(emptied))
+
+    snapped_same, snapped_emptied = agreement(True)
+    raw_same, raw_emptied = agreement(False)
+    assert snapped_same >= 0.9 and snapped_emptied <= 0.05, (snapped_same, snapped_emptied)
+    assert raw_same <= 0.8 and raw_emptied >= 0.08, (raw_same, raw_emptied)  # what the familiarity prevents
+
+
 def test_the_stage_answers_with_whole_finding_components():
     """Two found lesions; the selector answers "the largest/smallest lesion" with one whole finding component."""
     finding = torch.full((1, 32, 32), -5.0)
@@ -306,7 +335,7 @@ def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
 
     reference = torch.load(Path(__file__).parent / "data" / "case_level_stage_07f87bd.pt", weights_only=True)
     stage = CaseLevelStage.from_payload(reference["payload"], "abc", "the reference")
-    assert stage.settings == CaseLevelSettings(word_snapping=False) and len(stage.selectors) == 3 and stage.answers
+    assert stage.settings == CaseLevelSettings(word_familiarity=False, snap_match=False) and len(stage.selectors) == 3 and stage.answers
     tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
     encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)
     answer = stage.apply(FindingAnswer(reference["finding_logits"]), reference["data"], reference["texts"],

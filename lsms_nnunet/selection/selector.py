@@ -16,9 +16,9 @@ it does not see together. The selector works on the whole case after the sliding
   as a mixture over operations (its first steps with every candidate held as matching, so the operations are learned
   before the match could explain a rare relation instead), and prediction uses the most likely one.
 
-After fitting, a word never fitted constrains and votes as the fitted words it resembles do, in proportion to how
-familiar it is (`CaseSelector.read_words`): a word unlike all of them ("kindly", a misspelling's odd piece) counts
-for nothing, so an unknown word costs little instead of vetoing every candidate (the no-target answer).
+After fitting, a word never fitted votes as the fitted words it resembles do (`CaseLevelSettings.vote_snap_temperature`)
+and, with `word_familiarity`, counts in proportion to how familiar it is (`CaseSelector.read_words`): a word unlike all
+of them ("kindly", "focal") then costs little instead of vetoing every candidate (the no-target answer).
 
 Words are handled as rows of unique token embeddings (`SelectionBatch`): at inference a text asked of many
 candidate sets is mapped once; while fitting each occurrence gets its own dropout. Several selectors (the ensemble's
@@ -146,7 +146,8 @@ class CaseSelector(nn.Module):
         super().__init__()
         self.descriptor_dim, self.text_dim, self.width = descriptor_dim, text_dim, settings.width
         self.vote_snap_temperature = settings.vote_snap_temperature
-        self.word_snapping, self.unfamiliar_similarity = settings.word_snapping, settings.unfamiliar_similarity
+        self.word_familiarity, self.snap_match = settings.word_familiarity, settings.snap_match
+        self.unfamiliar_similarity = settings.unfamiliar_similarity
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
         self.register_buffer("descriptor_std", torch.ones(descriptor_dim))
         width = settings.width
@@ -177,7 +178,7 @@ class CaseSelector(nn.Module):
             familiar = torch.ones(word_mask.shape)
         else:  # each unique word mapped once
             rows, familiarity = self.read_words(word_rows) if words_read is None else words_read
-            constraints = self.constraint(rows if self.word_snapping else _unit_variance(word_rows))[word_index]
+            constraints = self.constraint(rows if self.snap_match else _unit_variance(word_rows))[word_index]
             votes = self.operation(rows)[word_index]
             familiar = familiarity[word_index]  # [E, L]
         direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
@@ -201,19 +202,17 @@ class CaseSelector(nn.Module):
 
     def read_words(self, word_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The words as the fitted selector reads them: unit-variance rows [N, D], each the similarity-weighted mix of
-        the fitted vocabulary (itself, for a word seen in fitting), and how familiar each is [N] in [0, 1]: with
-        `word_snapping`, "no word" joins the mix at `unfamiliar_similarity` and familiarity is what the fitted words
-        hold of it. Words as they are, all familiar, while fitting and for selectors without a vocabulary."""
-        familiarity = torch.ones(len(word_rows))
+        the fitted vocabulary (itself, for a word seen in fitting), and how much each counts [N] in [0, 1]: with
+        `word_familiarity`, "no word" joins the mix at `unfamiliar_similarity` and a word counts by the share the
+        fitted words hold. Words as they are, all counting, while fitting and for selectors without a vocabulary."""
+        counts = torch.ones(len(word_rows))
         if not len(self.vocabulary):
-            return _unit_variance(word_rows), familiarity
+            return _unit_variance(word_rows), counts
         similarity = nn.functional.normalize(word_rows, dim=-1) @ nn.functional.normalize(self.vocabulary, dim=-1).T
-        if self.word_snapping:
+        if self.word_familiarity:
             no_word = torch.full((len(word_rows), 1), self.unfamiliar_similarity)
-            weights = torch.softmax(torch.cat((similarity, no_word), dim=-1) / self.vote_snap_temperature, dim=-1)
-            familiarity = 1 - weights[:, -1]
-        return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary), \
-            familiarity
+            counts = 1 - torch.softmax(torch.cat((similarity, no_word), dim=-1) / self.vote_snap_temperature, -1)[:, -1]
+        return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary), counts
 
 
 def answer_log_likelihood(by_operation: torch.Tensor, log_weights: torch.Tensor, valid: torch.Tensor,

@@ -56,13 +56,14 @@ class CaseLevelSettings:
     #: After fitting, an operation vote reads each word as a softmax mix (this temperature over cosine similarity)
     #: of the fitted words: an unseen word votes as its nearest fitted words do.
     vote_snap_temperature: float = 0.05
-    #: After fitting, words are read as the fitted words they resemble, for the match as for the votes, and "no word"
-    #: joins that mix at `unfamiliar_similarity`: a word unlike every fitted word ("kindly", a misspelling's odd
-    #: piece) neither constrains nor votes, so it costs little instead of vetoing every candidate. False: the match
-    #: reads raw words and every word counts (stages fitted before version 5 of the payload).
-    word_snapping: bool = False
-    #: Cosine similarity (to the nearest fitted word) at which a word counts half as familiar. MiniLM's token
-    #: embeddings of a fitted word in a new sentence sit at 0.8-1.0 from the fitted ones, words never fitted at 0.2-0.4.
+    #: After fitting, a word constrains and votes in proportion to how familiar it is: the share the fitted words
+    #: hold in its snap mix when "no word" joins that mix at `unfamiliar_similarity`. A word unlike every fitted word
+    #: ("kindly", "focal" to a selector fitted without them) then costs little instead of vetoing every candidate.
+    word_familiarity: bool = False
+    #: The match reads each word snapped to the fitted words it resembles (as the votes always do), not raw.
+    snap_match: bool = False
+    #: Cosine similarity to the nearest fitted word at which a word counts half. MiniLM's token embeddings of a fitted
+    #: word in a new sentence sit at 0.6-1.0 from the fitted ones, words never fitted at 0.2-0.4.
     unfamiliar_similarity: float = 0.55
     #: Selectors fitted from different seeds; their answers are averaged.
     ensemble_members: int = 3

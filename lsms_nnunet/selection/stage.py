@@ -33,7 +33,7 @@ from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, 
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
 STAGE_FORMAT = "lsms-case-selector"
-#: 5: words read as the fitted words they resemble (`word_snapping`; earlier versions read without it); 4: the context
+#: 5: how words never fitted are read recorded (`word_familiarity`, `snap_match`; off before); 4: the context
 #: regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted with the default
 #: settings): the verdict.
 STAGE_VERSION, READABLE_VERSIONS = 5, (2, 3, 4, 5)
@@ -157,8 +157,8 @@ class CaseLevelStage:
                 f"The case-level stage in {source} was fitted with another text encoder than its model. Fix: refit "
                 f"it with LSMSv2_fit_case_level (or nnUNetv2_train ... --val).")
         recorded = dict(content.get("settings", {}))
-        if content["version"] < 5:  # fitted before word snapping: answer as then
-            recorded["word_snapping"] = False
+        if content["version"] < 5:  # fitted before words were read by familiarity: answer as then
+            recorded.update(word_familiarity=False, snap_match=False)
         settings = CaseLevelSettings.from_dict(recorded, source)
         if content["version"] == 2:  # fitted with the defaults of then, which were these, with a per-file width
             settings = CaseLevelSettings.from_dict({**settings.to_dict(), "width": content["width"]}, source)
