@@ -105,13 +105,13 @@ def _format_test_over_seeds(combined: dict) -> list[str]:
              *(_mean_and_spread(v["test"]["per_category"][c]) if c in v["test"]["per_category"] else "n/a"
                for c in categories)] for v in tested]
     split = combined["test_split"]
-    return [f"# Test split ({split['cases']} cases, {split['expressions']} expressions of "
+    return [f"## Test split ({split['cases']} cases, {split['expressions']} expressions of "
             f"`{split['expressions_file']}`), seeds {combined['seeds']}", "",
             "Answered by each seed's trained folds without mirroring; nothing was trained or tuned on these cases. "
             "Lesion expressions: those that refer to at least one lesion (no-target apart). Mean ± sample standard "
             f"deviation over seeds; text-blind ceiling (a perfect all-lesion mask): mean Dice "
             f"{format_number(combined['test_text_blind_ceiling_mean_dice'], 4)}.", "",
-            *markdown_table([header, *rows]), "", "# Validation folds", ""]
+            *markdown_table([header, *rows]), "", "## Validation folds", ""]
 
 
 def format_seeds_table(combined: dict) -> str:
@@ -129,12 +129,13 @@ def format_seeds_table(combined: dict) -> str:
                                    for c in categories)] for v in combined["variants"]]
     per_seed = [[v["name"], *(format_number(d, 4) for d in v["mean_dice"]["per_seed"])] for v in combined["variants"]]
     budget = combined["budget"]
-    lines = [*_format_test_over_seeds(combined), 
+    lines = [
         f"# LSMS benchmark over seeds {combined['seeds']}: {combined['dataset']}, {combined['configuration']} "
         f"({combined['plans']})", "",
         f"Folds {combined['folds']}, budget {budget['epochs']} epoch(s) x {budget['iterations_per_epoch']} "
         f"iterations, device {combined['device']}; each seed is a full benchmark in `seed_<k>/` (mean ± sample "
         f"standard deviation over seeds).", "",
+        *_format_test_over_seeds(combined),
         *markdown_table([header, *rows]), "",
         "Mean Dice per expression category (mean ± standard deviation over seeds):", "",
         *markdown_table([["variant", *categories], *category_rows]), "",
