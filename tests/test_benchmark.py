@@ -473,3 +473,23 @@ def test_a_budget_seed_makes_the_initial_weights_repeat():
     seed_everything(5)
     second = torch.nn.Conv2d(2, 3, 3).weight.detach().clone(), np.random.rand(), random.random()
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+def test_a_test_split_with_missing_images_or_region_maps_is_refused_naming_them(tmp_path):
+    from lsms_nnunet.benchmark.preparation import BenchmarkSetupError, read_test_split
+
+    assert read_test_split(tmp_path, ".nii.gz") is None  # no imagesTs/expressions.json: validation folds only
+    (tmp_path / "imagesTs").mkdir()
+    (tmp_path / "labelsTs").mkdir()
+    (tmp_path / "imagesTs" / "expressions.json").write_text(json.dumps({"format": "lsms-expressions", "version": 1,
+        "expressions": [{"id": "a-e0", "case": "a", "text": "the cyst", "targets": [1]},
+                        {"id": "b-e0", "case": "b", "text": "the cyst", "targets": []}]}), encoding="utf-8")
+    (tmp_path / "imagesTs" / "a_0000.nii.gz").touch()
+    (tmp_path / "labelsTs" / "b.nii.gz").touch()
+    with pytest.raises(BenchmarkSetupError, match=r"an image in .*imagesTs \(\['b'\]\) and a region map in "
+                                                  r".*labelsTs \(\['a'\]\)\. Fix: add"):
+        read_test_split(tmp_path, ".nii.gz")
+    (tmp_path / "imagesTs" / "b_0000.nii.gz").touch()
+    (tmp_path / "labelsTs" / "a.nii.gz").touch()
+    split = read_test_split(tmp_path, ".nii.gz")
+    assert split.cases == ["a", "b"] and len(split.expressions) == 2
