@@ -17,6 +17,7 @@ def test_each_reference_lesion_is_counted_by_what_the_candidates_made_of_it():
     candidates[0, 30:40, 30:50] = 6
     regions[0, 35:37, 0:3] = 8  # too small to count (6 voxels)
     quality = candidate_quality(candidates, regions, range(1, 9), min_voxels=50)
-    assert quality == {"lesions": 6, "too_small": 1, "matched": 1, "split": 1, "merged": 2, "missed": 1, "poorly_outlined": 1}
+    assert quality == {"lesions": 6, "too_small": 1, "matched": 1, "split": 1, "merged": 2, "missed": 1,
+                       "poorly_outlined": 1}
     exact = candidate_quality(np.where(regions == 8, 0, regions), regions, range(1, 9), min_voxels=50)
     assert exact["matched"] == exact["lesions"] == 6

@@ -10,9 +10,9 @@ it does not see together. The selector works on the whole case after the sliding
   it ("left" and "right" are nearly one point in sentence space);
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
   second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
-  "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under independent
-  matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed, not
-  learned from a few examples. A sentence means one operation: fitting maximises the likelihood of the whole answer
+  "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under
+  independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed,
+  not learned from a few examples. A sentence means one operation: fitting maximises the likelihood of the whole answer
   as a mixture over operations (its first steps with every candidate held as matching, so the operations are learned
   before the match could explain a rare relation instead), and prediction uses the most likely one.
 
@@ -175,20 +175,23 @@ class CaseSelector(nn.Module):
             constraints, votes = dropped_linears(occurrences, self.constraint[0].p, self.constraint[1],
                                                  self.operation[1])
             constraints, votes = constraints[place], votes[place]  # [E, L, width + 2], [E, L, operations]
-            familiar = torch.ones(word_mask.shape)
+            familiar = None  # while fitting, every word counts
         else:  # each unique word mapped once
             rows, familiarity = self.read_words(word_rows) if words_read is None else words_read
             constraints = self.constraint(rows if self.snap_match else _unit_variance(word_rows))[word_index]
             votes = self.operation(rows)[word_index]
-            familiar = familiarity[word_index]  # [E, L]
+            familiar = familiarity[word_index] if self.word_familiarity else None  # [E, L]
         direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
-        gate = torch.sigmoid(gate.squeeze(-1)) * word_mask * familiar  # [E, L]
+        gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
+        if familiar is not None:  # a word counts by its familiarity, as constraint and as vote
+            gate = gate * familiar
+            votes = votes + torch.log(familiar.clamp_min(1e-6)).unsqueeze(-1)
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
         if operations_only:  # fitting's first steps: every candidate held as matching
             match = 0.99 * valid.float()
-        votes = (votes + torch.log(familiar.clamp_min(1e-6)).unsqueeze(-1)).masked_fill(~word_mask.unsqueeze(-1), -1e4)
+        votes = votes.masked_fill(~word_mask.unsqueeze(-1), -1e4)
         log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
         larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
         smaller = (volumes.unsqueeze(1) < volumes.unsqueeze(2)) & valid.unsqueeze(1)
