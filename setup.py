@@ -26,7 +26,8 @@ setup(
     packages=find_packages(include=["lsms_nnunet", "lsms_nnunet.*", "text_conditioning", "text_conditioning.*"]),
     py_modules=["lsms_nnunet_ext_hook"],
     # planning/presets.json links to plans/presets.json: the presets stay in the top-level plans/ folder and ship here.
-    package_data={"lsms_nnunet": ["nnunet_ext/*.py", "planning/presets.json"]},
+    package_data={"lsms_nnunet": ["nnunet_ext/*.py", "planning/presets.json"],
+                  "text_conditioning": ["radiology_phrases.json"]},
     install_requires=[
         "nnunetv2>=2.8,<2.9",
         "torch>=2.1",

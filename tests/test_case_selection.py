@@ -307,7 +307,7 @@ def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
     earlier_version = {**stage.to_payload(), "version": 1}
     torch.save(earlier_version, tmp_path / STAGE_FILE)
     with pytest.raises(CaseLevelStageError,
-                       match=r"no case-level stage of version 2/3/4/5\. Fix: .*LSMSv2_fit_case_level"):
+                       match=r"no case-level stage of version 2/3/4/5/6\. Fix: .*LSMSv2_fit_case_level"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
     unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
     with pytest.raises(ValueError, match="unknown case-level setting.*logit_cieling"):
@@ -336,7 +336,7 @@ def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
 
     reference = torch.load(Path(__file__).parent / "data" / "case_level_stage_07f87bd.pt", weights_only=True)
     stage = CaseLevelStage.from_payload(reference["payload"], "abc", "the reference")
-    assert stage.settings == CaseLevelSettings(word_familiarity=False, snap_match=False)
+    assert stage.settings == CaseLevelSettings(word_familiarity=False, snap_match=False, phrase_variants=0)
     assert len(stage.selectors) == 3 and stage.answers
     tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
     encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)

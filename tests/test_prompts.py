@@ -195,3 +195,25 @@ def test_bad_context_is_refused_before_training(tmp_path, context, targets, maps
     with pytest.raises(ExpressionsError, match=message) as error:
         load_prompt_set(folder)
     assert "Fix:" in str(error.value)
+
+
+def test_phrase_table_rewrites_travel_with_the_prompt_set_and_are_encoded(tmp_path):
+    from text_conditioning.phrases import PhraseTable
+    from lsms_nnunet.preprocessing.encode_text import with_phrase_variants
+
+    expressions = [{"id": "a-e0", "case": "a", "text": "the largest cyst", "targets": [1]},
+                   {"id": "a-e1", "case": "a", "text": "nothing here", "targets": []}]
+    folder = _write_dataset(tmp_path / "ds", {"background": 0, "region_1": 1, "region_2": 2},
+                            {"a": _two_region_map()}, expressions)
+    table = PhraseTable((("largest", "biggest", "dominant"), ("cyst", "simple cyst")), ("t.json",))
+    prompt_set = with_phrase_variants(load_prompt_set(folder), table, per_expression=2)
+    assert dict(prompt_set.variants) == {"the largest cyst": tuple(table.variants("the largest cyst", 2))}
+    rewrites = dict(prompt_set.variants)["the largest cyst"]
+    assert len(rewrites) == 2 and prompt_set.prompts_for_case("a")[0].variants == rewrites
+    assert prompt_set.prompts_for_case("a")[1].variants == ()
+    assert prompt_set.texts_to_encode() == ["the largest cyst", "nothing here", *rewrites, FINDING_TEXT]
+    assert prompt_set.variants_of(["the largest cyst"], limit=1) == [rewrites[0]]
+    save_prompt_set(prompt_set, {"name": "x", "sha256": "0" * 64, "dim": 8, "max_tokens": 4}, tmp_path / "text")
+    loaded = read_prompt_set(tmp_path / "text")[0]
+    assert loaded == prompt_set and loaded.phrase_table_sha256 == table.sha256
+    assert with_phrase_variants(load_prompt_set(folder), PhraseTable(()), 2).variants == ()

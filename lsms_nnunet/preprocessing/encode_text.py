@@ -9,23 +9,27 @@ maker grouped) to nnUNet_preprocessed, where every trainer reads its folds.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import shutil
 import sys
 from pathlib import Path
+from typing import Sequence
 
 from tqdm import tqdm
 
 from text_conditioning.cache import DEFAULT_SHARD_SIZE, TextEmbeddingCache
 from text_conditioning.encoders import DEFAULT_TEXT_ENCODER, TextEncoder, encoder_identity
 from text_conditioning.io import atomic_path
+from text_conditioning.phrases import NONE, SHIPPED, PhraseTable, load_phrase_tables
 
 from lsms_nnunet.preprocessing.image_checks import nonfinite_voxel_count, refuse_nonfinite, warn_if_constant
-from lsms_nnunet.preprocessing.prompts import PromptSet, load_prompt_set, read_json, save_prompt_set
+from lsms_nnunet.preprocessing.prompts import REFERRING, PromptSet, load_prompt_set, read_json, save_prompt_set
 from lsms_nnunet.cli import console_entry
 
 TEXT_FOLDER = "lsms_text"
 DEFAULT_MAX_TOKENS = 32
+DEFAULT_VARIANTS = 4  # phrase-table rewrites per expression text
 SPLITS_FILE = "splits_final.json"
 
 
@@ -42,11 +46,24 @@ def dataset_folders(dataset_name_or_id: str | int) -> tuple[str, Path, Path]:
     return name, Path(nnUNet_raw) / name, Path(nnUNet_preprocessed) / name / TEXT_FOLDER
 
 
+def with_phrase_variants(prompt_set: PromptSet, table: PhraseTable, per_expression: int) -> PromptSet:
+    """A referring prompt set with up to `per_expression` phrase-table rewrites of each expression text."""
+    if prompt_set.mode != REFERRING or not table.groups or per_expression <= 0:
+        return prompt_set
+    texts = prompt_set.all_texts()
+    variants = tuple((text, tuple(rewrites)) for text in texts if (rewrites := table.variants(text, per_expression)))
+    return dataclasses.replace(prompt_set, variants=variants, phrase_table_sha256=table.sha256,
+                               phrase_table_sources=table.sources)
+
+
 def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None = None,
-                        max_tokens: int = DEFAULT_MAX_TOKENS) -> PromptSet:
-    """Validate the dataset's prompts, then encode every text missing from the cache."""
+                        max_tokens: int = DEFAULT_MAX_TOKENS, phrase_table: Sequence[str] = (SHIPPED,),
+                        variants_per_expression: int = DEFAULT_VARIANTS) -> PromptSet:
+    """Validate the dataset's prompts, add the phrase-table rewrites of its expressions, then encode every text
+    missing from the cache."""
     name, raw_folder, text_folder = dataset_folders(dataset_name_or_id)
-    prompt_set = load_prompt_set(raw_folder)
+    table = load_phrase_tables(phrase_table)
+    prompt_set = with_phrase_variants(load_prompt_set(raw_folder), table, variants_per_expression)
     identity = encoder_identity(text_encoder, max_tokens)
     cache = TextEmbeddingCache(text_folder / identity.slug, identity)
     texts = prompt_set.texts_to_encode()
@@ -61,6 +78,9 @@ def encode_dataset_text(dataset_name_or_id: str | int, text_encoder: str | None 
     save_prompt_set(prompt_set, identity.to_dict(), text_folder)
     kind = f"{len(prompt_set.expressions)} expressions" if prompt_set.expressions else \
         f"{len(prompt_set.label_prompts)} label prompts (plain task)"
+    if prompt_set.variants:
+        kind += (f" (and {len(prompt_set.variants_of(prompt_set.all_texts()))} phrase-table rewrites of "
+                 f"{len(prompt_set.variants)} of their texts)")
     print(f"{name}: {kind} ready in {text_folder}")
     return prompt_set
 
@@ -163,6 +183,13 @@ def _add_text_arguments(parser: argparse.ArgumentParser) -> None:
                              f"offline). A hub name is downloaded only because you named it.")
     parser.add_argument("--max_tokens", "--max-tokens", type=int, default=DEFAULT_MAX_TOKENS,
                         help=f"Tokens kept per expression (default {DEFAULT_MAX_TOKENS}).")
+    parser.add_argument("--phrase_table", "--phrase-table", nargs="+", default=[SHIPPED],
+                        help=f"Phrase tables whose interchangeable wordings rewrite the training expressions: "
+                             f"'{SHIPPED}' (the project's radiology table, the default), your own JSON files (e.g. "
+                             f"'{SHIPPED} my_phrases.json' extends it), or '{NONE}' (train on the expressions as "
+                             f"written). See docs/data_format.md.")
+    parser.add_argument("--phrase_variants", "--phrase-variants", type=int, default=DEFAULT_VARIANTS,
+                        help=f"Rewrites kept per expression text (default {DEFAULT_VARIANTS}; 0: none).")
 
 
 @console_entry
@@ -171,8 +198,10 @@ def encode_text_entry() -> None:
     parser.add_argument("-d", nargs="+", required=True, help="Dataset name(s) or id(s).")
     _add_text_arguments(parser)
     args = parser.parse_args()
+    if args.phrase_variants < 0:
+        parser.error(f"--phrase_variants must be 0 or more, got {args.phrase_variants}.")
     for dataset in args.d:
-        encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
+        encode_dataset_text(dataset, args.text_encoder, args.max_tokens, args.phrase_table, args.phrase_variants)
 
 
 @console_entry
@@ -188,6 +217,7 @@ def plan_and_preprocess_entry() -> None:
     parser.add_argument("-d", nargs="+", required=True)
     _add_text_arguments(parser)
     args, nnunet_args = parser.parse_known_args()
+    load_phrase_tables(args.phrase_table)  # a broken table fails before planning
     for dataset in args.d:
         _, raw_folder, text_folder = dataset_folders(dataset)
         load_prompt_set(raw_folder)
@@ -200,4 +230,4 @@ def plan_and_preprocess_entry() -> None:
         os.environ["nnUNet_n_proc_DA"] = "1"
     nnunet_entry()
     for dataset in args.d:
-        encode_dataset_text(dataset, args.text_encoder, args.max_tokens)
+        encode_dataset_text(dataset, args.text_encoder, args.max_tokens, args.phrase_table, args.phrase_variants)

@@ -9,6 +9,7 @@ and `lesion_voxels` leaves them out wherever "all lesions" is meant.
 from __future__ import annotations
 
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +42,14 @@ class Prompt:
     targets: tuple[int, ...]
     expression_id: str | None = None
     all_regions: bool = False  # the finding prompt: targets are every region id of the case
+    #: Rewrites of the text from the phrase table (text_conditioning/phrases.py), asked instead of it half the time.
+    variants: tuple[str, ...] = ()
+
+    def draw_text(self, rng: random.Random = random) -> str:
+        """The text one training sample asks: one of `texts`, or with variants, one of them half the time."""
+        if self.variants and rng.random() < 0.5:
+            return rng.choice(self.variants)
+        return rng.choice(self.texts)
 
 
 def lesion_voxels(region_map: np.ndarray, context_ids: Sequence[int] = ()) -> np.ndarray:
@@ -68,6 +77,10 @@ class PromptSet:
     expressions: tuple[Expression, ...] = ()
     label_prompts: tuple[tuple[str, int, tuple[str, ...]], ...] = ()  # (label name, label value, phrasings)
     context: tuple[tuple[str, int], ...] = ()
+    #: Per expression text, its phrase-table rewrites (referring only), and what they were made from.
+    variants: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    phrase_table_sha256: str = ""
+    phrase_table_sources: tuple[str, ...] = ()
 
     @property
     def context_ids(self) -> tuple[int, ...]:
@@ -76,7 +89,9 @@ class PromptSet:
     def prompts_for_case(self, case: str) -> list[Prompt]:
         """What training asks of a case: its expressions and the finding prompt, or the label prompts."""
         if self.mode == REFERRING:
-            return [*(Prompt((e.text,), tuple(e.targets or ()), e.id) for e in self.expressions if e.case == case),
+            variants = dict(self.variants)
+            return [*(Prompt((e.text,), tuple(e.targets or ()), e.id, variants=variants.get(e.text, ()))
+                      for e in self.expressions if e.case == case),
                     Prompt((FINDING_TEXT,), (), f"{case}-{FINDING_ID}", all_regions=True)]
         return [Prompt(texts, (value,)) for _, value, texts in self.label_prompts]
 
@@ -90,10 +105,19 @@ class PromptSet:
             texts = [t for _, _, phrasings in self.label_prompts for t in phrasings]
         return list(dict.fromkeys(texts))
 
+    def variants_of(self, texts: Sequence[str], limit: int | None = None) -> list[str]:
+        """The phrase-table rewrites of `texts` (at most `limit` of each), without the texts themselves."""
+        variants = dict(self.variants)
+        known = set(texts)
+        rewrites = [v for text in texts for v in variants.get(text, ())[:limit]]
+        return [v for v in dict.fromkeys(rewrites) if v not in known]
+
     def texts_to_encode(self) -> list[str]:
-        """Every text training reads: all_texts() plus, for a referring task, the finding prompt."""
-        return self.all_texts() + ([FINDING_TEXT] if self.mode == REFERRING and FINDING_TEXT not in
-                                   self.all_texts() else [])
+        """Every text training reads: all_texts(), their phrase-table rewrites and, for a referring task, the finding
+        prompt."""
+        texts = self.all_texts()
+        texts += self.variants_of(texts)
+        return texts + ([FINDING_TEXT] if self.mode == REFERRING and FINDING_TEXT not in texts else [])
 
     def canonical_label_prompts(self) -> list[tuple[str, int, str]]:
         """The first phrasing of every label, in label order: what inference asks for on a plain task."""
@@ -102,14 +126,21 @@ class PromptSet:
     def to_dict(self) -> dict:
         if self.mode == REFERRING:
             return {"mode": REFERRING, "expressions": [expression_to_dict(e) for e in self.expressions],
-                    **({"context": dict(self.context)} if self.context else {})}
+                    **({"context": dict(self.context)} if self.context else {}),
+                    **({"variants": {text: list(rewrites) for text, rewrites in self.variants},
+                        "phrase_table": {"sha256": self.phrase_table_sha256,
+                                         "sources": list(self.phrase_table_sources)}} if self.variants else {})}
         return {"mode": PLAIN, "labels": [{"name": n, "value": v, "prompts": list(t)} for n, v, t in self.label_prompts]}
 
     @classmethod
     def from_dict(cls, content: Mapping) -> "PromptSet":
         if content["mode"] == REFERRING:
             expressions = tuple(expression_from_dict(e) for e in content["expressions"])
-            return cls(REFERRING, expressions=expressions, context=tuple(content.get("context", {}).items()))
+            variants = tuple((text, tuple(rewrites)) for text, rewrites in content.get("variants", {}).items())
+            table = content.get("phrase_table", {})
+            return cls(REFERRING, expressions=expressions, context=tuple(content.get("context", {}).items()),
+                       variants=variants, phrase_table_sha256=table.get("sha256", ""),
+                       phrase_table_sources=tuple(table.get("sources", ())))
         labels = tuple((l["name"], int(l["value"]), tuple(l["prompts"])) for l in content["labels"])
         return cls(PLAIN, label_prompts=labels)
 

@@ -84,7 +84,8 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
                   network_finding: Callable[[np.ndarray], FindingAnswer] | None = None,
                   network_alone_logits: Callable[[np.ndarray, list[str]], np.ndarray] | None = None,
                   settings: CaseLevelSettings = CaseLevelSettings(),
-                  context_ids: Sequence[int] = (), anatomy_ids: Sequence[int] = ()) -> dict[str, CaseEvidence]:
+                  context_ids: Sequence[int] = (), anatomy_ids: Sequence[int] = (),
+                  variants: Mapping[str, Sequence[str]] | None = None) -> dict[str, CaseEvidence]:
     """Per case of `cases` with expressions: each expression is a fitting example over the case's ground-truth
     lesions and, with `network_finding` (preprocessed data -> the network's finding answer), again over the lesions
     of that answer; with `network_alone_logits` too (data, texts -> [E, *spatial] logits of the network answering
@@ -97,6 +98,9 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
     look and each relation's volumes without the network's errors (a hemangioma found in pieces looks like no
     hemangioma, and its pieces change which lesion is "the largest"); docs/decisions.md has the measurements.
     `text_of` maps an expression's text to the text the model is given (the constant-text control gives one text).
+    `variants` (text -> its phrase-table rewrites) adds, per expression, up to `settings.phrase_variants` fitting
+    examples in other words over the same candidates: a wording the training expressions never use is then read like
+    the one it stands for. The verdict scores the expressions as written.
     """
     wanted = set(cases)
     by_case: dict[str, list[Expression]] = {}
@@ -125,6 +129,10 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
                                                                      expression.targets or ()) > 0.5,
                                                    expression.id)
                              for expression in case_expressions])
+        rewrites = [SelectionExample(example.descriptors, example.volumes, text_features.by_text[variant],
+                                     example.referred, f"{expression.id}\n{variant}")
+                    for per_set in examples for example, expression in zip(per_set, case_expressions)
+                    for variant in (variants or {}).get(expression.text, ())[:settings.phrase_variants]]
         asked = [(example, expression) for example, expression in zip(examples[-1], case_expressions)
                  if expression.id in judged]
         scored = []
@@ -132,7 +140,7 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
             alone = network_alone_logits(data, [expression.text for _, expression in asked]) > 0
             scored = [_scored(example, candidate_sets[-1][0], region_map, expression, answer)
                       for (example, expression), answer in zip(asked, alone)]
-        evidence[case] = CaseEvidence([example for per_set in examples for example in per_set], scored)
+        evidence[case] = CaseEvidence([example for per_set in examples for example in per_set] + rewrites, scored)
     return evidence
 
 

@@ -65,6 +65,9 @@ class CaseLevelSettings:
     #: Cosine similarity to the nearest fitted word at which a word counts half. MiniLM's token embeddings of a fitted
     #: word in a new sentence sit at 0.6-1.0 from the fitted ones, words never fitted at 0.2-0.4.
     unfamiliar_similarity: float = 0.55
+    #: Fitting examples added per expression in other words, from the dataset's phrase-table rewrites
+    #: (LSMSv2_encode_text --phrase_table): a wording only the table knows is read like the one it stands for.
+    phrase_variants: int = 2
     #: Selectors fitted from different seeds; their answers are averaged.
     ensemble_members: int = 3
 
@@ -108,6 +111,9 @@ class CaseLevelSettings:
         if not 0 <= self.operations_first_steps <= self.fit_steps:
             raise CaseLevelSettingsError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps "
                                          f"({self.fit_steps}), got {self.operations_first_steps!r}.")
+        if self.phrase_variants < 0:
+            raise CaseLevelSettingsError(f"CaseLevelSettings.phrase_variants must be >= 0, got "
+                                         f"{self.phrase_variants!r}.")
         if not -1 <= self.unfamiliar_similarity <= 1:
             raise CaseLevelSettingsError(f"CaseLevelSettings.unfamiliar_similarity is a cosine similarity in [-1, 1], "
                                          f"got {self.unfamiliar_similarity!r}.")

@@ -36,7 +36,7 @@ STAGE_FORMAT = "lsms-case-selector"
 #: 5: how words never fitted are read recorded (`word_familiarity`, `snap_match`; off before); 4: the context
 #: regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted with the default
 #: settings): the verdict.
-STAGE_VERSION, READABLE_VERSIONS = 5, (2, 3, 4, 5)
+STAGE_VERSION, READABLE_VERSIONS = 6, (2, 3, 4, 5, 6)
 STAGE_FILE = "case_selector.pt"
 #: The candidate settings every fold of one prediction must share (the candidates are found once per image).
 CANDIDATE_SETTINGS = ("min_candidate_voxels", "logit_smoothing_voxels", "logit_seed_height", "logit_ceiling",
@@ -159,6 +159,8 @@ class CaseLevelStage:
         recorded = dict(content.get("settings", {}))
         if content["version"] < 5:  # fitted before words were read by familiarity: answer as then
             recorded.update(word_familiarity=False, snap_match=False)
+        if content["version"] < 6:  # fitted before phrase-table rewrites: the record says so
+            recorded.update(phrase_variants=0)
         settings = CaseLevelSettings.from_dict(recorded, source)
         if content["version"] == 2:  # fitted with the defaults of then, which were these, with a per-file width
             settings = CaseLevelSettings.from_dict({**settings.to_dict(), "width": content["width"]}, source)

@@ -106,7 +106,7 @@ class PromptSamplingDataset:
     def load_case(self, identifier: str):
         data, seg, seg_prev, properties = self.dataset.load_case(identifier)
         prompt = self._draw(identifier, properties["class_locations"])
-        self.drawn.append((prompt, random.choice(prompt.texts)))
+        self.drawn.append((prompt, prompt.draw_text(random)))
         targets = [t for t in properties["class_locations"] if t > 0 and t not in self.context_ids] \
             if prompt.all_regions else prompt.targets
         locations = [properties["class_locations"][t] for t in targets
@@ -220,5 +220,6 @@ class LSMSDataLoader(nnUNetDataLoader):
         batch = super().generate_train_batch()
         texts = [text for _, text in self._data.drawn]
         batch["text_tokens"], batch["text_mask"] = self.text_bank.batch(texts)
-        batch["text_keys"] = texts
+        # what a sample says, whatever its wording: a rewrite is no negative for its original in the contrastive loss
+        batch["text_keys"] = [prompt.texts[0] for prompt, _ in self._data.drawn]
         return batch

@@ -336,7 +336,8 @@ class LSMSTrainer(nnUNetTrainer):
                                f"and rerun LSMSv2_encode_text.")
         if self.model_card["constant_text"] is not None:
             constant = (self.model_card["constant_text"],)
-            prompts = {case: [dataclasses.replace(p, texts=constant) for p in ps] for case, ps in prompts.items()}
+            prompts = {case: [dataclasses.replace(p, texts=constant, variants=()) for p in ps]
+                       for case, ps in prompts.items()}
         return prompts
 
     # ---------------------------------------------------------------- steps

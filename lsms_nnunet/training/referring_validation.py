@@ -59,6 +59,8 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
                                                                  list(train_keys)))
     texts = trainer.prompt_set.all_texts()  # the constant text of the control is one of them
     constant = trainer.model_card["constant_text"]
+    variants = {} if constant else {text: rewrites for text, rewrites in trainer.prompt_set.variants}
+    texts += trainer.prompt_set.variants_of(texts, settings.phrase_variants) if variants else []
     cache = TextEmbeddingCache(trainer.text_cache_folder, trainer.text_encoder_identity)
     # the context regions the network outputs, in its order: where candidates are placed in their organs
     organ_relative = settings.organ_relative and trainer._unwrapped_network().config.anatomy_regions
@@ -69,7 +71,7 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
         network_finding=lambda data: network_finding(predictor, data, trainer.text_cache_folder),
         network_alone_logits=lambda data, asked: network_alone_logits(predictor, data, asked,
                                                                       trainer.text_cache_folder),
-        settings=settings, context_ids=trainer.prompt_set.context_ids, anatomy_ids=anatomy_ids)
+        settings=settings, context_ids=trainer.prompt_set.context_ids, anatomy_ids=anatomy_ids, variants=variants)
     weights = trainer._unwrapped_network().state_dict()
     stage = CaseLevelStage.fit(evidence, settings, trainer.text_encoder_identity.sha256, weights_identity(weights),
                                len(anatomy_ids), log=log)
