@@ -70,7 +70,9 @@ def demo_entry() -> None:
     model = Path(env["nnUNet_results"]) / dataset.name / f"{args.tr}__nnUNetPlans__{configuration}"
     if not (model / "fold_0" / "checkpoint_final.pth").is_file():
         resume = ["--c"] if (model / "fold_0" / "checkpoint_latest.pth").is_file() else []
-        _run(["nnUNetv2_train", str(args.d), configuration, "0", "-tr", args.tr, "-device", args.device, *resume], env)
+        # augmentation in the main process: with the quick trainer's seed, the training (and so the figures) repeat
+        _run(["nnUNetv2_train", str(args.d), configuration, "0", "-tr", args.tr, "-device", args.device, *resume],
+             {**env, "nnUNet_n_proc_DA": env.get("nnUNet_n_proc_DA", "0")})
     predictions = workdir / "predictions"
     # nnU-Net's default of 3 preprocessing + 3 export processes only contends on a small CPU
     workers = str(min(3, max(1, (os.cpu_count() or 2) // 2)))

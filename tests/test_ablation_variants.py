@@ -1,4 +1,5 @@
-"""The ablation table (LSMSConfig ABLATIONS) is the one source of the ablation trainers and the benchmark's variants."""
+"""Trainer variants: the ablation table (LSMSConfig ABLATIONS) is the one source of the ablation trainers and the
+benchmark's variants; the demo's quick trainer is seeded."""
 import os
 import subprocess
 import sys
@@ -45,3 +46,27 @@ def test_a_new_ablation_needs_no_code():
         "lsms_nnunet.training.variants {'contrastive': False, 'decoder': 'unet'} "
         "Variant(name='lsms_no_probe', trainer='LSMSTrainer_budget_no_probe', "
         "description=\"LSMS with contrastive=False, decoder='unet'\")")
+
+
+def test_the_quick_trainer_seeds_every_generator_before_nnunet_builds_anything(monkeypatch):
+    """LSMSTrainer_quick (the demo's) draws the same numbers on every run, and others with LSMS_BUDGET_SEED."""
+    import random
+
+    import numpy as np
+    import torch
+
+    from lsms_nnunet.training.variants import BUDGET_SEED_ENV, _QuickBudget
+
+    class _Recorder:
+        def __init__(self, *args, **kwargs):
+            self.drawn = (random.random(), float(np.random.rand()), float(torch.rand(1)))
+
+    class _Probe(_QuickBudget, _Recorder):
+        pass
+
+    monkeypatch.delenv(BUDGET_SEED_ENV, raising=False)
+    first, again = _Probe({}, "2d", 0, {}).drawn, _Probe({}, "2d", 0, {}).drawn
+    assert first == again
+    monkeypatch.setenv(BUDGET_SEED_ENV, "1")
+    other = _Probe({}, "2d", 0, {}).drawn
+    assert all(a != b for a, b in zip(first, other))

@@ -2,7 +2,9 @@
 
 - `LSMSTrainer_test` / `nnUNetTrainer_test`: 1 epoch x 2 iterations (and a short case-level fit), for tests and
   smoke runs.
-- `LSMSTrainer_quick`: a short demo run that still learns on the synthetic dataset (CPU: minutes).
+- `LSMSTrainer_quick`: a short demo run that still learns on the synthetic dataset (CPU: minutes). It seeds every
+  generator first (LSMS_BUDGET_SEED, default 0), so a run with in-process augmentation (nnUNet_n_proc_DA=0, which
+  `LSMSv2_demo` sets) repeats: the demo's figures are then one outcome, not a draw from a spread.
 - `*_budget`: the benchmark's equal-budget runs; epochs and iterations come from LSMS_BUDGET_EPOCHS and
   LSMS_BUDGET_ITERATIONS (set by `LSMSv2_benchmark`), so LSMS and vanilla nnU-Net get exactly the same budget;
   LSMS_BUDGET_SEED, when set, seeds Python's, NumPy's and PyTorch's generators first (`LSMSv2_benchmark --seeds`:
@@ -31,6 +33,9 @@ BUDGET_EPOCHS_ENV, BUDGET_ITERATIONS_ENV, BUDGET_SEED_ENV, BUDGET_CASE_LEVEL_ENV
     "LSMS_BUDGET_EPOCHS", "LSMS_BUDGET_ITERATIONS", "LSMS_BUDGET_SEED", "LSMS_BUDGET_CASE_LEVEL_SETTINGS"
 
 
+QUICK_SEED = 0  # LSMSTrainer_quick's seed when LSMS_BUDGET_SEED is not set
+
+
 def seed_everything(seed: int) -> None:
     """One seed for every generator a training draws from (nnU-Net itself seeds none)."""
     random.seed(seed)
@@ -48,6 +53,7 @@ class _TestBudget:
 class _QuickBudget:
     def __init__(self, plans: dict, configuration: str, fold: int, dataset_json: dict,
                  device: torch.device = torch.device("cuda")):
+        seed_everything(int(os.environ.get(BUDGET_SEED_ENV) or QUICK_SEED))
         super().__init__(plans, configuration, fold, dataset_json, device)
         self.num_epochs, self.num_iterations_per_epoch, self.num_val_iterations_per_epoch = 10, 50, 10
         self.save_every = 5
