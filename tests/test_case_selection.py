@@ -89,6 +89,53 @@ def test_selector_learns_size_relations_and_combines_them_with_a_description():
         assert _accuracy(selector, [_example(sentence, rng) for _ in range(40)]) >= 0.8, sentence
 
 
+SUPERLATIVE_WORDS = {word: vector for word, vector in zip(
+    "the all largest smallest second most cranial lowest brightest darkest lesion lesions".split(),
+    np.random.default_rng(3).normal(size=(12, 16)).astype(np.float32))}
+SUPERLATIVES = ["the largest lesion", "the smallest lesion", "the second largest lesion", "the most cranial lesion",
+                "the lowest lesion", "the brightest lesion", "the darkest lesion", "all lesions"]
+
+
+def _superlative_example(sentence: str, rng: np.random.Generator) -> SelectionExample:
+    """Candidates described by their height (z), brightness and a feature that means nothing; each sentence refers
+    to the extreme of one of them or of volume (or to the second largest, or to all)."""
+    count = int(rng.integers(2, 6))
+    volumes = rng.permutation(np.geomspace(20, 400, count)) * rng.uniform(0.8, 1.2)
+    height, brightness = rng.uniform(-1, 1, count), rng.normal(size=count)
+    descriptors = np.stack([height, brightness, rng.normal(size=count)], axis=1).astype(np.float32)
+    order_of = {"largest": volumes, "smallest": -volumes, "cranial": height, "lowest": -height,
+                "brightest": brightness, "darkest": -brightness}
+    referred = np.zeros(count, dtype=bool)
+    if sentence.startswith("all"):
+        referred[:] = True
+    elif "second" in sentence:
+        referred[np.argsort(-volumes)[1]] = True
+    else:
+        referred[np.argmax(order_of[next(word for word in order_of if word in sentence)])] = True
+    return SelectionExample(descriptors, volumes, np.stack([SUPERLATIVE_WORDS[w] for w in sentence.split()]),
+                            referred)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_superlative_is_the_extreme_of_what_its_words_choose(seed):
+    """"The most cranial", "the lowest", "the brightest", "the darkest" lesion: the extreme of a descriptor the words
+    choose (learned which), beside the size superlatives and "second largest"; ordering by volume alone cannot."""
+    rng = np.random.default_rng(seed)
+    training = [_superlative_example(sentence, rng) for _ in range(30) for sentence in SUPERLATIVES]
+    probes = {sentence: [_superlative_example(sentence, rng) for _ in range(40)] for sentence in SUPERLATIVES}
+
+    def accuracy(members: int, **settings) -> dict:
+        selectors = fit_selectors(training, CaseLevelSettings(**settings), members, log=lambda *_: None)[0]
+        return {sentence: float(np.mean([np.array_equal(answer, e.referred) for answer, e in
+                                         zip(choose(selectors, examples), examples)]))
+                for sentence, examples in probes.items()}
+
+    learned = accuracy(members=DEFAULTS.ensemble_members)  # as the stage fits them
+    assert all(score >= 0.9 for score in learned.values()), learned
+    by_volume = accuracy(members=1, descriptor_superlatives=False)
+    assert by_volume["the most cranial lesion"] <= 0.6 and by_volume["the brightest lesion"] <= 0.6, by_volume
+
+
 class _FixedSelector(CaseSelector):
     """Answers with given per-operation probabilities, to test the decision rule alone."""
 
@@ -224,14 +271,14 @@ def test_operation_votes_read_an_unseen_word_as_its_nearest_fitted_word():
     smallest = WORD_VECTORS["smallest"]
     other = rng.normal(size=smallest.shape)
     other -= other @ smallest / (smallest @ smallest) * smallest
-    unseen = (0.9 * smallest + 0.44 * other / np.linalg.norm(other) * np.linalg.norm(smallest)).astype(np.float32)
+    unseen = (0.7 * smallest + 0.71 * other / np.linalg.norm(other) * np.linalg.norm(smallest)).astype(np.float32)
     case = _size_only_example("the smallest lesion", 4, rng)
 
     def operation_weights(fitted: CaseSelector, middle_word: np.ndarray) -> torch.Tensor:
         words = np.stack([WORD_VECTORS["the"], middle_word, WORD_VECTORS["lesion"]])
         inputs = SelectionBatch.of([SelectionExample(case.descriptors, case.volumes, words)]).inputs()
-        with torch.no_grad():
-            return fitted(*inputs)[1].exp()
+        with torch.no_grad():  # the operation's weight, summed over what a superlative orders by
+            return fitted(*inputs)[1].exp().reshape(len(OPERATIONS), -1).sum(-1)
 
     assert torch.allclose(operation_weights(selector, unseen), operation_weights(selector, smallest), atol=1e-3)
     selector.vocabulary = torch.zeros(0, selector.text_dim)
@@ -336,7 +383,9 @@ def test_a_stage_fitted_before_the_stage_refactor_answers_exactly_as_it_did():
 
     reference = torch.load(Path(__file__).parent / "data" / "case_level_stage_07f87bd.pt", weights_only=True)
     stage = CaseLevelStage.from_payload(reference["payload"], "abc", "the reference")
-    assert stage.settings == CaseLevelSettings(word_familiarity=False, snap_match=False, phrase_variants=0)
+    assert stage.settings == CaseLevelSettings(word_familiarity=False, snap_match=False, phrase_variants=0,
+                                               descriptor_superlatives=False, vote_bound=0.0,
+                                               vote_learning_rate=1e-3)
     assert len(stage.selectors) == 3 and stage.answers
     tokens, mask = reference["tokens"].numpy(), reference["token_mask"].numpy()
     encoded = EncodedTexts(tokens=tokens, mask=mask, pooled=tokens.mean(1), truncated=0)

@@ -9,12 +9,16 @@ it does not see together. The selector works on the whole case after the sliding
   probabilities. Reading words rather than the pooled sentence keeps one word's meaning whatever wording surrounds
   it ("left" and "right" are nearly one point in sentence space);
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
-  second largest of them. Each word votes and the strongest votes count (a soft maximum), so one word ("smallest",
-  "second") decides even in a sentence of otherwise unseen wording. Each operation is the exact probability under
+  second largest of them, and of what a superlative orders by: volume, or one of the descriptors ("the most
+  cranial", "the lowest", "the brightest" are the extreme of a position or an intensity; which one is learned). Each
+  word votes and the strongest votes count (a soft maximum), so one word ("smallest", "second", "cranial") decides
+  even in a sentence of otherwise unseen wording; votes are bounded softly (`vote_bound`) so that no early vote
+  leaves an alternative too little weight ever to be credited. Each operation is the exact probability under
   independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed,
-  not learned from a few examples. A sentence means one operation: fitting maximises the likelihood of the whole answer
-  as a mixture over operations (its first steps with every candidate held as matching, so the operations are learned
-  before the match could explain a rare relation instead), and prediction uses the most likely one.
+  not learned from a few examples. A sentence means one operation and one ordering: fitting maximises the likelihood
+  of the whole answer as a mixture over (operation, ordering) (its first steps with every candidate held as matching,
+  so both are learned before the match could explain a rare relation instead), and prediction uses the most likely
+  pair.
 
 After fitting, a word never fitted votes as the fitted words it resembles do (`CaseLevelSettings.vote_snap_temperature`)
 and, with `word_familiarity`, counts in proportion to how familiar it is (`CaseSelector.read_words`): a word unlike all
@@ -36,7 +40,8 @@ from torch import nn
 
 from lsms_nnunet.selection.settings import CaseLevelSettings
 
-#: Set operations over the matching candidates; superlatives of size are the relations radiology reports use.
+#: Set operations over the matching candidates, each over an ordering (volume, or a descriptor): the relations
+#: radiology reports use ("the largest", "the second largest", "the most cranial").
 OPERATIONS = ("all", "largest", "smallest", "second_largest")
 
 
@@ -148,6 +153,7 @@ class CaseSelector(nn.Module):
         self.vote_snap_temperature = settings.vote_snap_temperature
         self.word_familiarity, self.snap_match = settings.word_familiarity, settings.snap_match
         self.unfamiliar_similarity = settings.unfamiliar_similarity
+        self.vote_bound = settings.vote_bound
         self.register_buffer("descriptor_mean", torch.zeros(descriptor_dim))
         self.register_buffer("descriptor_std", torch.ones(descriptor_dim))
         width = settings.width
@@ -155,6 +161,15 @@ class CaseSelector(nn.Module):
         # per word: a direction, a bias and a gate
         self.constraint = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(text_dim, width + 2))
         self.operation = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(text_dim, len(OPERATIONS)))
+        # per word: a vote for what a superlative orders by, volume or one of the descriptors ("the most cranial",
+        # "the brightest"); zero weights, so every word starts at the prior for volume
+        self.ordering = nn.Sequential(nn.Dropout(settings.dropout), nn.Linear(text_dim, 1 + descriptor_dim)) \
+            if settings.descriptor_superlatives else None
+        if self.ordering is not None:
+            with torch.no_grad():
+                self.ordering[1].weight.zero_()
+                self.ordering[1].bias.zero_()
+                self.ordering[1].bias[0] = settings.volume_ordering_prior
         #: The fitting expressions' word embeddings (vote snapping); empty while fitting and for selectors saved
         #: before it existed. Saved beside the members, once per ensemble (CaseLevelStage.to_payload).
         self.register_buffer("vocabulary", torch.zeros(0, text_dim), persistent=False)
@@ -170,38 +185,45 @@ class CaseSelector(nn.Module):
         share it). `fitting_words`: while fitting, the unit-variance embedding of each word of each expression [T, D]
         and where each example's words lie among them [E, L] (`SelectionBatch.occurrence_index`): the constraints
         and the votes both read them, each occurrence under its own draw of dropout."""
+        orderings = [] if self.ordering is None else [self.ordering[1]]
         if fitting_words is not None:
             occurrences, place = fitting_words
-            constraints, votes = dropped_linears(occurrences, self.constraint[0].p, self.constraint[1],
-                                                 self.operation[1])
-            constraints, votes = constraints[place], votes[place]  # [E, L, width + 2], [E, L, operations]
+            constraints, votes, *ordering_votes = dropped_linears(occurrences, self.constraint[0].p,
+                                                                  self.constraint[1], self.operation[1], *orderings)
+            # [E, L, width + 2], [E, L, operations], [E, L, orderings]
+            constraints, votes, ordering_votes = constraints[place], votes[place], [v[place] for v in ordering_votes]
             familiar = None  # while fitting, every word counts
         else:  # each unique word mapped once
             rows, familiarity = self.read_words(word_rows) if words_read is None else words_read
             constraints = self.constraint(rows if self.snap_match else _unit_variance(word_rows))[word_index]
             votes = self.operation(rows)[word_index]
+            ordering_votes = [self.ordering(rows)[word_index]] if self.ordering is not None else []
             familiar = familiarity[word_index] if self.word_familiarity else None  # [E, L]
         direction, bias, gate = constraints.split((self.width, 1, 1), dim=-1)
         candidate = self.candidate((descriptors - self.descriptor_mean) / self.descriptor_std)  # [E, K, width]
         fit = torch.einsum("ekw,elw->ekl", candidate, direction) / self.width ** 0.5 + bias.squeeze(-1).unsqueeze(1)
         gate = torch.sigmoid(gate.squeeze(-1)) * word_mask  # [E, L]
+        votes = _bounded(votes, self.vote_bound)
+        ordering_votes = [_bounded(v, self.vote_bound) for v in ordering_votes]
         if familiar is not None:  # a word counts by its familiarity, as constraint and as vote
             gate = gate * familiar
-            votes = votes + torch.log(familiar.clamp_min(1e-6)).unsqueeze(-1)
+            votes = _familiar_vote(votes, familiar, self.vote_bound)
+            ordering_votes = [_familiar_vote(v, familiar, self.vote_bound) for v in ordering_votes]
         match = torch.exp((nn.functional.logsigmoid(fit) * gate.unsqueeze(1)).sum(-1)) * valid  # soft conjunction
         if operations_only:  # fitting's first steps: every candidate held as matching
             match = 0.99 * valid.float()
-        votes = votes.masked_fill(~word_mask.unsqueeze(-1), -1e4)
-        log_weights = torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)  # a soft maximum over the words
-        larger = (volumes.unsqueeze(1) > volumes.unsqueeze(2)) & valid.unsqueeze(1)  # [E, c, c']: c' larger than c
-        smaller = (volumes.unsqueeze(1) < volumes.unsqueeze(2)) & valid.unsqueeze(1)
-        log_miss = torch.log((1 - match).clamp_min(1e-6)).unsqueeze(1)  # [E, 1, c']
-        none_larger = torch.exp((log_miss * larger).sum(-1))
-        none_smaller = torch.exp((log_miss * smaller).sum(-1))
-        odds = (match / (1 - match).clamp_min(1e-6)).unsqueeze(1)
-        one_larger = none_larger * (odds * larger).sum(-1)  # exactly one larger candidate matches
-        by_operation = torch.stack((match, match * none_larger, match * none_smaller, match * one_larger), dim=-1)
-        return by_operation * valid.unsqueeze(-1), log_weights
+        log_weights = _soft_maximum_vote(votes, word_mask)
+        # what a superlative orders by: [E, orderings]; without the ordering head, volume alone
+        orderings = 1 + self.descriptor_dim
+        if ordering_votes:
+            ordering_weights = _soft_maximum_vote(ordering_votes[0], word_mask)
+        else:
+            ordering_weights = torch.full((len(volumes), orderings), -1e4).index_fill(1, torch.tensor([0]), 0.0)
+        keys = torch.cat((volumes.unsqueeze(-1), descriptors), dim=-1).transpose(1, 2)  # [E, orderings, K]
+        by_ordering = _set_operations(match, keys, valid)  # [E, orderings, K, operations]
+        by_operation = by_ordering.permute(0, 2, 3, 1).reshape(*match.shape, len(OPERATIONS) * orderings)
+        joint_weights = (log_weights.unsqueeze(-1) + ordering_weights.unsqueeze(1)).flatten(1)
+        return by_operation * valid.unsqueeze(-1), joint_weights
 
     def read_words(self, word_rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The words as the fitted selector reads them: unit-variance rows [N, D], each the similarity-weighted mix of
@@ -216,6 +238,40 @@ class CaseSelector(nn.Module):
             no_word = torch.full((len(word_rows), 1), self.unfamiliar_similarity)
             counts = 1 - torch.softmax(torch.cat((similarity, no_word), dim=-1) / self.vote_snap_temperature, -1)[:, -1]
         return _unit_variance(torch.softmax(similarity / self.vote_snap_temperature, dim=-1) @ self.vocabulary), counts
+
+
+def _familiar_vote(votes: torch.Tensor, familiar: torch.Tensor, bound: float) -> torch.Tensor:
+    """Votes [E, L, choices] counted by each word's familiarity [E, L]: shifted by its log, and for bounded votes
+    also shrunk by it (a bounded vote of an unfamiliar word would otherwise still reach the known words' range)."""
+    familiar = familiar.unsqueeze(-1)
+    shrunk = votes * familiar if bound > 0 else votes
+    return shrunk + torch.log(familiar.clamp_min(1e-6))
+
+
+def _bounded(votes: torch.Tensor, bound: float) -> torch.Tensor:
+    """Votes bounded softly to +-`bound` (0: as they are)."""
+    return bound * torch.tanh(votes / bound) if bound > 0 else votes
+
+
+def _soft_maximum_vote(votes: torch.Tensor, word_mask: torch.Tensor) -> torch.Tensor:
+    """Per example, log weights over the choices the words vote for [E, choices]: the strongest votes count."""
+    votes = votes.masked_fill(~word_mask.unsqueeze(-1), -1e4)
+    return torch.log_softmax(torch.logsumexp(votes, dim=1), dim=-1)
+
+
+def _set_operations(match: torch.Tensor, keys: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per ordering key, the exact probability of each set operation given independent matches: [E, orderings, K,
+    operations]. `keys` [E, orderings, K]: what each candidate is ordered by (volume, then each descriptor); "largest"
+    is the largest key, "smallest" the smallest."""
+    larger = (keys.unsqueeze(2) > keys.unsqueeze(3)) & valid[:, None, None, :]  # [E, o, c, c']: c' above c
+    smaller = (keys.unsqueeze(2) < keys.unsqueeze(3)) & valid[:, None, None, :]
+    log_miss = torch.log((1 - match).clamp_min(1e-6))[:, None, None, :]  # [E, 1, 1, c']
+    none_larger = torch.exp((log_miss * larger).sum(-1))
+    none_smaller = torch.exp((log_miss * smaller).sum(-1))
+    odds = (match / (1 - match).clamp_min(1e-6))[:, None, None, :]
+    one_larger = none_larger * (odds * larger).sum(-1)  # exactly one larger candidate matches
+    matching = match.unsqueeze(1).expand_as(none_larger)
+    return torch.stack((matching, matching * none_larger, matching * none_smaller, matching * one_larger), dim=-1)
 
 
 def answer_log_likelihood(by_operation: torch.Tensor, log_weights: torch.Tensor, valid: torch.Tensor,
@@ -253,12 +309,13 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
                    for selector, words_read in zip(selectors, member_words_read(selectors, batch.word_rows))]
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
-    operation = weights.argmax(-1)
+    operation = weights.argmax(-1)  # an (operation, ordering) pair
     chosen = by_operation.gather(-1, operation[:, None, None].expand(*by_operation.shape[:2], 1))[..., 0]
+    orderings = weights.shape[-1] // len(OPERATIONS)
     answers = []
     for row, example in enumerate(examples):
         probabilities = chosen[row, :len(example.volumes)].numpy()
-        if OPERATIONS[int(operation[row])] == "all" or not len(probabilities):
+        if OPERATIONS[int(operation[row]) // orderings] == "all" or not len(probabilities):
             answers.append(probabilities > 0.5)
         else:
             answers.append((np.arange(len(probabilities)) == probabilities.argmax()) & (probabilities.sum() > 0.5))
@@ -311,7 +368,10 @@ def _fit_one(batch: SelectionBatch, settings: CaseLevelSettings, seed: int, log)
     real = batch.descriptors[batch.valid]
     selector.descriptor_mean.copy_(real.mean(0))
     selector.descriptor_std.copy_(real.std(0).clamp_min(1e-3))
-    optimizer = torch.optim.AdamW(selector.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    votes = [*selector.operation.parameters(), *(selector.ordering.parameters() if selector.ordering else ())]
+    match = [parameter for parameter in selector.parameters() if all(parameter is not vote for vote in votes)]
+    optimizer = torch.optim.AdamW([{"params": match}, {"params": votes, "lr": settings.vote_learning_rate}],
+                                  lr=settings.learning_rate, weight_decay=settings.weight_decay)
     # every expression's words (the votes read them as they are), where the examples of the fit find theirs
     fitting_words = _unit_variance(batch.word_rows)[batch.occurrence_rows], batch.occurrence_index
     selector.train()

@@ -45,6 +45,19 @@ class CaseLevelSettings:
     #: Prior logit of the operation "all" over the superlatives: a superlative that explains an answer by
     #: coincidence must not take over.
     all_prior: float = 1.5
+    #: A superlative orders the matching candidates by what its words choose: volume ("the largest") or one of the
+    #: descriptors ("the most cranial", "the brightest"), learned from the fitting expressions; False: volume only.
+    descriptor_superlatives: bool = True
+    #: Prior logit of ordering by volume over each descriptor: an ordering that explains a few answers by
+    #: coincidence must not take over from size.
+    volume_ordering_prior: float = 1.0
+    #: Each word's operation and ordering votes are bounded softly to +-vote_bound (0: unbounded, as stages fitted
+    #: before it existed): a vote that grows without bound early in the fit ("largest") leaves the alternatives
+    #: ("second largest") too little weight ever to be credited.
+    vote_bound: float = 8.0
+    #: The learning rate of the operation and ordering votes (the match learns at `learning_rate`): a vote must
+    #: outweigh the votes of the words every sentence shares ("the", "lesion") within the operations-first steps.
+    vote_learning_rate: float = 1e-2
     #: Full-batch fitting steps of one selector.
     fit_steps: int = 300
     #: The first fitting steps learn the operations alone, every candidate held as matching.
@@ -102,6 +115,7 @@ class CaseLevelSettings:
                 raise CaseLevelSettingsError(f"CaseLevelSettings.{field.name} must be an integer, got {value!r}.")
         positive = ("min_candidate_voxels", "width", "fit_steps", "ensemble_members", "verdict_folds",
                     "verdict_members", "verdict_voxels", "verdict_min_expressions", "threads", "learning_rate",
+                    "vote_learning_rate",
                     "vote_snap_temperature")
         for name in positive:
             if getattr(self, name) <= 0:
@@ -111,9 +125,9 @@ class CaseLevelSettings:
         if not 0 <= self.operations_first_steps <= self.fit_steps:
             raise CaseLevelSettingsError(f"CaseLevelSettings.operations_first_steps must be in 0..fit_steps "
                                          f"({self.fit_steps}), got {self.operations_first_steps!r}.")
-        if self.phrase_variants < 0:
-            raise CaseLevelSettingsError(f"CaseLevelSettings.phrase_variants must be >= 0, got "
-                                         f"{self.phrase_variants!r}.")
+        for name in ("phrase_variants", "vote_bound"):
+            if getattr(self, name) < 0:
+                raise CaseLevelSettingsError(f"CaseLevelSettings.{name} must be >= 0, got {getattr(self, name)!r}.")
         if not -1 <= self.unfamiliar_similarity <= 1:
             raise CaseLevelSettingsError(f"CaseLevelSettings.unfamiliar_similarity is a cosine similarity in [-1, 1], "
                                          f"got {self.unfamiliar_similarity!r}.")

@@ -159,8 +159,9 @@ class CaseLevelStage:
         recorded = dict(content.get("settings", {}))
         if content["version"] < 5:  # fitted before words were read by familiarity: answer as then
             recorded.update(word_familiarity=False, snap_match=False)
-        if content["version"] < 6:  # fitted before phrase-table rewrites: the record says so
-            recorded.update(phrase_variants=0)
+        if content["version"] < 6:  # fitted before phrase-table rewrites and orderings other than volume
+            recorded.update(phrase_variants=0, descriptor_superlatives=False, vote_bound=0.0,
+                            vote_learning_rate=recorded.get("learning_rate", CaseLevelSettings.learning_rate))
         settings = CaseLevelSettings.from_dict(recorded, source)
         if content["version"] == 2:  # fitted with the defaults of then, which were these, with a per-file width
             settings = CaseLevelSettings.from_dict({**settings.to_dict(), "width": content["width"]}, source)
