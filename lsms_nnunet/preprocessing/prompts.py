@@ -45,8 +45,9 @@ class Prompt:
     #: Rewrites of the text from the phrase table (text_conditioning/phrases.py), asked instead of it half the time.
     variants: tuple[str, ...] = ()
 
-    def draw_text(self, rng: random.Random = random) -> str:
-        """The text one training sample asks: one of `texts`, or with variants, one of them half the time."""
+    def draw_text(self, rng=random) -> str:
+        """The text one training sample asks: one of `texts`, or with variants, one of them half the time (`rng`: a
+        random.Random, or the random module, whose generator the loader workers seed)."""
         if self.variants and rng.random() < 0.5:
             return rng.choice(self.variants)
         return rng.choice(self.texts)
