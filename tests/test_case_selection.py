@@ -19,8 +19,8 @@ from lsms_nnunet.selection.candidates import (INTENSITY_FEATURES, FindingAnswer,
                                               referred_fraction)
 from lsms_nnunet.selection.evidence import (TextFeatures, Verdict, case_evidence, cross_validated_verdict,
                                             selection_examples, verdict_expressions)
-from lsms_nnunet.selection.selector import (OPERATIONS, CaseSelector, SelectionBatch, SelectionExample, choose,
-                                            fit_selectors, member_words_read)
+from lsms_nnunet.selection.selector import (OPERATIONS, CaseSelector, SelectionBatch, SelectionExample,
+                                            _over_common_orderings, choose, fit_selectors, member_words_read)
 from lsms_nnunet.selection.settings import CaseLevelSettings
 from lsms_nnunet.selection.stage import (STAGE_FILE, STAGE_STATE_KEY, CaseLevelStage,
                                          CaseLevelStageError, stage_for_prediction, weights_identity)
@@ -586,3 +586,25 @@ def test_the_verdict_asks_the_network_alone_a_fixed_draw_within_a_voxel_budget()
     assert verdict_expressions(dict(reversed(list(by_case.items()))), voxels, 1200, 5) == drawn
     assert len(verdict_expressions(by_case, voxels, voxel_budget=100, at_least=5)) == 5  # large cases: at least
     assert verdict_expressions(by_case, voxels, voxel_budget=10 ** 6, at_least=5) == every
+
+
+def test_members_with_and_without_descriptor_orderings_answer_together():
+    """A fold fitted with descriptor superlatives and one without answer as one ensemble (of_folds), the latter
+    giving the descriptor orderings no weight."""
+    rng = np.random.default_rng(6)
+    training = [_superlative_example(sentence, rng) for _ in range(10) for sentence in SUPERLATIVES[:2]]
+    with_orderings = fit_selectors(training, CaseLevelSettings(**SUPERLATIVE_SETTINGS, fit_steps=30,
+                                                               operations_first_steps=10), members=1)[0]
+    volume_only = fit_selectors(training, CaseLevelSettings(fit_steps=30, operations_first_steps=10), members=1)[0]
+    probe = [_superlative_example(sentence, rng) for sentence in SUPERLATIVES[:2] for _ in range(5)]
+    inputs = SelectionBatch.of(probe).inputs()
+    with torch.no_grad():
+        outputs = [selector.eval()(*inputs) for selector in with_orderings + volume_only]
+    assert outputs[0][1].shape[-1] == len(OPERATIONS) * 4 and outputs[1][1].shape[-1] == len(OPERATIONS)
+    (_, wide), (probabilities, weights) = _over_common_orderings(outputs)
+    assert weights.shape == wide.shape
+    by_ordering = weights.exp().unflatten(-1, (len(OPERATIONS), 4))
+    assert torch.equal(by_ordering[..., 0], outputs[1][1].exp()) and by_ordering[..., 1:].max() == 0
+    assert torch.equal(probabilities.unflatten(-1, (len(OPERATIONS), 4))[..., 0], outputs[1][0])
+    together = choose(with_orderings + volume_only, probe)
+    assert all(answer.shape == e.volumes.shape for answer, e in zip(together, probe))

@@ -213,15 +213,14 @@ class CaseSelector(nn.Module):
         if operations_only:  # fitting's first steps: every candidate held as matching
             match = 0.99 * valid.float()
         log_weights = _soft_maximum_vote(votes, word_mask)
-        # what a superlative orders by: [E, orderings]; without the ordering head, volume alone
-        orderings = 1 + self.descriptor_dim
+        # what a superlative orders by: volume, then (with the ordering head) each descriptor
         if ordering_votes:
-            ordering_weights = _soft_maximum_vote(ordering_votes[0], word_mask)
+            ordering_weights = _soft_maximum_vote(ordering_votes[0], word_mask)  # [E, orderings]
+            keys = torch.cat((volumes.unsqueeze(-1), descriptors), dim=-1).transpose(1, 2)  # [E, orderings, K]
         else:
-            ordering_weights = torch.full((len(volumes), orderings), -1e4).index_fill(1, torch.tensor([0]), 0.0)
-        keys = torch.cat((volumes.unsqueeze(-1), descriptors), dim=-1).transpose(1, 2)  # [E, orderings, K]
+            ordering_weights, keys = torch.zeros(len(volumes), 1), volumes.unsqueeze(1)
         by_ordering = _set_operations(match, keys, valid)  # [E, orderings, K, operations]
-        by_operation = by_ordering.permute(0, 2, 3, 1).reshape(*match.shape, len(OPERATIONS) * orderings)
+        by_operation = by_ordering.permute(0, 2, 3, 1).reshape(*match.shape, -1)  # operation-major, then ordering
         joint_weights = (log_weights.unsqueeze(-1) + ordering_weights.unsqueeze(1)).flatten(1)
         return by_operation * valid.unsqueeze(-1), joint_weights
 
@@ -305,8 +304,8 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
     batch = SelectionBatch.of(examples)
     inputs = batch.inputs()
     with torch.no_grad():
-        outputs = [selector.eval()(*inputs, words_read=words_read)
-                   for selector, words_read in zip(selectors, member_words_read(selectors, batch.word_rows))]
+        outputs = _over_common_orderings([selector.eval()(*inputs, words_read=words_read) for selector, words_read
+                                          in zip(selectors, member_words_read(selectors, batch.word_rows))])
     weights = torch.stack([log_weights.exp() for _, log_weights in outputs]).mean(0)  # [E, operations]
     by_operation = torch.stack([by_operation for by_operation, _ in outputs]).mean(0)  # [E, K, operations]
     operation = weights.argmax(-1)  # an (operation, ordering) pair
@@ -320,6 +319,21 @@ def choose(selectors: Sequence[CaseSelector], examples: Sequence[SelectionExampl
         else:
             answers.append((np.arange(len(probabilities)) == probabilities.argmax()) & (probabilities.sum() > 0.5))
     return answers
+
+
+def _over_common_orderings(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Members' (probabilities [E, K, operations x orderings], log weights [E, operations x orderings]) over the same
+    orderings: a member that orders by volume alone (fitted without descriptor superlatives, e.g. another fold's)
+    gives the descriptor orderings no weight."""
+    widest = max(weights.shape[-1] for _, weights in outputs)
+    padded = []
+    for by_operation, weights in outputs:
+        missing = widest // len(OPERATIONS) - weights.shape[-1] // len(OPERATIONS)
+        if missing:
+            by_operation = nn.functional.pad(by_operation.unflatten(-1, (len(OPERATIONS), -1)), (0, missing)).flatten(2)
+            weights = nn.functional.pad(weights.unflatten(-1, (len(OPERATIONS), -1)), (0, missing), value=-1e4).flatten(1)
+        padded.append((by_operation, weights))
+    return padded
 
 
 def member_words_read(selectors: Sequence[CaseSelector], word_rows: torch.Tensor
