@@ -9,11 +9,12 @@ it does not see together. The selector works on the whole case after the sliding
   probabilities. Reading words rather than the pooled sentence keeps one word's meaning whatever wording surrounds
   it ("left" and "right" are nearly one point in sentence space);
 - a soft choice among set *operations* read from the words: all matching candidates, or the largest, smallest or
-  second largest of them, and of what a superlative orders by: volume, or one of the descriptors ("the most
-  cranial", "the lowest", "the brightest" are the extreme of a position or an intensity; which one is learned). Each
-  word votes and the strongest votes count (a soft maximum), so one word ("smallest", "second", "cranial") decides
-  even in a sentence of otherwise unseen wording; votes are bounded softly (`vote_bound`) so that no early vote
-  leaves an alternative too little weight ever to be credited. Each operation is the exact probability under
+  second largest of them; with `descriptor_superlatives` (opt-in) also of what a superlative orders by: volume, or
+  one of the descriptors ("the most cranial", "the lowest", "the brightest" are the extreme of a position or an
+  intensity; which one is learned, with votes bounded softly by `vote_bound` so that no early vote leaves an
+  alternative too little weight ever to be credited). Each word votes and the strongest votes count (a soft
+  maximum), so one word ("smallest", "second") decides even in a sentence of otherwise unseen wording. Each
+  operation is the exact probability under
   independent matches (e.g. "largest": this one matches and no larger one does), so the relation itself is computed,
   not learned from a few examples. A sentence means one operation and one ordering: fitting maximises the likelihood
   of the whole answer as a mixture over (operation, ordering) (its first steps with every candidate held as matching,
