@@ -12,6 +12,7 @@ import json
 import random
 import re
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -90,8 +91,7 @@ class PromptSet:
     def prompts_for_case(self, case: str) -> list[Prompt]:
         """What training asks of a case: its expressions and the finding prompt, or the label prompts."""
         if self.mode == REFERRING:
-            variants = dict(self.variants)
-            return [*(Prompt((e.text,), tuple(e.targets or ()), e.id, variants=variants.get(e.text, ()))
+            return [*(Prompt((e.text,), tuple(e.targets or ()), e.id, variants=self.rewrites.get(e.text, ()))
                       for e in self.expressions if e.case == case),
                     Prompt((FINDING_TEXT,), (), f"{case}-{FINDING_ID}", all_regions=True)]
         return [Prompt(texts, (value,)) for _, value, texts in self.label_prompts]
@@ -106,11 +106,15 @@ class PromptSet:
             texts = [t for _, _, phrasings in self.label_prompts for t in phrasings]
         return list(dict.fromkeys(texts))
 
+    @cached_property
+    def rewrites(self) -> dict[str, tuple[str, ...]]:
+        """`variants` as a mapping, built once (asked per case and per text)."""
+        return dict(self.variants)
+
     def variants_of(self, texts: Sequence[str], limit: int | None = None) -> list[str]:
         """The phrase-table rewrites of `texts` (at most `limit` of each), without the texts themselves."""
-        variants = dict(self.variants)
         known = set(texts)
-        rewrites = [v for text in texts for v in variants.get(text, ())[:limit]]
+        rewrites = [v for text in texts for v in self.rewrites.get(text, ())[:limit]]
         return [v for v in dict.fromkeys(rewrites) if v not in known]
 
     def texts_to_encode(self) -> list[str]:

@@ -59,7 +59,7 @@ def fit_case_level_stage(trainer, predictor: LSMSPredictor, train_keys: Sequence
                                                                  list(train_keys)))
     texts = trainer.prompt_set.all_texts()  # the constant text of the control is one of them
     constant = trainer.model_card["constant_text"]
-    variants = {} if constant else {text: rewrites for text, rewrites in trainer.prompt_set.variants}
+    variants = {} if constant else trainer.prompt_set.rewrites
     texts += trainer.prompt_set.variants_of(texts, settings.phrase_variants) if variants else []
     cache = TextEmbeddingCache(trainer.text_cache_folder, trainer.text_encoder_identity)
     # the context regions the network outputs, in its order: where candidates are placed in their organs
