@@ -143,3 +143,31 @@ def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpar
     assert seen >= 0.9 and synonym >= seen - 0.05, (seen, synonym)
     seen_without, synonym_without = accuracy(with_table=False)
     assert seen_without >= 0.9 and synonym_without <= 0.7, (seen_without, synonym_without)
+
+
+def test_the_verdict_refits_on_the_written_expressions_and_the_stage_fits_their_rewrites_too(monkeypatch):
+    """The rewrites teach the stage wording (fitting_examples holds them); the verdict scores written expressions,
+    so its refits read those alone, at a third of the cost with two rewrites each."""
+    from lsms_nnunet.selection import evidence as evidence_module
+    from lsms_nnunet.selection.evidence import ScoredExpression, cross_validated_verdict
+
+    table = PhraseTable((("bright", "hyperdense"), ("dark", "hypodense")))
+    cases = _Cases(6, seed=3)
+    written = cases.expressions("bright", "dark")
+    variants = {e.text: table.variants(e.text, 4) for e in written}
+    texts = sorted({e.text for e in written} | {v for vs in variants.values() for v in vs})
+    settings = CaseLevelSettings(fit_steps=4, operations_first_steps=1, verdict_folds=2)
+    evidence = case_evidence(cases, sorted(cases.cases), written, _features(texts), (1.0, 1.0), settings=settings,
+                             variants=variants)
+    for found in evidence.values():
+        found.scored = [ScoredExpression(example, np.ones(len(example.volumes)), example.referred.astype(float),
+                                         int(example.referred.sum()), 0.5) for example in found.examples]
+    assert {example.expression for example in fitting_examples(evidence)} == \
+        {e.id for e in written} | {f"{e.id}\n{v}" for e in written for v in variants[e.text]}
+    refitted_on = []
+    fit = evidence_module.fit_selectors
+    monkeypatch.setattr(evidence_module, "fit_selectors",
+                        lambda examples, *args, **kwargs: refitted_on.append(examples) or fit(examples, *args, **kwargs))
+    verdict = cross_validated_verdict(evidence, settings, log=lambda *_: None)
+    assert verdict is not None and verdict.expressions == len(written)
+    assert sorted({example.expression for example in refitted_on[0]}) == sorted(e.id for e in written)

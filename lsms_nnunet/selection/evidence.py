@@ -7,7 +7,7 @@ nnU-Net's preprocessed arrays, the same intensities and voxel grid the stage is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Sequence
 
 import numpy as np
@@ -52,7 +52,8 @@ def selection_examples(dataset, cases: Sequence[str], expressions: Sequence[Expr
 
 
 def fitting_examples(evidence: Mapping[str, CaseEvidence]) -> list[SelectionExample]:
-    return [example for case in evidence.values() for example in case.examples]
+    """What the stage is fitted on: every case's examples and their phrase-table rewrites."""
+    return [example for case in evidence.values() for example in case.examples + case.rewrites]
 
 
 @dataclass
@@ -73,10 +74,12 @@ class ScoredExpression:
 
 @dataclass
 class CaseEvidence:
-    """What one training case gives the case-level step: fitting examples, and its expressions scored both ways."""
+    """What one training case gives the case-level step: fitting examples (its expressions as written, and
+    `rewrites`: the same examples in the phrase table's other words), and its expressions scored both ways."""
 
     examples: list[SelectionExample]
     scored: list[ScoredExpression]
+    rewrites: list[SelectionExample] = field(default_factory=list)
 
 
 def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expression], text_features: TextFeatures,
@@ -140,7 +143,7 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
             alone = network_alone_logits(data, [expression.text for _, expression in asked]) > 0
             scored = [_scored(example, candidate_sets[-1][0], region_map, expression, answer)
                       for (example, expression), answer in zip(asked, alone)]
-        evidence[case] = CaseEvidence([example for per_set in examples for example in per_set] + rewrites, scored)
+        evidence[case] = CaseEvidence([example for per_set in examples for example in per_set], scored, rewrites)
     return evidence
 
 
@@ -199,7 +202,9 @@ def cross_validated_verdict(evidence: Mapping[str, CaseEvidence], settings: Case
     selector is refitted `settings.verdict_folds` times (all refits in one batched fitting), each time without a
     group of cases whose expressions it then answers, so its figure is what it does on cases it was not fitted on.
     The network's figure is on cases it was trained on, which favours it: the case-level step is kept only where it
-    wins despite that."""
+    wins despite that. The refits read the expressions as written, without their phrase-table rewrites: the verdict
+    scores written expressions, and the rewrites (which teach wording none of them uses) would more than double
+    the refits' cost."""
     cases = sorted(case for case, found in evidence.items() if found.scored)
     if len(cases) < 2:
         return None
