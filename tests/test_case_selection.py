@@ -608,3 +608,15 @@ def test_members_with_and_without_descriptor_orderings_answer_together():
     assert torch.equal(probabilities.unflatten(-1, (len(OPERATIONS), 4))[..., 0], outputs[1][0])
     together = choose(with_orderings + volume_only, probe)
     assert all(answer.shape == e.volumes.shape for answer, e in zip(together, probe))
+
+
+@pytest.mark.parametrize("p", [0.1, 0.3, 0.5])
+def test_the_fitting_dropout_drops_each_word_feature_with_probability_p(p):
+    from lsms_nnunet.selection.selector import dropout_keep_mask
+    torch.manual_seed(0)
+    kept = dropout_keep_mask((500, 384), p)
+    assert kept.shape == (500, 384) and kept.dtype == torch.bool
+    dropped = 1 - kept.float()
+    assert abs(dropped.mean().item() - round(p * 256) / 256) < 0.004
+    # every position is drawn alike (no byte of the random words biased): per-column rates spread binomially
+    assert dropped.mean(0).std().item() < 3 * (p * (1 - p) / 500) ** 0.5

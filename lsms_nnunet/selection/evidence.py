@@ -102,8 +102,9 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
     hemangioma, and its pieces change which lesion is "the largest"); docs/decisions.md has the measurements.
     `text_of` maps an expression's text to the text the model is given (the constant-text control gives one text).
     `variants` (text -> its phrase-table rewrites) adds, per expression, up to `settings.phrase_variants` fitting
-    examples in other words over the same candidates: a wording the training expressions never use is then read like
-    the one it stands for. The verdict scores the expressions as written.
+    examples in other words over the candidates inference sees (the network's, where given; else the true ones): a
+    wording the training expressions never use is then read like the one it stands for. The rewrites teach words,
+    not candidates, so one candidate set suffices. The verdict scores the expressions as written.
     """
     wanted = set(cases)
     by_case: dict[str, list[Expression]] = {}
@@ -134,7 +135,7 @@ def case_evidence(dataset, cases: Sequence[str], expressions: Sequence[Expressio
                              for expression in case_expressions])
         rewrites = [SelectionExample(example.descriptors, example.volumes, text_features.by_text[variant],
                                      example.referred, f"{expression.id}\n{variant}")
-                    for per_set in examples for example, expression in zip(per_set, case_expressions)
+                    for example, expression in zip(examples[-1], case_expressions)
                     for variant in (variants or {}).get(expression.text, ())[:settings.phrase_variants]]
         asked = [(example, expression) for example, expression in zip(examples[-1], case_expressions)
                  if expression.id in judged]
