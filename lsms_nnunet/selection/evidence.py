@@ -200,7 +200,7 @@ class Verdict:
 def cross_validated_verdict(evidence: Mapping[str, CaseEvidence], settings: CaseLevelSettings = CaseLevelSettings(),
                             log=print) -> Verdict | None:
     """The case-level step against the network alone on the training cases (None without two scored cases). The
-    selector is refitted `settings.verdict_folds` times (all refits in one batched fitting), each time without a
+    selector is refitted `settings.verdict_folds` times (the refits share one padded batch), each time without a
     group of cases whose expressions it then answers, so its figure is what it does on cases it was not fitted on.
     The network's figure is on cases it was trained on, which favours it: the case-level step is kept only where it
     wins despite that. The refits read the expressions as written, without their phrase-table rewrites: the verdict
