@@ -137,7 +137,7 @@ def dropout_keep_mask(shape: tuple[int, ...], p: float) -> torch.Tensor:
 def dropped_linears(values: torch.Tensor, p: float, *linears: nn.Linear) -> list[torch.Tensor]:
     """Each of `linears` applied to `values` under one draw of dropout (rate p): the mask and the rescaling applied
     once, the rescaling to the (narrower) outputs, the linears as one product."""
-    kept = torch.where(dropout_keep_mask(tuple(values.shape), p), values, 0.0) if p > 0 else values
+    kept = values * dropout_keep_mask(tuple(values.shape), p) if p > 0 else values
     weight = torch.cat([linear.weight for linear in linears])
     bias = torch.cat([linear.bias for linear in linears])
     outputs = nn.functional.linear(kept, weight) / (1 - p) + bias
