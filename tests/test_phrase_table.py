@@ -11,6 +11,7 @@ from text_conditioning.expressions import Expression
 from text_conditioning.phrases import (PhraseTable, PhraseTableError, load_phrase_tables, read_phrase_table)
 
 from lsms_nnunet.preprocessing.prompts import Prompt
+from lsms_nnunet.selection.candidates import FindingAnswer
 from lsms_nnunet.selection.evidence import TextFeatures, case_evidence, fitting_examples
 from lsms_nnunet.selection.selector import choose, fit_selectors
 from lsms_nnunet.selection.settings import CaseLevelSettings
@@ -146,8 +147,8 @@ def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpar
 
 
 def test_the_verdict_refits_on_the_written_expressions_and_the_stage_fits_their_rewrites_too(monkeypatch):
-    """The rewrites teach the stage wording (fitting_examples holds them); the verdict scores written expressions,
-    so its refits read those alone, at a third of the cost with two rewrites each."""
+    """The rewrites teach the stage wording (fitting_examples holds them), over the candidates inference sees (the
+    network's); the verdict scores written expressions, so its refits read those alone."""
     from lsms_nnunet.selection import evidence as evidence_module
     from lsms_nnunet.selection.evidence import ScoredExpression, cross_validated_verdict
 
@@ -157,11 +158,19 @@ def test_the_verdict_refits_on_the_written_expressions_and_the_stage_fits_their_
     variants = {e.text: table.variants(e.text, 4) for e in written}
     texts = sorted({e.text for e in written} | {v for vs in variants.values() for v in vs})
     settings = CaseLevelSettings(fit_steps=4, operations_first_steps=1, verdict_folds=2)
+    # the network's finding answer: the true lesions, confidently (a second candidate set beside the true one)
+    found_by_network = lambda data: FindingAnswer(np.where(data[0] != 100, 6.0, -6.0).astype(np.float32))  # noqa: E731
     evidence = case_evidence(cases, sorted(cases.cases), written, _features(texts), (1.0, 1.0), settings=settings,
-                             variants=variants)
+                             variants=variants, network_finding=found_by_network)
+    for case, found in evidence.items():  # rewrites over the network's candidates only: its examples' second half
+        over_network = {example.expression: example for example in found.examples[len(found.examples) // 2:]}
+        assert len(found.rewrites) == sum(len(variants[e.text]) for e in written if e.case == case)
+        for rewrite in found.rewrites:
+            assert rewrite.descriptors is over_network[rewrite.expression.split("\n")[0]].descriptors
     for found in evidence.values():
         found.scored = [ScoredExpression(example, np.ones(len(example.volumes)), example.referred.astype(float),
-                                         int(example.referred.sum()), 0.5) for example in found.examples]
+                                         int(example.referred.sum()), 0.5)
+                        for example in found.examples[len(found.examples) // 2:]]
     assert {example.expression for example in fitting_examples(evidence)} == \
         {e.id for e in written} | {f"{e.id}\n{v}" for e in written for v in variants[e.text]}
     refitted_on = []
