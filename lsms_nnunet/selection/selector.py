@@ -201,7 +201,7 @@ class CaseSelector(nn.Module):
             familiar = familiarity[word_index] if self.word_familiarity else None  # [E, L]
         votes = _bounded(votes, self.vote_bound)
         ordering_votes = [_bounded(v, self.vote_bound) for v in ordering_votes]
-        if familiar is not None:  # a word counts by its familiarity, as constraint and as vote
+        if familiar is not None:  # a word counts by its familiarity: as a vote here, as a constraint in the match
             votes = _familiar_vote(votes, familiar, self.vote_bound)
             ordering_votes = [_familiar_vote(v, familiar, self.vote_bound) for v in ordering_votes]
         if operations_only:  # fitting's first steps: every candidate held as matching
