@@ -173,10 +173,13 @@ def test_the_verdict_refits_on_the_written_expressions_and_the_stage_fits_their_
                         for example in found.examples[len(found.examples) // 2:]]
     assert {example.expression for example in fitting_examples(evidence)} == \
         {e.id for e in written} | {f"{e.id}\n{v}" for e in written for v in variants[e.text]}
-    refitted_on = []
-    fit = evidence_module.fit_selectors
-    monkeypatch.setattr(evidence_module, "fit_selectors",
-                        lambda examples, *args, **kwargs: refitted_on.append(examples) or fit(examples, *args, **kwargs))
+    refitted_on, fit = [], evidence_module.fit_selectors
+
+    def recording_fit(examples, *args, **kwargs):
+        refitted_on.append(examples)
+        return fit(examples, *args, **kwargs)
+
+    monkeypatch.setattr(evidence_module, "fit_selectors", recording_fit)
     verdict = cross_validated_verdict(evidence, settings, log=lambda *_: None)
     assert verdict is not None and verdict.expressions == len(written)
     assert sorted({example.expression for example in refitted_on[0]}) == sorted(e.id for e in written)

@@ -14,6 +14,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from types import ModuleType
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -46,7 +47,7 @@ class Prompt:
     #: Rewrites of the text from the phrase table (text_conditioning/phrases.py), asked instead of it half the time.
     variants: tuple[str, ...] = ()
 
-    def draw_text(self, rng=random) -> str:
+    def draw_text(self, rng: random.Random | ModuleType = random) -> str:
         """The text one training sample asks: one of `texts`, or with variants, one of them half the time (`rng`: a
         random.Random, or the random module, whose generator the loader workers seed)."""
         if self.variants and rng.random() < 0.5:

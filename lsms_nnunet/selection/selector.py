@@ -328,15 +328,13 @@ def _over_common_orderings(outputs: list[tuple[torch.Tensor, torch.Tensor]]) -> 
     """Members' (probabilities [E, K, operations x orderings], log weights [E, operations x orderings]) over the same
     orderings: a member that orders by volume alone (fitted without descriptor superlatives, e.g. another fold's)
     gives the descriptor orderings no weight."""
-    widest = max(weights.shape[-1] for _, weights in outputs)
-    padded = []
-    for by_operation, weights in outputs:
-        missing = widest // len(OPERATIONS) - weights.shape[-1] // len(OPERATIONS)
-        if missing:
-            by_operation = nn.functional.pad(by_operation.unflatten(-1, (len(OPERATIONS), -1)), (0, missing)).flatten(2)
-            weights = nn.functional.pad(weights.unflatten(-1, (len(OPERATIONS), -1)), (0, missing), value=-1e4).flatten(1)
-        padded.append((by_operation, weights))
-    return padded
+    widest = max(weights.shape[-1] for _, weights in outputs) // len(OPERATIONS)
+
+    def padded(values: torch.Tensor, fill: float) -> torch.Tensor:  # [..., operations x orderings], widened
+        per_operation = values.unflatten(-1, (len(OPERATIONS), -1))
+        return nn.functional.pad(per_operation, (0, widest - per_operation.shape[-1]), value=fill).flatten(-2)
+
+    return [(padded(by_operation, 0.0), padded(weights, -1e4)) for by_operation, weights in outputs]
 
 
 def member_words_read(selectors: Sequence[CaseSelector], word_rows: torch.Tensor
