@@ -360,7 +360,8 @@ def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
                        match=r"no case-level stage of version 2/3/4/5/6\. Fix: .*LSMSv2_fit_case_level"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
     unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
-    with pytest.raises(ValueError, match="unknown case-level setting.*logit_cieling"):
+    with pytest.raises(CaseLevelStageError, match=r"the checkpoint: unknown case-level setting.*logit_cieling.*"
+                                                  r"Fix: refit it with LSMSv2_fit_case_level"):
         CaseLevelStage.from_payload(unknown, "abc", "the checkpoint")
     (tmp_path / "damaged.pt").write_bytes((tmp_path / STAGE_FILE).read_bytes()[:200])  # a truncated stage
     with pytest.raises(CaseLevelStageError, match=r"damaged\.pt is not a readable case-level stage.*Fix: delete"):

@@ -30,7 +30,7 @@ from lsms_nnunet.selection.candidates import Candidates, FindingAnswer, candidat
 from lsms_nnunet.selection.evidence import (CaseEvidence, TextFeatures, Verdict, cross_validated_verdict,
                                             fitting_examples, preprocessed_spacing)
 from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, torch_threads
-from lsms_nnunet.selection.settings import CaseLevelSettings
+from lsms_nnunet.selection.settings import CaseLevelSettings, CaseLevelSettingsError
 
 STAGE_FORMAT = "lsms-case-selector"
 #: 5: how words never fitted are read recorded (`word_familiarity`, `snap_match`; off before); 4: the context
@@ -162,7 +162,11 @@ class CaseLevelStage:
         if content["version"] < 6:  # fitted before phrase-table rewrites and orderings other than volume
             recorded.update(phrase_variants=0, descriptor_superlatives=False, vote_bound=0.0,
                             vote_learning_rate=recorded.get("learning_rate", CaseLevelSettings.learning_rate))
-        settings = CaseLevelSettings.from_dict(recorded, source)
+        try:
+            settings = CaseLevelSettings.from_dict(recorded, source)
+        except CaseLevelSettingsError as error:  # a stage of another lsms-nnunet: its settings cannot be edited
+            raise CaseLevelStageError(f"{error} It was fitted by another lsms-nnunet. Fix: refit it with "
+                                      f"LSMSv2_fit_case_level (or nnUNetv2_train ... --val) with this one.") from None
         if content["version"] == 2:  # fitted with the defaults of then, which were these, with a per-file width
             settings = CaseLevelSettings.from_dict({**settings.to_dict(), "width": content["width"]}, source)
         vocabulary = content["vocabulary"].float() if "vocabulary" in content else None  # one for all members
