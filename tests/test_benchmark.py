@@ -111,10 +111,19 @@ def test_results_json_reports_accuracy_and_cost_of_every_variant(benchmarked):
                 assert (counts["lesions"], counts["too_small"]) == (lesions, too_small) and lesions + too_small > 0
                 assert counts["matched"] + counts["missed"] + counts["poorly_outlined"] + counts["split"] + \
                     counts["merged"] >= lesions
+            # a perfect choice among the network's candidates, per validation expression
+            ceiling = record["candidates"]["choice_ceiling"]
+            assert sorted(entry["id"] for entry in ceiling) == sorted(e["id"] for e in _validation_expressions(
+                benchmarked)) and all(0.0 <= entry["dice"] <= 1.0 for entry in ceiling)
+            summary = variant["choice_ceiling"]
+            assert summary["n_expressions"] == expected_expressions == sum(
+                group["n_expressions"] for group in summary["per_category"].values())
+            assert summary["mean_dice"] == pytest.approx(np.mean([entry["dice"] for entry in ceiling]))
         else:
-            assert "candidate_quality" not in variant
-    assert "Candidates against the validation lesions" in (benchmarked["out"] / "results.md").read_text(
-        encoding="utf-8")
+            assert "candidate_quality" not in variant and "choice_ceiling" not in variant
+    report = (benchmarked["out"] / "results.md").read_text(encoding="utf-8")
+    assert "Candidates against the validation lesions" in report
+    assert "| lsms: a perfect choice among its candidates (mean " in report
     ceiling = results["text_blind_ceiling"]
     ceiling_record = json.loads((benchmarked["out"] / "records" / "text_blind_ceiling__fold_0.json")
                                 .read_text(encoding="utf-8"))

@@ -1,7 +1,8 @@
 """Candidate quality against reference lesions: matched, split, merged, missed, poorly outlined."""
 import numpy as np
 
-from lsms_nnunet.evaluation.candidate_quality import candidate_quality
+from lsms_nnunet.evaluation.candidate_quality import candidate_quality, choice_ceiling
+from lsms_nnunet.selection.candidates import Candidates
 
 
 def test_each_reference_lesion_is_counted_by_what_the_candidates_made_of_it():
@@ -21,3 +22,22 @@ def test_each_reference_lesion_is_counted_by_what_the_candidates_made_of_it():
                        "poorly_outlined": 1}
     exact = candidate_quality(np.where(regions == 8, 0, regions), regions, range(1, 9), min_voxels=50)
     assert exact["matched"] == exact["lesions"] == 6
+
+
+def test_the_choice_ceiling_is_the_dice_of_choosing_exactly_the_referred_candidates_where_they_are_kept():
+    regions = np.zeros((1, 20, 40), dtype=np.int16)
+    regions[0, 0:10, 0:10], regions[0, 0:10, 20:30], regions[0, 12:14, 30:40] = 1, 2, 3
+    labels = np.zeros_like(regions)
+    labels[0, 0:10, 0:10] = 1  # lesion 1 exactly
+    labels[0, 0:10, 20:35] = 2  # lesion 2 and 50 voxels of tissue: two thirds of it referred by lesion 2
+    labels[0, 15:20, 0:10] = 3  # tissue only
+    candidates = Candidates(labels, 3, np.bincount(labels.ravel())[1:].astype(float))
+    everywhere = np.ones(regions.shape, dtype=bool)
+    assert choice_ceiling(candidates, everywhere, regions, [1]) == 1.0
+    assert choice_ceiling(candidates, everywhere, regions, [2]) == 2 * 100 / (150 + 100)
+    assert choice_ceiling(candidates, everywhere, regions, [1, 2]) == 2 * 200 / (250 + 200)
+    assert choice_ceiling(candidates, everywhere, regions, []) == 1.0  # nothing referred, nothing chosen
+    kept = everywhere.copy()
+    kept[0, 0:5, 0:10] = False  # the stage keeps a candidate only where its finding logits are positive
+    assert choice_ceiling(candidates, kept, regions, [1]) == 2 * 50 / (50 + 100)
+    assert choice_ceiling(candidates, everywhere, regions, [3]) == 0.0  # a lesion the finding answer missed

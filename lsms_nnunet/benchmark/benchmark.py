@@ -35,8 +35,9 @@ import torch
 
 from lsms_nnunet.benchmark.measurements import (measure_test_text_blind_ceiling, measure_text_blind_ceiling,
                                                 measure_variant)
-from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
-                                               TEST_SECTION, BenchmarkSetup, prepare_benchmark, say)
+from lsms_nnunet.benchmark.preparation import (CANDIDATE_SOURCES, CANDIDATES_SECTION, CHOICE_CEILING,
+                                               HELDOUT_SECTION, NETWORK_ALONE_SECTION, TEST_SECTION, BenchmarkSetup,
+                                               prepare_benchmark, say)
 from lsms_nnunet.benchmark.report import format_results_table, write_plots
 from lsms_nnunet.benchmark.seeds import combine_seeds, format_seeds_table
 from lsms_nnunet.benchmark.step_profile import merge_profiles
@@ -128,12 +129,23 @@ def test_summary(records: Sequence[dict]) -> dict:
 
 
 def candidate_summary(records: Sequence[dict]) -> dict:
-    """Candidate quality counted over the folds ({} for models without a finding answer)."""
+    """Candidate quality counted over the folds, and the choice ceiling's mean Dice over their validation expressions,
+    overall and per category ({} for models without a finding answer; no ceiling in records measured before it)."""
     found = [record[CANDIDATES_SECTION] for record in records if record.get(CANDIDATES_SECTION)]
     if not found:
         return {}
-    return {"candidate_quality": {source: {outcome: sum(counts[source].get(outcome, 0) for counts in found)
-                                           for outcome in found[0][source]} for source in found[0]}}
+    summary = {"candidate_quality": {source: {outcome: sum(counts[source].get(outcome, 0) for counts in found)
+                                              for outcome in found[0][source]} for source in CANDIDATE_SOURCES}}
+    ceiling = [entry for counts in found for entry in counts.get(CHOICE_CEILING, ())]
+    if ceiling:
+        by_category = {}
+        for entry in ceiling:
+            by_category.setdefault(entry["category"] or "uncategorized", []).append(entry["dice"])
+        summary[CHOICE_CEILING] = {
+            "mean_dice": float(np.mean([entry["dice"] for entry in ceiling])), "n_expressions": len(ceiling),
+            "per_category": {category: {"mean_dice": float(np.mean(dice)), "n_expressions": len(dice)}
+                             for category, dice in sorted(by_category.items())}}
+    return summary
 
 
 def network_alone_summary(records: Sequence[dict]) -> dict:

@@ -22,12 +22,13 @@ from lsms_nnunet.benchmark.accuracy import (ALL_LESIONS_PROMPT, evaluate_text_bl
                                             write_all_lesion_reference_masks)
 from lsms_nnunet.benchmark.costs import (forward_gflops, median_seconds, parameter_counts, seconds_per_iteration,
                                          text_encoder_parameters, texts_for_counts, time_cases)
-from lsms_nnunet.benchmark.preparation import (CANDIDATES_SECTION, HELDOUT_SECTION, NETWORK_ALONE_SECTION,
-                                               TEST_SECTION, BenchmarkSetup, say)
+from lsms_nnunet.benchmark.preparation import (CANDIDATE_SOURCES, CANDIDATES_SECTION, CHOICE_CEILING,
+                                               HELDOUT_SECTION, NETWORK_ALONE_SECTION, TEST_SECTION, BenchmarkSetup,
+                                               say)
 from lsms_nnunet.benchmark.training_probe import probe_training
 from lsms_nnunet.benchmark.training_runner import recorded_budget
 from lsms_nnunet.benchmark.variants import Variant
-from lsms_nnunet.evaluation.candidate_quality import candidate_quality
+from lsms_nnunet.evaluation.candidate_quality import candidate_quality, choice_ceiling
 from lsms_nnunet.evaluation.evaluate import evaluate_referring_folder
 from lsms_nnunet.network.case_position import network_input_channels
 from lsms_nnunet.preprocessing.orientation import CanonicallyOrientedDataset
@@ -288,24 +289,30 @@ def measure_network_alone(model: _FoldModel) -> dict:
 def measure_candidates(model: _FoldModel) -> dict:
     """How the case-level stage's candidates stand for the validation cases' lesions (the regions of their label
     maps): those of the network's finding answer and, for reference, those split from the true lesion mask, with the
-    stage's candidate settings ({} for models without a finding answer; evaluation/candidate_quality.py)."""
+    stage's candidate settings; and per validation expression the choice ceiling, the Dice of a perfect choice among
+    the network's candidates ({} for models without a finding answer; evaluation/candidate_quality.py)."""
     setup, variant = model.setup, model.variant
     if not variant.uses_text:
         return {}
     predictor = model.predictor
     settings = predictor.case_level.settings if predictor.case_level is not None else CaseLevelSettings()
-    counts = {"network": Counter(), "true_lesions": Counter()}
+    counts = {source: Counter() for source in CANDIDATE_SOURCES}
+    expressions = expressions_by_case(setup.validation_expressions(model.fold))
+    ceiling = []
     for case in setup.validation_cases(model.fold):
         data, region_map, _ = model.load_case_with_regions(case)
         spacing = preprocessed_spacing(predictor.configuration_manager.spacing, region_map.ndim)
         lesion_ids = [int(i) for i in np.unique(region_map) if i > 0 and i not in setup.context_ids]
-        found = predictor.predict_finding(data, setup.text_cache_folder)
-        for name, candidates in (
-                ("network", candidates_of_answer(found.lesion_logits.float().numpy(), spacing, settings)),
-                ("true_lesions", find_candidates(lesion_voxels(region_map, setup.context_ids), spacing,
-                                                 settings=settings))):
-            counts[name].update(candidate_quality(candidates.labels, region_map, lesion_ids))
-    return {name: dict(counted) for name, counted in counts.items()}
+        finding_logits = predictor.predict_finding(data, setup.text_cache_folder).lesion_logits.float().numpy()
+        network = candidates_of_answer(finding_logits, spacing, settings)
+        for source, candidates in (("network", network),
+                                   ("true_lesions", find_candidates(lesion_voxels(region_map, setup.context_ids),
+                                                                    spacing, settings=settings))):
+            counts[source].update(candidate_quality(candidates.labels, region_map, lesion_ids))
+        ceiling += [{"id": e.id, "category": e.category,
+                     "dice": choice_ceiling(network, finding_logits > 0, region_map, e.targets or ())}
+                    for e in expressions.get(case, ())]
+    return {**{source: dict(counted) for source, counted in counts.items()}, CHOICE_CEILING: ceiling}
 
 
 def measure_test(model: _FoldModel) -> dict:

@@ -25,6 +25,8 @@ from text_conditioning.io import write_json_atomically
 
 NETWORK_ALONE_SECTION = "network_alone"
 CANDIDATES_SECTION = "candidates"
+#: What the candidates section records: candidate quality per source, and the choice ceiling per expression.
+CANDIDATE_SOURCES, CHOICE_CEILING = ("network", "true_lesions"), "choice_ceiling"
 TEST_SECTION = "test"
 SECTIONS = ("training", "referring", NETWORK_ALONE_SECTION, "plain", "network", "inference", "probe", "step_profile",
             "expression_scaling", CANDIDATES_SECTION)

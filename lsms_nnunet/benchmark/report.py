@@ -10,6 +10,8 @@ import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first
 
 from text_conditioning.io import atomic_path
 
+from lsms_nnunet.benchmark.preparation import CHOICE_CEILING
+
 TABLE_COLUMNS = ("variant", "mean Dice", "mIoU", "oIoU", "Prec@0.5", "no-target acc", "plain lesion Dice", "s/iter",
                  "s/iter vs vanilla", "probe s/iter", "probe vs vanilla", "GFLOPs/patch", "params", "peak mem",
                  "infer s/case", "infer s/expr")
@@ -57,6 +59,11 @@ def markdown_table(rows: list[list[str]]) -> list[str]:
 def format_category_table(results: dict) -> list[str]:
     """Mean Dice per expression category: one column per category, one row per variant and the text-blind ceiling."""
     rows_by_name = {variant["name"]: variant.get("referring_per_category", {}) for variant in results["variants"]}
+    for variant in results["variants"]:
+        if CHOICE_CEILING in variant:
+            ceiling = variant[CHOICE_CEILING]
+            rows_by_name[f"{variant['name']}: a perfect choice among its candidates (mean "
+                         f"{format_number(ceiling['mean_dice'], 3)})"] = ceiling["per_category"]
     rows_by_name["text-blind ceiling"] = results.get("text_blind_ceiling_per_category", {})
     categories = list(dict.fromkeys(category for groups in rows_by_name.values() for category in groups))
     if not categories:
@@ -68,8 +75,12 @@ def format_category_table(results: dict) -> list[str]:
     header = ["variant", *(f"{category} (n={counts[category]})" for category in categories)]
     rows = [[name, *(format_number(groups[category]["mean_dice"], 3) if category in groups else "n/a"
                      for category in categories)] for name, groups in rows_by_name.items()]
-    return ["Mean Dice per expression category (the expressions file's `category`; \"uncategorized\" when absent):",
-            "", *markdown_table([header, *rows])]
+    caption = "Mean Dice per expression category (the expressions file's `category`; \"uncategorized\" when absent)"
+    if any(CHOICE_CEILING in variant for variant in results["variants"]):
+        caption += (". \"A perfect choice among its candidates\": the referred candidates of the model's finding answer "
+                    "chosen exactly, each kept where its finding logits are positive as the case-level stage keeps "
+                    "it (evaluation/candidate_quality.py); below it the choice loses, above it the outlines do")
+    return [caption + ":", "", *markdown_table([header, *rows])]
 
 
 def format_phrasing_table(results: dict) -> list[str]:

@@ -12,12 +12,17 @@ map, at least `min_voxels`):
 - otherwise **poorly outlined** (one candidate, too large or too small for the IoU).
 A lesion can be split and merged at once; the other outcomes exclude each other. Smaller lesions are counted apart
 (`too_small`), not scored.
+
+`choice_ceiling` is the other half of the same question, per expression: the Dice of the best answer the stage could
+give with these candidates, so that a benchmark can tell the choice's losses from the outlines'.
 """
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
+
+from lsms_nnunet.selection.candidates import Candidates, referred_fraction
 
 PIECE_SHARE = 0.1
 
@@ -53,3 +58,16 @@ def candidate_quality(candidate_labels: np.ndarray, region_map: np.ndarray, lesi
         counts["merged"] += merged
         counts["poorly_outlined"] += not (split or merged)
     return counts
+
+
+def choice_ceiling(candidates: Candidates, kept: np.ndarray, region_map: np.ndarray, targets: Sequence[int]) -> float:
+    """Dice of the answer a perfect choice among `candidates` gives an expression referring to the regions `targets`:
+    the candidates it refers to (most of each in those regions, the stage's own fitting target), each kept where
+    `kept` is true (the stage keeps a chosen candidate where its finding logits are positive). An expression that
+    refers to nothing scores 1 when no candidate is referred, as no-target accuracy counts it."""
+    referred = np.flatnonzero(referred_fraction(candidates, region_map, targets) > 0.5)
+    answer = candidates.masks(referred) & kept
+    reference = np.isin(region_map, np.asarray(list(targets), dtype=np.int64))
+    if not reference.any():
+        return float(not answer.any())
+    return float(2 * (answer & reference).sum() / (answer.sum() + reference.sum()))
