@@ -74,8 +74,8 @@ WORD_VECTORS = {word: vector for word, vector in zip(WORDS, np.random.default_rn
     size=(len(WORDS), 16)).astype(np.float32))}
 
 
-def _features(texts):
-    tokens = [np.stack([WORD_VECTORS[w] for w in text.split()]) for text in texts]
+def _features(texts, vectors=WORD_VECTORS):
+    tokens = [np.stack([vectors[w] for w in text.split()]) for text in texts]
     length = max(len(t) for t in tokens)
     padded = np.zeros((len(texts), length, 16), dtype=np.float32)
     mask = np.zeros((len(texts), length), dtype=bool)
@@ -118,7 +118,8 @@ class _Cases:
 def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpart():
     """Fitted on "all bright/dark lesions" with a table saying bright = hyperdense and dark = hypodense, the stage
     answers "all hyperdense lesions" on new cases as it answers "all bright lesions"; fitted without the table, the
-    unknown word leaves it guessing."""
+    unknown word leaves it guessing. Both over four draws of the unknown words' vectors: one draw can point along
+    "bright" by chance (WORD_VECTORS' own does), and then it is answered without the table too."""
     table = PhraseTable((("bright", "hyperdense"), ("dark", "hypodense")))
     training, probe = _Cases(30, seed=1), _Cases(30, seed=2)
     fitted_expressions = training.expressions("bright", "dark")
@@ -127,23 +128,28 @@ def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpar
     texts = sorted({e.text for e in fitted_expressions} | {"all hyperdense lesions", "all hypodense lesions"})
     settings = CaseLevelSettings(fit_steps=150, operations_first_steps=30)
 
-    def accuracy(with_table: bool) -> tuple[float, float]:
-        evidence = case_evidence(training, sorted(training.cases), fitted_expressions, _features(texts), (1.0, 1.0),
+    def accuracy(with_table: bool, vectors=WORD_VECTORS) -> tuple[float, float]:
+        features = _features(texts, vectors)
+        evidence = case_evidence(training, sorted(training.cases), fitted_expressions, features, (1.0, 1.0),
                                  settings=settings, variants=variants if with_table else None)
         selectors = fit_selectors(fitting_examples(evidence), settings, members=1, log=lambda *_: None)[0]
         scores = []
         for words in (("bright", "dark"), ("hyperdense", "hypodense")):
             asked = [e for e in probe.expressions(*words) if not e.id.endswith("-all")]
-            examples = fitting_examples(case_evidence(probe, sorted(probe.cases), asked, _features(texts),
-                                                      (1.0, 1.0), settings=settings))
+            examples = fitting_examples(case_evidence(probe, sorted(probe.cases), asked, features, (1.0, 1.0),
+                                                      settings=settings))
             scores.append(float(np.mean([np.array_equal(answer, example.referred)
                                          for answer, example in zip(choose(selectors, examples), examples)])))
         return scores[0], scores[1]
 
-    seen, synonym = accuracy(with_table=True)
-    assert seen >= 0.9 and synonym >= seen - 0.05, (seen, synonym)
-    seen_without, synonym_without = accuracy(with_table=False)
-    assert seen_without >= 0.9 and synonym_without <= 0.7, (seen_without, synonym_without)
+    draws = [np.random.default_rng(100 + draw).normal(size=(2, 16)).astype(np.float32) for draw in range(4)]
+    vectors = [{**WORD_VECTORS, "hyperdense": unknown[0], "hypodense": unknown[1]} for unknown in draws]
+    with_table = [accuracy(True, v) for v in vectors]
+    seen, synonym = np.mean(with_table, axis=0)
+    assert seen >= 0.9 and synonym >= seen - 0.05, with_table
+    without = [accuracy(False, v) for v in vectors]
+    seen_without, synonym_without = np.mean(without, axis=0)
+    assert seen_without >= 0.9 and synonym_without <= 0.7, without
 
 
 def test_the_verdict_refits_on_the_written_expressions_and_the_stage_fits_their_rewrites_too(monkeypatch):
