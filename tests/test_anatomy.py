@@ -50,8 +50,8 @@ def test_a_candidate_is_placed_in_its_organ_instance():
     assert np.allclose(outside, [9.0, 9.0, 9.0] + [0.0] * (ORGAN_PLACE_FEATURES - 3 + 1))  # fallback: in the case
     data = np.random.default_rng(0).random((1, 1, 40, 60)).astype(np.float32)
     described = describe_candidates(data, candidates, (1.0, 1.0, 1.0), 2, anatomy, 1)
-    assert described.shape == (3, ORGAN_PLACE_FEATURES + 1 + 2 * len(INTENSITY_FEATURES))
-    assert describe_candidates(data, candidates, (1.0, 1.0, 1.0)).shape == (3, 3 + 2 * len(INTENSITY_FEATURES))
+    assert described.shape == (3, ORGAN_PLACE_FEATURES + 1 + len(INTENSITY_FEATURES))
+    assert describe_candidates(data, candidates, (1.0, 1.0, 1.0)).shape == (3, 3 + len(INTENSITY_FEATURES))
 
 
 def _text_features(texts):

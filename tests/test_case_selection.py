@@ -177,26 +177,9 @@ def test_candidates_are_components_without_speckles_and_know_what_is_referred():
     assert MIN_CANDIDATE_VOXELS > 1 and candidates.labels[0, 18, 18] == 0
     image = np.where(regions > 0, 100.0, 0.0)[None].astype(np.float32)
     descriptors = describe_candidates(image, candidates, (1.0, 2.0, 1.0))
-    assert descriptors.shape == (2, 3 + 2 * len(INTENSITY_FEATURES))  # then the same relative to the case
-    contrast = descriptors[:, 3 + INTENSITY_FEATURES.index("contrast")]
+    assert descriptors.shape == (2, 3 + len(INTENSITY_FEATURES))
+    contrast = descriptors[:, -1]
     assert np.allclose(contrast, 100.0)  # lesion 100, surrounding tissue 0
-    assert np.allclose(descriptors[:, 3 + len(INTENSITY_FEATURES):], 0.0)  # two lesions that look alike
-    absolute = describe_candidates(image, candidates, (1.0, 2.0, 1.0), case_relative=False)
-    assert np.array_equal(absolute, descriptors[:, :3 + len(INTENSITY_FEATURES)])
-
-
-def test_a_candidate_is_also_described_beside_the_other_candidates_of_its_case():
-    regions = np.zeros((1, 20, 30), dtype=np.int16)
-    regions[0, 2:8, 2:8], regions[0, 2:8, 12:18], regions[0, 12:18, 12:18] = 1, 2, 3
-    candidates = find_candidates(regions > 0, (1.0, 1.0, 1.0))
-    image = np.select([regions == 1, regions == 2, regions == 3], [10.0, 40.0, 70.0], 100.0)[None]
-    mean = 3 + INTENSITY_FEATURES.index("mean")
-    for offset in (0.0, 500.0):  # the whole image brighter: the relative look stays
-        described = describe_candidates(image + offset, candidates, (1.0, 1.0, 1.0))
-        order = np.argsort(described[:, mean])
-        relative = described[order, mean + len(INTENSITY_FEATURES)]
-        assert np.allclose(relative, [-30.0, 0.0, 30.0])  # darkest, middle, brightest of the case
-        assert np.allclose(described[order, mean], np.array([10.0, 40.0, 70.0]) + offset)
 
 
 def test_touching_lesions_are_separate_candidates_and_one_lesion_stays_whole():
@@ -342,8 +325,7 @@ def test_the_stage_answers_with_whole_finding_components():
     finding[0, 20:25, 20:25] = 2.0  # the smaller one
     data = torch.rand(1, 1, 32, 32)
     texts = ["the largest lesion", "the smallest lesion"]
-    width = 3 + 2 * len(INTENSITY_FEATURES)  # position (3 axes) + one channel's intensity statistics, absolute and
-    # relative to the case
+    width = 3 + len(INTENSITY_FEATURES)  # position (3 axes) + one channel's intensity statistics
     rng = np.random.default_rng(1)
     # 100 draws per text: with fewer, the match fits the random descriptors (30 draws: 65-85% of new draws right)
     selector = fit_selector([_size_only_example(t, width, rng) for _ in range(100) for t in texts])
@@ -373,16 +355,10 @@ def test_stage_round_trip_keeps_settings_verdict_and_answers(tmp_path):
     assert all(np.array_equal(a, b) for a, b in zip(choose([selector], examples), choose(loaded.selectors, examples)))
     with pytest.raises(CaseLevelStageError, match="another text encoder"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "other")
-    assert loaded.case_relative
-    sixth = CaseLevelStage.from_payload({**stage.to_payload(), "version": 6}, "abc", "fold 1's checkpoint")
-    assert not sixth.case_relative  # fitted on candidates described without their case: read them so
-    with pytest.raises(CaseLevelStageError, match=r"fold 1's checkpoint was fitted by an earlier lsms-nnunet.*Fix: "
-                                                  r"refit it"):
-        CaseLevelStage.of_folds([loaded, sixth])
     earlier_version = {**stage.to_payload(), "version": 1}
     torch.save(earlier_version, tmp_path / STAGE_FILE)
     with pytest.raises(CaseLevelStageError,
-                       match=r"no case-level stage of version 2/3/4/5/6/7\. Fix: .*LSMSv2_fit_case_level"):
+                       match=r"no case-level stage of version 2/3/4/5/6\. Fix: .*LSMSv2_fit_case_level"):
         CaseLevelStage.load(tmp_path / STAGE_FILE, "abc")
     unknown = {**stage.to_payload(), "settings": {"logit_cieling": 6.0}}
     with pytest.raises(CaseLevelStageError, match=r"the checkpoint: unknown case-level setting.*logit_cieling.*"
@@ -529,7 +505,7 @@ def test_selector_fits_on_the_true_lesions_and_on_the_networks_answer():
     assert sorted(true_lesions.volumes) == [16, 36] and true_lesions.referred.sum() == 1
     assert true_lesions.referred[np.argmax(true_lesions.volumes)]
     assert sorted(answered.volumes) == [9, 18] and answered.referred.tolist() == [True, False]
-    assert answered.descriptors.shape == true_lesions.descriptors.shape == (2, 3 + 2 * len(INTENSITY_FEATURES))
+    assert answered.descriptors.shape == true_lesions.descriptors.shape == (2, 3 + len(INTENSITY_FEATURES))
     assert len(selection_examples(dataset, ["case"], expressions, features, (1.0, 1.0))) == 1
     assert not selection_examples(dataset, ["another case"], expressions, features, (1.0, 1.0))
 

@@ -116,15 +116,13 @@ def referred_fraction(candidates: Candidates, region_map: np.ndarray, targets: S
 
 def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequence[float],
                         shell_voxels: int = DEFAULT_SETTINGS.shell_voxels, anatomy: np.ndarray | None = None,
-                        anatomy_regions: int = 0, case_relative: bool = True) -> np.ndarray:
+                        anatomy_regions: int = 0) -> np.ndarray:
     """[count, features]: where the candidate lies and, per image channel, the intensity statistics of
     INTENSITY_FEATURES (core and rim split the lesion at half its inner depth; shell is the `shell_voxels` of tissue
-    just around it, other candidates excluded), then with `case_relative` the same statistics minus their mean over
-    the case's candidates: a lesion's look beside the others of its case ("the hypodense one" of several), which a
-    shift of the whole image's intensities leaves unchanged. Where it lies: with `anatomy_regions` context regions,
-    its place in its organ (`anatomy`: the case's map of them, 1..anatomy_regions; selection/anatomy.py); without, its
-    centroid in the case (-1..1 per axis). Absolute size is left out on purpose: the selector's set operations
-    compare volumes; a size descriptor lets the match score imitate "the largest" on the training cases instead."""
+    just around it, other candidates excluded). Where it lies: with `anatomy_regions` context regions, its place in
+    its organ (`anatomy`: the case's map of them, 1..anatomy_regions; selection/anatomy.py); without, its centroid in
+    the case (-1..1 per axis). Absolute size is left out on purpose: the selector's set operations compare volumes; a
+    size descriptor lets the match score imitate "the largest" on the training cases instead."""
     spatial = candidates.labels.shape
     channels = image.reshape(-1, *spatial)
     extent = np.maximum(np.asarray(spatial, dtype=np.float64) - 1, 1)
@@ -151,9 +149,6 @@ def describe_candidates(image: np.ndarray, candidates: Candidates, spacing: Sequ
                     lesion.mean() - around.mean()]
         rows.append(row)
     described = np.asarray(rows, dtype=np.float32).reshape(-1, len(spatial) + len(INTENSITY_FEATURES) * len(channels))
-    if case_relative:
-        intensity = described[:, len(spatial):]
-        described = np.concatenate((described, intensity - intensity.mean(axis=0, keepdims=True)), axis=1)
     if not anatomy_regions:
         return described
     if anatomy is None:

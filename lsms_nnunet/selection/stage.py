@@ -33,11 +33,10 @@ from lsms_nnunet.selection.selector import CaseSelector, choose, fit_selectors, 
 from lsms_nnunet.selection.settings import CaseLevelSettings, CaseLevelSettingsError
 
 STAGE_FORMAT = "lsms-case-selector"
-#: 7: candidates also described relative to the other candidates of their case (stages of 2-6 are read without);
-#: 6: phrase-table rewrites and orderings other than volume; 5: how words never fitted are read recorded (`word_familiarity`, `snap_match`; off before); 4: the context
+#: 5: how words never fitted are read recorded (`word_familiarity`, `snap_match`; off before); 4: the context
 #: regions candidates are placed in; 3: settings and the fitted-on weights recorded; 2 (read: fitted with the default
 #: settings): the verdict.
-STAGE_VERSION, READABLE_VERSIONS = 7, (2, 3, 4, 5, 6, 7)
+STAGE_VERSION, READABLE_VERSIONS = 6, (2, 3, 4, 5, 6)
 STAGE_FILE = "case_selector.pt"
 #: The candidate settings every fold of one prediction must share (the candidates are found once per image).
 CANDIDATE_SETTINGS = ("min_candidate_voxels", "logit_smoothing_voxels", "logit_seed_height", "logit_ceiling",
@@ -85,8 +84,6 @@ class CaseLevelStage:
     source: str = "the fitted stage"
     #: Context regions (anatomy) the candidates are placed in, from the network's anatomy output; 0: in the case.
     anatomy_regions: int = 0
-    #: Candidates described relative to the other candidates of their case too (stages fitted since version 7).
-    case_relative: bool = True
 
     # ------------------------------------------------------------------------------------------------ fit, judge
     @classmethod
@@ -182,7 +179,7 @@ class CaseLevelStage:
             selectors.append(selector.eval())
         verdict = Verdict(**content["verdict"]) if content.get("verdict") else None
         return cls(settings, selectors, text_encoder_sha256, {source: verdict}, content.get("fitted_on"), source,
-                   int(content.get("anatomy_regions", 0)), case_relative=content["version"] >= 7)
+                   int(content.get("anatomy_regions", 0)))
 
     def save(self, path: Path) -> None:
         """Write atomically."""
@@ -206,12 +203,6 @@ class CaseLevelStage:
                     f"The case-level stages of {first.source} and {stage.source} find candidates with different "
                     f"settings ({', '.join(differing)}). Fix: refit the folds with the same settings "
                     f"(LSMSv2_fit_case_level ... --settings FILE), or predict with one of them.")
-            if stage.case_relative != first.case_relative:
-                older = stage if not stage.case_relative else first
-                raise CaseLevelStageError(
-                    f"The case-level stage of {older.source} was fitted by an earlier lsms-nnunet, which describes "
-                    f"candidates differently from the stages of the other folds. Fix: refit it (LSMSv2_fit_case_level "
-                    f"-d DATASET -c CONFIG -f FOLD -tr TRAINER), or predict with the folds of one version.")
             if stage.anatomy_regions != first.anatomy_regions:
                 raise CaseLevelStageError(
                     f"The case-level stages of {first.source} and {stage.source} place candidates in "
@@ -220,7 +211,7 @@ class CaseLevelStage:
         return cls(first.settings, [selector for stage in stages for selector in stage.selectors],
                    first.text_encoder_sha256, {source: verdict for stage in stages
                                                for source, verdict in stage.verdicts.items()},
-                   None, ", ".join(stage.source for stage in stages), first.anatomy_regions, first.case_relative)
+                   None, ", ".join(stage.source for stage in stages), first.anatomy_regions)
 
     # ------------------------------------------------------------------------------------------------ apply
     def read_image(self, finding: FindingAnswer, data: torch.Tensor,
@@ -236,8 +227,7 @@ class CaseLevelStage:
         spacing = preprocessed_spacing(configured_spacing, finding_logits.ndim)
         candidates = candidates_of_answer(finding_logits.numpy(), spacing, self.settings)
         descriptors = describe_candidates(np.asarray(data.float().cpu()), candidates, spacing,
-                                          self.settings.shell_voxels, finding.anatomy, self.anatomy_regions,
-                                          self.case_relative)
+                                          self.settings.shell_voxels, finding.anatomy, self.anatomy_regions)
         return ImageCandidates(logits, candidates, descriptors)
 
     def answer(self, image: ImageCandidates, texts: Sequence[str], text_features: TextFeatures) -> torch.Tensor:
