@@ -290,7 +290,8 @@ def measure_candidates(model: _FoldModel) -> dict:
     """How the case-level stage's candidates stand for the validation cases' lesions (the regions of their label
     maps): those of the network's finding answer and, for reference, those split from the true lesion mask, with the
     stage's candidate settings; and per validation expression the choice ceiling, the Dice of a perfect choice among
-    the network's candidates ({} for models without a finding answer; evaluation/candidate_quality.py)."""
+    the network's candidates, on nnU-Net's preprocessed grid ({} for models without a finding answer;
+    evaluation/candidate_quality.py)."""
     setup, variant = model.setup, model.variant
     if not variant.uses_text:
         return {}
