@@ -119,7 +119,8 @@ def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpar
     """Fitted on "all bright/dark lesions" with a table saying bright = hyperdense and dark = hypodense, the stage
     answers "all hyperdense lesions" on new cases as it answers "all bright lesions"; fitted without the table, the
     unknown word leaves it guessing. Both over four draws of the unknown words' vectors: one draw can point along
-    "bright" by chance (WORD_VECTORS' own does), and then it is answered without the table too."""
+    "bright" by chance (WORD_VECTORS' own did with other candidate descriptors), and is then answered without the
+    table too."""
     table = PhraseTable((("bright", "hyperdense"), ("dark", "hypodense")))
     training, probe = _Cases(30, seed=1), _Cases(30, seed=2)
     fitted_expressions = training.expressions("bright", "dark")
@@ -128,7 +129,7 @@ def test_a_synonym_only_in_the_phrase_table_is_answered_like_its_seen_counterpar
     texts = sorted({e.text for e in fitted_expressions} | {"all hyperdense lesions", "all hypodense lesions"})
     settings = CaseLevelSettings(fit_steps=150, operations_first_steps=30)
 
-    def accuracy(with_table: bool, vectors=WORD_VECTORS) -> tuple[float, float]:
+    def accuracy(with_table: bool, vectors: dict) -> tuple[float, float]:
         features = _features(texts, vectors)
         evidence = case_evidence(training, sorted(training.cases), fitted_expressions, features, (1.0, 1.0),
                                  settings=settings, variants=variants if with_table else None)

@@ -22,6 +22,7 @@ from typing import Sequence
 
 import numpy as np
 
+from lsms_nnunet.evaluation.metrics import dice_score
 from lsms_nnunet.selection.candidates import Candidates, referred_fraction
 
 PIECE_SHARE = 0.1
@@ -66,8 +67,4 @@ def choice_ceiling(candidates: Candidates, kept: np.ndarray, region_map: np.ndar
     `kept` is true (the stage keeps a chosen candidate where its finding logits are positive). An expression that
     refers to nothing scores 1 when no candidate is referred, as no-target accuracy counts it."""
     referred = np.flatnonzero(referred_fraction(candidates, region_map, targets) > 0.5)
-    answer = candidates.masks(referred) & kept
-    reference = np.isin(region_map, np.asarray(list(targets), dtype=np.int64))
-    if not reference.any():
-        return float(not answer.any())
-    return float(2 * (answer & reference).sum() / (answer.sum() + reference.sum()))
+    return dice_score(candidates.masks(referred) & kept, np.isin(region_map, np.asarray(list(targets), dtype=np.int64)))
