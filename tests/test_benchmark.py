@@ -313,6 +313,46 @@ def test_rerun_neither_retrains_nor_remeasures(benchmarked):
     assert not list(benchmarked["out"].rglob("*.tmp"))
 
 
+def test_a_changed_test_split_is_measured_again_and_everything_else_reused(benchmarked, tmp_path, capsys):
+    """A record made on another test split (cases added or removed, expressions rewritten) is not reported: the test
+    answers and the test's text-blind ceiling are measured again on the split as it is now; every other measurement
+    is reused."""
+    import shutil
+    from lsms_nnunet.benchmark.measurements import measure_test_text_blind_ceiling, measure_variant
+    from lsms_nnunet.benchmark.preparation import prepare_benchmark
+    from lsms_nnunet.benchmark.variants import VARIANTS_BY_NAME
+
+    out = tmp_path / "benchmark"
+    shutil.copytree(benchmarked["out"] / "records", out / "records")
+    setup = prepare_benchmark(DATASET, "2d", [0], 1, 2, PLANS, ["lsms"], out, "cpu")
+    lsms = VARIANTS_BY_NAME["lsms"]
+    before = measure_variant(setup, lsms, 0)
+    assert "all measurements recorded earlier, reused" in capsys.readouterr().out  # the same split: its signature holds
+
+    content = json.loads(setup.test_split.expressions_file.read_text(encoding="utf-8"))
+    kept_case = setup.test_split.cases[0]
+    content["expressions"] = [e for e in content["expressions"] if e["case"] == kept_case]
+    assert 0 < len(content["expressions"]) < len(setup.test_split.expressions)
+    smaller_file = tmp_path / "expressions.json"
+    smaller_file.write_text(json.dumps(content), encoding="utf-8")
+    smaller = dataclasses.replace(setup.test_split, expressions_file=smaller_file, expressions=tuple(
+        e for e in setup.test_split.expressions if e.case == kept_case))
+    changed = dataclasses.replace(setup, test_split=smaller)
+
+    after = measure_variant(changed, lsms, 0)
+    said = capsys.readouterr().out
+    assert "lsms fold 0: measured test" in said and said.count("measured") == 1
+    kept_ids = [e["id"] for e in content["expressions"]]
+    assert [entry["id"] for entry in after["test"]["per_expression"]] == kept_ids
+    assert {key: value for key, value in after.items() if key != "test"} == \
+        {key: value for key, value in before.items() if key != "test"}
+    answers = out / "predictions" / "lsms" / "fold_0" / "test" / "masks"
+    assert sorted(path.name for path in answers.glob("*.nii.gz")) == sorted(f"{i}.nii.gz" for i in kept_ids)
+    ceiling = measure_test_text_blind_ceiling(changed)
+    assert [entry["id"] for entry in ceiling["per_expression"]] == kept_ids
+    assert len(measure_test_text_blind_ceiling(setup)["per_expression"]) == len(setup.test_split.expressions)
+
+
 def test_changed_budget_or_case_level_settings_are_refused_before_any_training(benchmarked):
     from lsms_nnunet.benchmark.preparation import BenchmarkSetupError, prepare_benchmark
     from lsms_nnunet.benchmark.training_runner import train_variant

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 
 import json
+import shutil
 import time
 from collections import Counter
 from pathlib import Path
@@ -323,6 +324,7 @@ def measure_test(model: _FoldModel) -> dict:
     setup, variant, fold = model.setup, model.variant, model.fold
     split = setup.test_split
     folder = setup.work_folder(variant, fold, TEST_SECTION)
+    shutil.rmtree(folder, ignore_errors=True)  # no answer to an earlier test split stays beside the new ones
     predicted = folder / ("masks" if variant.uses_text else "label_maps")
     predicted.mkdir(parents=True, exist_ok=True)  # nnU-Net writes its arguments there before it makes the folder
     predictor = model.file_predictor(split.expressions_file if variant.uses_text else None)
@@ -333,7 +335,8 @@ def measure_test(model: _FoldModel) -> dict:
     else:
         summary = evaluate_text_blind_answers(predicted, split.labels_folder, split.expressions, setup.file_ending,
                                               folder / "masks")
-    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"]}
+    return {"per_expression": summary["metric_per_expression"], "aggregate": summary["aggregate"],
+            "split": split.signature()}
 
 
 MEASUREMENTS: dict[str, Callable[[_FoldModel], dict]] = {
@@ -356,6 +359,9 @@ def measure_variant(setup: BenchmarkSetup, variant: Variant, fold: int) -> dict:
     record = json.loads(record_file.read_text(encoding="utf-8")) if record_file.is_file() else {}
     if record.get("checkpoint") != signature:
         record = {"variant": variant.name, "trainer": variant.trainer, "fold": fold, "checkpoint": signature}
+    if TEST_SECTION in record and (not setup.test_split or record[TEST_SECTION].get("split")
+                                   != setup.test_split.signature()):
+        del record[TEST_SECTION]  # made on another test split (or on one that is gone): measured again if asked
     missing = [section for section in setup.sections if section not in record]
     if not missing:
         say(f"{variant.name} fold {fold}: all measurements recorded earlier, reused")
@@ -378,7 +384,8 @@ def measure_text_blind_ceiling(setup: BenchmarkSetup, fold: int) -> dict:
 def measure_test_text_blind_ceiling(setup: BenchmarkSetup) -> dict:
     """The same on the test split (labelsTs)."""
     split = setup.test_split
-    return _text_blind_ceiling(setup, TEST_SECTION, split.labels_folder, split.cases, split.expressions, {})
+    return _text_blind_ceiling(setup, TEST_SECTION, split.labels_folder, split.cases, split.expressions,
+                               {"split": split.signature()})
 
 
 def _text_blind_ceiling(setup: BenchmarkSetup, name: str, gt_folder: Path, cases: Sequence[str],
@@ -386,7 +393,9 @@ def _text_blind_ceiling(setup: BenchmarkSetup, name: str, gt_folder: Path, cases
     """Computed once and kept in records/text_blind_ceiling__<name>.json."""
     record_file = setup.output_folder / "records" / f"text_blind_ceiling__{name}.json"
     if record_file.is_file():
-        return json.loads(record_file.read_text(encoding="utf-8"))
+        record = json.loads(record_file.read_text(encoding="utf-8"))
+        if {key: record.get(key) for key in keys} == keys:
+            return record
     folder = setup.output_folder / "predictions" / "text_blind_ceiling" / name
     write_all_lesion_reference_masks(gt_folder, cases, setup.file_ending, folder / "lesion_masks", setup.context_ids)
     summary = evaluate_text_blind_answers(folder / "lesion_masks", gt_folder, expressions, setup.file_ending,

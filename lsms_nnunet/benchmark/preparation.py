@@ -4,6 +4,7 @@ variant trains and validates on the same cases; the checked settings travel as o
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -48,10 +49,23 @@ class TestSplit:
     labels_folder: Path
     expressions_file: Path
     expressions: tuple[Expression, ...]
+    file_ending: str
 
     @property
     def cases(self) -> list[str]:
         return list(dict.fromkeys(expression.case for expression in self.expressions))
+
+    def signature(self) -> str:
+        """What a test measurement was made on: the expressions file's content, and the name, size and modification
+        time of each case's images and region map. A record of another signature is measured again: test cases
+        added, expressions rewritten or images regenerated must not be reported with the old answers."""
+        digest = hashlib.sha256(self.expressions_file.read_bytes())
+        for case in self.cases:
+            images = sorted(self.images_folder.glob(f"{case}_[0-9][0-9][0-9][0-9]{self.file_ending}"))
+            for path in (*images, self.labels_folder / f"{case}{self.file_ending}"):
+                status = path.stat()
+                digest.update(f"{path.name}:{status.st_size}:{status.st_mtime_ns}\n".encode())
+        return digest.hexdigest()
 
 
 @dataclass(frozen=True)
@@ -260,7 +274,8 @@ def read_test_split(raw_folder: Path, file_ending: str) -> TestSplit | None:
                                   f"a region map in {labels} ({without_labels[:5]})" if without_labels else "")
                 if part) + f". Fix: add <case>_0000{file_ending} / <case>{file_ending} for them, or remove their "
             f"expressions from {path.name}.")
-    return TestSplit(images_folder=images, labels_folder=labels, expressions_file=path, expressions=expressions)
+    return TestSplit(images_folder=images, labels_folder=labels, expressions_file=path, expressions=expressions,
+                     file_ending=file_ending)
 
 
 def ensure_splits(preprocessed_folder: Path, data_folder: Path) -> list[dict]:
