@@ -21,7 +21,8 @@
 
 Resumable: a finished training (checkpoint_final.pth + validation/summary.json) is never redone or touched, an
 interrupted one continues with `--c`; measurements are kept per model and fold in `records/` (keyed by the final
-checkpoint, so a retrained model is measured again) and a re-run computes only what is missing.
+checkpoint, so a retrained model is measured again; the test answers also by the test split, so added or rewritten
+test cases are answered again) and a re-run computes only what is missing.
 """
 
 from __future__ import annotations

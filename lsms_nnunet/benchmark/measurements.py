@@ -1,7 +1,7 @@
 """Benchmark step 3: score and cost each trained model, one record per model and fold in `records/`.
 
 Records are keyed by the final checkpoint, so a retrained model is measured again and a re-run computes only what
-is missing.
+is missing; the test answers also by the test split's signature, so a changed test split is answered again.
 """
 
 from __future__ import annotations
