@@ -43,11 +43,13 @@ def test_checkpoint_that_would_run_code_is_refused_without_running_it(tmp_path):
 
 
 #: Per card version, the settings its network entry did not have yet.
-_VERSION_5 = ("svla_first_stage", "contrastive_level", "fsd_projection")
+_VERSION_6 = ("finding_lesion_weight",)
+_VERSION_5 = ("svla_first_stage", "contrastive_level", "fsd_projection", *_VERSION_6)
 _SETTINGS_UNKNOWN_TO = {1: None, 2: ("case_selection", "finding_head", *_VERSION_5),
-                        3: ("finding_head", *_VERSION_5), 4: _VERSION_5, 5: ()}
-_BEFORE_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned"}
-_SINCE_5 = {"svla_first_stage": 2, "contrastive_level": 1, "fsd_projection": "pointwise"}
+                        3: ("finding_head", *_VERSION_5), 4: _VERSION_5, 5: _VERSION_6, 6: ()}
+_BEFORE_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned", "finding_lesion_weight": 0.0}
+_SINCE_5 = {"svla_first_stage": 2, "contrastive_level": 1, "fsd_projection": "pointwise", "finding_lesion_weight": 0.0}
+_SINCE_6 = {**_SINCE_5, "finding_lesion_weight": 1.0}
 
 
 @pytest.mark.parametrize("version, expected", [
@@ -55,7 +57,8 @@ _SINCE_5 = {"svla_first_stage": 2, "contrastive_level": 1, "fsd_projection": "po
     (2, {"prompt_decoder": True, "case_selection": False, "finding_head": False, **_BEFORE_5}),
     (3, {"prompt_decoder": True, "case_selection": True, "finding_head": False, **_BEFORE_5}),
     (4, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_BEFORE_5}),
-    (5, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_SINCE_5})])
+    (5, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_SINCE_5}),
+    (6, {"prompt_decoder": True, "case_selection": True, "finding_head": True, **_SINCE_6})])
 def test_older_model_cards_rebuild_the_model_they_were_trained_with(version, expected):
     """A card written before a setting existed means the behaviour of its time (a setting off, SVLA from stage 1, the
     planned projection kernel): its checkpoint loads unchanged, and a model trained before case selection answers

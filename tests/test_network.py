@@ -16,6 +16,7 @@ from nnunetv2.training.loss.dice import MemoryEfficientSoftDiceLoss
 from nnunetv2.utilities.get_network_from_plans import get_network_from_plans
 from torch import nn
 
+from lsms_nnunet.network.losses import lesion_wise_dice_loss
 from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network import (ABLATIONS, DepthwiseStripConv, FullScaleDecoder, LSMSConfig, LSMSNet,
                                  TextConditionedHead, VisionLanguageContrastiveLoss, build_lsms_network)
@@ -106,7 +107,8 @@ def test_ablations_switch_exactly_their_flag():
                         "prompt_decoder": {"prompt_decoder": True, "existence_head": True, "head_position": True},
                         "unet_decoder": {"decoder": "unet"}, "no_contrastive": {"contrastive": False},
                         "no_case_selection": {"case_selection": False}, "no_finding_head": {"finding_head": False},
-                        "case_position": {"case_position": True}, "no_anatomy_head": {"anatomy_regions": 0}}
+                        "case_position": {"case_position": True}, "no_anatomy_head": {"anatomy_regions": 0},
+                        "no_lesion_wise_finding": {"finding_lesion_weight": 0.0}}
     assert set(ABLATIONS) == set(expected_changes)
     with_anatomy = dataclasses.replace(TINY, anatomy_regions=2)  # as the trainer sets it for a dataset with context
     for name, changes in expected_changes.items():
@@ -544,7 +546,7 @@ def _lsms_loss_of(network):
 
 def test_loss_adds_the_finding_heads_dice_and_ce_against_all_lesions():
     """LSMSLoss reads the loader's second target channel (all lesions) for the finding head's outputs."""
-    network = _promptable(dataclasses.replace(TINY, contrastive=False)).train()
+    network = _promptable(dataclasses.replace(TINY, contrastive=False, finding_lesion_weight=0.0)).train()
     loss, segmentation_loss = _lsms_loss_of(network)
     target = torch.zeros(2, 2, *patch_shape(2))
     target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
@@ -583,7 +585,8 @@ def test_anatomy_head_outputs_its_regions_beside_every_level_and_after_the_findi
 
 def test_loss_adds_the_anatomy_heads_dice_and_ce_against_the_context_channel():
     """LSMSLoss reads the loader's last target channel (context regions 0..K) for the anatomy head's outputs."""
-    network = _promptable(dataclasses.replace(TINY, contrastive=False, anatomy_regions=2)).train()
+    network = _promptable(dataclasses.replace(TINY, contrastive=False, anatomy_regions=2,
+                                              finding_lesion_weight=0.0)).train()
     loss, segmentation_loss = _lsms_loss_of(network)
     target = torch.zeros(2, 3, *patch_shape(2))
     target[:, 0, 2:9, 3:10] = 1                       # the referred lesion
@@ -596,4 +599,46 @@ def test_loss_adds_the_anatomy_heads_dice_and_ce_against_the_context_channel():
     expected = segmentation_loss(output, [t[:, :1] for t in targets]) + \
         segmentation_loss(aux["finding_logits"], [t[:, 1:2] for t in targets]) + \
         segmentation_loss(aux["anatomy_logits"], [t[:, 2:] for t in targets])
+    assert torch.allclose(loss(output, targets), expected)
+
+
+def test_lesion_wise_dice_counts_every_lesion_once_and_masks_the_others():
+    """Missing a 4-voxel lesion beside a 64-voxel one costs a third (one lesion of three), not 4/72 of the voxels;
+    a lesion found elsewhere is no false positive for another; ignored voxels and empty batches cost nothing."""
+    target = torch.zeros(2, 1, 16, 16)
+    target[0, 0, 2:4, 2:4] = 1            # small lesion
+    target[0, 0, 6:14, 6:14] = 1          # large lesion, same image
+    target[1, 0, 5:8, 5:8] = 1
+    target[1, 0, 0, :] = -1               # outside the mask
+
+    def logits(lesion: torch.Tensor) -> torch.Tensor:
+        answer = torch.where(lesion > 0, 20.0, -20.0)
+        return torch.cat((-answer, answer), dim=1)
+
+    assert lesion_wise_dice_loss(logits(target), target) < 1e-6
+    assert lesion_wise_dice_loss(logits(torch.where(target < 0, 1.0, target)), target) < 1e-6
+    small_missed = target.clone()
+    small_missed[0, 0, 2:4, 2:4] = 0
+    assert lesion_wise_dice_loss(logits(small_missed), target) == pytest.approx(1 / 3, abs=1e-4)
+    doubled = target.clone()
+    doubled[1, 0, 8:11, 5:8] = 1          # lesion of image 1 outlined at twice its size
+    assert lesion_wise_dice_loss(logits(doubled), target) == pytest.approx((1 - 2 * 9 / 27) / 3, abs=1e-4)
+    free = torch.randn(2, 2, 16, 16, requires_grad=True)
+    lesion_wise_dice_loss(free, torch.zeros(2, 1, 16, 16)).backward()
+    assert free.grad is not None and not free.grad.any()
+
+
+def test_loss_adds_the_lesion_wise_term_on_the_full_resolution_finding_answer():
+    network = _promptable(dataclasses.replace(TINY, contrastive=False, finding_lesion_weight=0.5)).train()
+    loss, segmentation_loss = _lsms_loss_of(network)
+    target = torch.zeros(2, 2, *patch_shape(2))
+    target[:, 0, 2:9, 3:10] = 1
+    target[:, 1, 2:9, 3:10] = target[:, 1, 20:26, 20:26] = 1
+    network.bind_batch_text(*random_text(2, 0))
+    output = network(image(2))
+    aux = network.last_aux
+    targets = [F.interpolate(target, size=o.shape[2:], mode="nearest-exact") for o in output]
+    expected = segmentation_loss(output, [t[:, :1] for t in targets]) + \
+        segmentation_loss(aux["finding_logits"], [t[:, 1:] for t in targets]) + \
+        0.5 * lesion_wise_dice_loss(aux["finding_logits"][0], targets[0][:, 1:])
     assert torch.allclose(loss(output, targets), expected)

@@ -30,6 +30,7 @@ ABLATION_DESCRIPTIONS = {
     "prompt_decoder": "LSMS with the prompt decoder, its existence output and position-aware heads (opt-in)",
     "no_case_selection": "LSMS without case-level selection (each expression answered by the network alone)",
     "case_position": "LSMS whose network also reads each voxel's position in the whole case (opt-in)",
+    "no_lesion_wise_finding": "LSMS whose finding head is trained with nnU-Net's Dice+CE alone (no lesion-wise term)",
 }
 
 

@@ -26,6 +26,7 @@ ABLATIONS: dict[str, dict] = {
     # gave, and the case-level stage already places candidates in the whole case (docs/decisions.md).
     "case_position": {"case_position": True},
     "no_finding_head": {"finding_head": False},
+    "no_lesion_wise_finding": {"finding_lesion_weight": 0.0},
     # Candidates placed in the case rather than in their organs (datasets with context regions only).
     "no_anatomy_head": {"anatomy_regions": 0},
 }
@@ -33,13 +34,15 @@ ABLATIONS: dict[str, dict] = {
 #: What the model cards of older versions implied for settings added since: loading such a checkpoint rebuilds
 #: exactly the model it was trained with (version 1: before the prompt decoder; version 2: before case selection;
 #: version 3: before the finding head; version 4: SVLA from stage 1 on, the contrastive term at full resolution and
-#: Full-Scale Decoder projections with the planned kernel).
-_BEFORE_VERSION_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned"}
+#: Full-Scale Decoder projections with the planned kernel; version 5: before the lesion-wise finding term).
+_BEFORE_VERSION_6 = {"finding_lesion_weight": 0.0}
+_BEFORE_VERSION_5 = {"svla_first_stage": 1, "contrastive_level": 0, "fsd_projection": "planned", **_BEFORE_VERSION_6}
 SETTINGS_ADDED_SINCE = {1: {"prompt_decoder": False, "existence_head": False, "head_position": False,
                             "case_selection": False, "finding_head": False, **_BEFORE_VERSION_5},
                         2: {"case_selection": False, "finding_head": False, **_BEFORE_VERSION_5},
                         3: {"finding_head": False, **_BEFORE_VERSION_5},
-                        4: _BEFORE_VERSION_5}
+                        4: _BEFORE_VERSION_5,
+                        5: _BEFORE_VERSION_6}
 
 
 @dataclass(frozen=True)
@@ -106,6 +109,11 @@ class LSMSConfig:
     #: candidates. Without it the candidates come from the finding prompt, which is one draw in ~8 and segmented
     #: lesions less well than vanilla nnU-Net at the same budget (docs/decisions.md).
     finding_head: bool = True
+    #: Weight of a lesion-wise Dice term on the finding head's full-resolution answer (network/losses.py
+    #: lesion_wise_dice_loss): every lesion counts once, so small lesions are not outweighed by large ones in the
+    #: batch Dice. The candidates are the finding answer's components, so their outlines bound every answer
+    #: (docs/decisions.md); 0 = nnU-Net's Dice+CE alone.
+    finding_lesion_weight: float = 1.0
     #: Referring tasks with context regions (dataset.json `lsms_context`, e.g. the liver): a text-free output beside
     #: every deep-supervision head that segments these K regions (background + K classes), trained on every sample.
     #: Its answer places each candidate in its organ at the case-level stage (selection/anatomy.py), so prediction
@@ -135,7 +143,7 @@ class LSMSConfig:
                              f"{self.fsd_projection!r}.")
         if self.decoder not in DECODERS:
             raise ValueError(f"LSMSConfig.decoder must be one of {DECODERS}, got {self.decoder!r}.")
-        for name in ("contrastive_weight", "existence_weight"):
+        for name in ("contrastive_weight", "existence_weight", "finding_lesion_weight"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
                 raise ValueError(f"LSMSConfig.{name} must be a number >= 0, got {value!r}.")

@@ -33,7 +33,7 @@ from text_conditioning.encoders import EncoderIdentity
 
 from lsms_nnunet.inference.nnunet_shim import adopt_stock_predictor, checkpoint_model_card, stock_loader_locals
 from lsms_nnunet.network.config import LSMSConfig
-from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss
+from lsms_nnunet.network.losses import VisionLanguageContrastiveLoss, lesion_wise_dice_loss
 from lsms_nnunet.network.prompt_decoder import existence_loss
 from lsms_nnunet.network.prompting import (CASE_SELECTOR_STATE_KEY, MODEL_CARD_PLANS_KEY, PromptableLSMSNet,
                                           build_promptable_network, make_model_card, network_config_of)
@@ -114,6 +114,11 @@ class LSMSLoss(nn.Module):
         for name, channel in (("finding_logits", "all_lesions"), ("anatomy_logits", "anatomy")):
             if name in aux:
                 loss = loss + self.segmentation_loss(aux[name], targets[channel])
+        if network.config.finding_lesion_weight and "finding_logits" in aux:
+            logits, lesions = aux["finding_logits"], targets["all_lesions"]
+            loss = loss + network.config.finding_lesion_weight * lesion_wise_dice_loss(
+                logits[0] if isinstance(logits, (list, tuple)) else logits,
+                lesions[0] if isinstance(lesions, (list, tuple)) else lesions)
         levels = referred if isinstance(referred, (list, tuple)) else [referred]
         full_resolution_target = levels[0].clamp_min(0)
         if self.contrastive is not None:
