@@ -1,7 +1,9 @@
-"""Vision-language contrastive loss: pull the referred voxels towards their sentence, push the rest away.
+"""The loss terms LSMS adds to nnU-Net's Dice+CE.
 
-Added (weighted by LSMSConfig.contrastive_weight) to nnU-Net's Dice+CE. Two terms, after CRIS and CLIP:
-text-to-voxel contrast inside each image and region-to-sentence InfoNCE across the batch.
+Vision-language contrastive loss (weighted by LSMSConfig.contrastive_weight): pull the referred voxels towards their
+sentence, push the rest away. Two terms, after CRIS and CLIP: text-to-voxel contrast inside each image and
+region-to-sentence InfoNCE across the batch. Lesion-wise Dice (LSMSConfig.finding_lesion_weight) on the finding head:
+every lesion counts once.
 """
 from __future__ import annotations
 

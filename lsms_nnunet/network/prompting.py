@@ -35,7 +35,8 @@ from lsms_nnunet.network.lsms_net import LSMSNet, build_lsms_network
 MODEL_CARD_FORMAT = "lsms-model-card"
 #: Version 2 added the prompt decoder, the existence head and position-aware heads, version 3 case selection,
 #: version 4 the finding head, version 5 SVLA from stride 4 and the contrastive term at a coarser level, version 6
-#: the lesion-wise finding term (the settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so their checkpoints load unchanged).
+#: the lesion-wise finding term (the settings of older cards are completed with config.SETTINGS_ADDED_SINCE, so
+#: their checkpoints load unchanged).
 MODEL_CARD_VERSION = 6
 #: The card's key in the configuration of the plans that LSMSTrainer hands nnU-Net (copied to the model folder).
 MODEL_CARD_PLANS_KEY = "lsms_model_card"
