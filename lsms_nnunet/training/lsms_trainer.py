@@ -115,11 +115,9 @@ class LSMSLoss(nn.Module):
             if name in aux:
                 loss = loss + self.segmentation_loss(aux[name], targets[channel])
         if network.config.finding_lesion_weight and "finding_logits" in aux:
-            logits, lesions = aux["finding_logits"], targets["all_lesions"]
             loss = loss + network.config.finding_lesion_weight * lesion_wise_dice_loss(
-                logits[0] if isinstance(logits, (list, tuple)) else logits,
-                lesions[0] if isinstance(lesions, (list, tuple)) else lesions)
-        levels = referred if isinstance(referred, (list, tuple)) else [referred]
+                _levels(aux["finding_logits"])[0], _levels(targets["all_lesions"])[0])
+        levels = _levels(referred)
         full_resolution_target = levels[0].clamp_min(0)
         if self.contrastive is not None:
             voxels = aux["voxel_embedding"]
@@ -130,6 +128,11 @@ class LSMSLoss(nn.Module):
             loss = loss + network.config.existence_weight * existence_loss(aux["existence_logit"],
                                                                            full_resolution_target)
         return loss
+
+
+def _levels(output) -> list:
+    """Deep-supervision outputs or targets as a list, highest resolution first (one tensor without it)."""
+    return list(output) if isinstance(output, (list, tuple)) else [output]
 
 
 def split_target(target, config: LSMSConfig) -> dict:
